@@ -27,6 +27,8 @@ def test_bench_writes_every_column_for_every_row(tmp_path):
     for r in table:
         assert 0 <= float(r["pixel_ap"]) <= 1 and float(r["latency_ms"]) > 0
         assert float(r["peak_mem_mb"]) > 100 and 0 < float(r["model_mb"]) < 5
+        # the detector's own share: the EfficientNet backbone at least, far below the libraries
+        assert 5 < float(r["infer_mem_mb"]) < float(r["peak_mem_mb"]) - 100
     assert [int(r["nfe"]) for r in table] == [2, 4]
     assert (out / "results.md").read_text().count("\n") == 2 + len(rows)
     assert (out / "ap_vs_latency.png").stat().st_size > 1000

@@ -2,8 +2,12 @@
 
 A row is a variant name with optional setting overrides, `ddim:steps=10` or
 `ddim:quantization=int8`. Each row runs in a fresh subprocess so its peak memory (process
-RSS high-water mark on CPU, CUDA peak allocation on GPU) is its own. Rows that quantize
-read a checkpoint written by `quantize_checkpoint`, so model_mb is the real file size.
+RSS high-water mark on CPU, CUDA peak allocation on GPU) is its own. On a CPU most of that
+RSS is the libraries (~1 GB, the same for every row), so `infer_mem_mb` adds the part the
+variant owns: the peak above the RSS the process had, libraries and frames loaded, just
+before the detector was built (the kernel's high-water mark is reset there). On a GPU
+both columns are the CUDA peak. Rows that quantize read a checkpoint written by
+`quantize_checkpoint`, so model_mb is the real file size.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 COLUMNS = ("variant", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "frame_auroc", "latency_ms",
-           "peak_mem_mb", "model_mb", "nfe")
+           "peak_mem_mb", "infer_mem_mb", "model_mb", "nfe")
 
 
 def parse_row(spec: str) -> tuple[str, dict]:
@@ -52,16 +56,38 @@ def checkpoint_for(root: Path, variant: str, overrides: dict) -> Path:
     return out
 
 
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
 def peak_memory_mb(device) -> float:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    with open("/proc/self/status") as f:  # VmHWM: peak resident set size of this process
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
+    return _proc_status_mb("VmHWM")  # peak resident set size of this process
+
+
+def reset_peak_rss() -> float:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0); return the RSS now (MB)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return math.nan  # no /proc (not Linux): infer_mem_mb is n/a
+    return _proc_status_mb("VmRSS")
+
+
+def _preload_libraries() -> None:
+    """Import what building a detector imports, so their RSS counts as baseline."""
+    import cv2  # noqa: F401
+    import diffusers.models  # noqa: F401
+    import skimage.segmentation  # noqa: F401
+    from diffusers import AutoencoderDC, Transformer2DModel, UNet2DModel  # noqa: F401
 
 
 def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_frames: int) -> dict:
@@ -75,12 +101,14 @@ def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_
     name, overrides = parse_row(spec)
     checkpoint = checkpoint_for(Path(ckpt_root), name, dict(overrides))
     overrides.pop("quantization", None), overrides.pop("quantize_layers", None)
-    det = Detector(checkpoint, variant_settings(name, checkpoint=str(checkpoint), device=device, **overrides))
     chosen = select(open_dataset(data), frames)[: max_frames or None]
-    det.process(chosen[0].rgb())  # warm-up: lazy initialisation, allocator, kernels
+    frames_in = [(f.rgb(), f.label()) for f in chosen]
+    _preload_libraries()
+    baseline_mb = reset_peak_rss()
+    det = Detector(checkpoint, variant_settings(name, checkpoint=str(checkpoint), device=device, **overrides))
+    det.process(frames_in[0][0])  # warm-up: lazy initialisation, allocator, kernels
     results, labels = [], []
-    for f in chosen:
-        rgb, label = f.rgb(), f.label()
+    for rgb, label in frames_in:
         t0 = time.perf_counter()
         r = det.process(rgb)
         if det.device.type == "cuda":
@@ -92,7 +120,8 @@ def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_
         labels.append(label)
     m = summarize(results, labels, det)
     files = [checkpoint / n for n in det.config["files"]]
-    m.update(variant=spec, peak_mem_mb=peak_memory_mb(det.device),
+    peak = peak_memory_mb(det.device)
+    m.update(variant=spec, peak_mem_mb=peak, infer_mem_mb=peak if det.device.type == "cuda" else peak - baseline_mb,
              model_mb=sum(p.stat().st_size for p in files) / 2**20)
     return {k: m[k] for k in COLUMNS}
 
