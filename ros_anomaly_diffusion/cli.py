@@ -81,7 +81,7 @@ def cmd_bench(args) -> None:
 
     if args.train:
         train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
-                  args.device or "cpu", args.train_frames)
+                  args.device or "cpu", args.train_frames, tuple(args.train_size), args.train_preset)
     bench(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.frames, args.device or "cpu",
           args.max_frames)
     print((args.out / "results.md").read_text())
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training frames for --train: id (frames without OOD objects, default) or all "
                         "(OOD pixels masked out of the loss)")
     p.add_argument("--train-steps", type=int, default=3000)
+    p.add_argument("--train-size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"),
+                   help="--train: the size the models see (as train --image-size)")
+    p.add_argument("--train-preset", default="small", help="--train: network width (as train --preset)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quantize", help="write a copy of a checkpoint with its denoiser quantized (fp16 or int8)")
