@@ -32,3 +32,57 @@ def test_export_writes_a_valid_onnx_denoiser(tmp_path):
     onnx.checker.check_model(model)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert [i.name for i in model.graph.input] == ["x", "t"] and dims == [1, 3, 32, 40]
+
+
+class _FakeTensorRT:
+    """Stands in for torch_tensorrt (no CUDA here): 'compiles' to the module itself and
+    'saves' the engine as a marker file, counting calls, so the cache logic is checked."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.compiled, self.loaded = fail, 0, 0
+        self.module_ = None
+
+    def compile(self, module, ir, inputs, enabled_precisions):
+        if self.fail:
+            raise RuntimeError("unsupported operator")
+        assert ir == "dynamo" and enabled_precisions == {torch.half} and inputs[0].dtype == torch.half
+        self.compiled += 1
+        self.module_ = module
+        return module
+
+    def save(self, module, path, inputs):
+        open(path, "wb").write(b"engine")
+
+    def load(self, path):
+        self.loaded += 1
+        module = self.module_
+        return type("Exported", (), {"module": lambda _self: module})()
+
+
+def test_tensorrt_engine_is_compiled_once_then_loaded_from_the_cache(tmp_path):
+    from ros_anomaly_diffusion.core.deploy import compile_cached
+
+    net = build_denoiser("unet", unet_config("tiny"))
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        want = net(x, 500)
+    trt = _FakeTensorRT()
+    runner, how = compile_cached(net, (1, 3, 32, 40), torch.device("cpu"), trt, tmp_path, warmup=1)
+    assert how.startswith("tensorrt fp16 (compiled") and trt.compiled == 1 and len(list(tmp_path.glob("*.ep"))) == 1
+    with torch.no_grad():
+        got = runner(x, 500)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=2e-2)  # fp16 inside
+    _, how = compile_cached(net, (1, 3, 32, 40), torch.device("cpu"), trt, tmp_path, warmup=1)
+    assert how.startswith("tensorrt fp16 (cached") and trt.compiled == 1 and trt.loaded == 1
+    _, how = compile_cached(net, (1, 3, 64, 80), torch.device("cpu"), trt, tmp_path, warmup=1)
+    assert "compiled" in how and trt.compiled == 2  # another input shape: another engine
+
+
+def test_failed_tensorrt_compilation_falls_back_to_the_eager_fp32_model(tmp_path):
+    from ros_anomaly_diffusion.core.deploy import compile_cached
+
+    net = build_denoiser("unet", unet_config("tiny"))
+    out, how = compile_cached(net, (1, 3, 32, 40), torch.device("cpu"), _FakeTensorRT(fail=True), tmp_path)
+    assert out is net and next(net.parameters()).dtype == torch.float32
+    assert how == "TensorRT compilation failed (RuntimeError: unsupported operator)"
+    assert not list(tmp_path.glob("*.ep"))

@@ -7,6 +7,7 @@ and warms it up; otherwise it returns the eager module and the one-line reason.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from pathlib import Path
@@ -47,25 +48,31 @@ def accelerate(net: nn.Module, shape: tuple[int, ...], device: torch.device,
         import torch_tensorrt
     except ImportError:
         return net, "torch_tensorrt is not installed"
+    return compile_cached(net, shape, device, torch_tensorrt, cache_dir, warmup)
+
+
+def compile_cached(net: nn.Module, shape: tuple[int, ...], device: torch.device, trt,
+                   cache_dir: Path = DEFAULT_CACHE, warmup: int = 3) -> tuple[nn.Module, str]:
+    """Compile `net` with the torch_tensorrt module `trt` (fp16), or load the engine cached
+    for these weights and this shape; warm it up. Any failure: the eager fp32 net."""
     example = (torch.randn(shape, device=device, dtype=torch.half),
                torch.full((shape[0],), 500, device=device, dtype=torch.long))
     path = Path(cache_dir) / f"{cache_key(net, shape, 'fp16')}.ep"
-    wrapped = _Timestepped(net.half().eval())
+    wrapped = _Timestepped(copy.deepcopy(net).half().eval())  # `net` stays fp32: the fallback, the cache key
     try:
         if path.is_file():
-            compiled, how = torch_tensorrt.load(str(path)).module(), "cached"
+            compiled, how = trt.load(str(path)).module(), "cached"
         else:
-            compiled = torch_tensorrt.compile(wrapped, ir="dynamo", inputs=list(example),
-                                              enabled_precisions={torch.half})
+            compiled = trt.compile(wrapped, ir="dynamo", inputs=list(example), enabled_precisions={torch.half})
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch_tensorrt.save(compiled, str(path), inputs=list(example))
+            trt.save(compiled, str(path), inputs=list(example))
             how = "compiled"
         with torch.inference_mode():
             for _ in range(warmup):
                 compiled(*example)
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as err:  # any compiler failure: the eager model still works
-        net.float()
         return net, f"TensorRT compilation failed ({type(err).__name__}: {err})"
 
     class _Runner(nn.Module):  # keep the net(x, t) interface, run half precision inside
