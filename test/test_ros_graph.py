@@ -3,6 +3,7 @@ script), the test talks to it through topics and services of its own ROS domain.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Float32
 
-from conftest import detector_args, random_frame, stamp_of, stamped_image
+from conftest import detector_args, make_checkpoint, random_frame, stamp_of, stamped_image
 from ros_anomaly_diffusion.ros import image_codec
 
 pytestmark = pytest.mark.timeout(180)
@@ -276,6 +277,35 @@ def test_bad_checkpoint_exits_nonzero_with_a_clear_message(spawn, tmp_path):
     rc = node.wait(timeout=90)
     assert rc != 0
     assert "pickle files (.pt/.pth/.ckpt/.bin) are refused" in node.output
+    assert "Traceback" not in node.output
+
+
+def _truncate(ckpt: Path) -> Path:
+    f = ckpt / "denoiser.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return f
+
+
+def _mismatch(ckpt: Path) -> Path:
+    import json
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["denoiser"]["config"]["block_out_channels"] = [32, 64]  # the weights are for (16, 32)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt / "denoiser.safetensors"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda c: (c / "config.json").unlink() or c / "config.json", "missing"),
+    (_truncate, "unreadable or truncated safetensors file"),
+    (_mismatch, "does not match the network"),
+], ids=["missing", "truncated", "mismatched"])
+def test_damaged_checkpoint_refuses_to_start_naming_the_file(spawn, tmp_path, damage, needle):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    bad_file = damage(ckpt)
+    node = spawn("detector_node", *detector_args(ckpt))
+    assert node.wait(timeout=90) == 1
+    assert str(bad_file) in node.output and needle in node.output
     assert "Traceback" not in node.output
 
 
