@@ -156,9 +156,8 @@ class NodeProcess:
         self._reader.join(2.0)
 
 
-@pytest.fixture
-def spawn():
-    """spawn(script, *args) -> NodeProcess; every process is killed at the end of the test."""
+def _spawner():
+    """spawn(script, *args) -> NodeProcess; every process is killed when the fixture ends."""
     procs: list[NodeProcess] = []
 
     def _spawn(script: str, *args: str, env: dict | None = None) -> NodeProcess:
@@ -169,20 +168,16 @@ def spawn():
     yield _spawn
     for p in procs:
         p.kill()
+
+
+@pytest.fixture
+def spawn():
+    yield from _spawner()
 
 
 @pytest.fixture(scope="module")
 def spawn_module():
-    procs: list[NodeProcess] = []
-
-    def _spawn(script: str, *args: str, env: dict | None = None) -> NodeProcess:
-        p = NodeProcess(script, list(args), env)
-        procs.append(p)
-        return p
-
-    yield _spawn
-    for p in procs:
-        p.kill()
+    yield from _spawner()
 
 
 def detector_args(checkpoint: Path, *extra: str) -> list[str]:
