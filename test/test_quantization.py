@@ -160,6 +160,17 @@ def test_quantized_checkpoints_on_disk(small, capsys):
         assert f.get_slice("net.conv_out.weight").get_dtype() == "F32"
 
 
+def test_reference_preset_int8_selected_file_is_at_most_35_percent(tmp_path, capsys):
+    """The size target on the reference-sized UNet, whose weights sit mostly in ResNet convs
+    and attention (the small preset keeps 13 % in fp32 up/down-sampling and time layers)."""
+    src = init_checkpoint(tmp_path / "fp32", preset="reference", image_size=SIZE)
+    ratios = {f"{p}-selected": _file_bytes(Q.quantize_checkpoint(src, tmp_path / p, p, "selected")) / _file_bytes(src)
+              for p in Q.PRECISIONS}
+    with capsys.disabled():
+        print("\nreference preset, denoiser.safetensors vs fp32:", {k: round(v, 3) for k, v in ratios.items()})
+    assert ratios["int8-selected"] <= 0.35 and ratios["fp16-selected"] <= 0.56
+
+
 def test_quantized_denoisers_stay_close_to_fp32(small):
     config = ckpt.load_config(small["fp32"])
     ref_net = Q.load_denoiser(small["fp32"], config, "cpu", None)
