@@ -285,3 +285,30 @@ def stamped_image(rgb: np.ndarray, sec: int, nanosec: int = 0, frame_id: str = "
 
 def stamp_of(msg) -> tuple[int, int]:
     return int(msg.header.stamp.sec), int(msg.header.stamp.nanosec)
+
+
+def as_array(msg) -> np.ndarray:
+    """A detector output Image (mono8, 32FC1 or rgb8) as an (H, W) or (H, W, 3) array."""
+    dtype = {"mono8": np.uint8, "32FC1": np.float32, "rgb8": np.uint8}[msg.encoding]
+    a = np.frombuffer(bytes(msg.data), dtype=np.dtype(dtype).newbyteorder("<"))
+    return a.reshape(msg.height, msg.width, 3) if msg.encoding == "rgb8" else a.reshape(msg.height, msg.width)
+
+
+def by_stamp(box, stamp):
+    return [m for _, m in box if stamp_of(m) == stamp]
+
+
+def send_until(probe, pub, box, msg, timeout=90.0, resend=3.0):
+    """Publish `msg` (again every `resend` s: the first may go out before discovery has
+    finished, best-effort may lose it) until an output in `box` carries its stamp; returns it."""
+    stamp = stamp_of(msg)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pub.publish(msg)
+        t = min(end, time.monotonic() + resend)
+        while time.monotonic() < t:
+            probe.spin_for(0.05)
+            got = by_stamp(box, stamp)
+            if got:
+                return got[0]
+    raise AssertionError(f"no output with stamp {stamp} within {timeout} s")

@@ -22,7 +22,8 @@ from rclpy.parameter import Parameter, parameter_value_to_python
 from sensor_msgs.msg import Image
 from std_srvs.srv import SetBool
 
-from conftest import ROOT, detector_args, make_checkpoint, random_frame, stamp_of, stamped_image
+from conftest import (ROOT, as_array, by_stamp, detector_args, make_checkpoint, random_frame, send_until,
+                      stamp_of, stamped_image)
 from ros_anomaly_diffusion.ros.params import MAX_INPUT_PIXELS
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,31 +34,6 @@ NODE = f"{NS}/anomaly_detector"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def as_array(msg: Image) -> np.ndarray:
-    dtype = {"mono8": np.uint8, "32FC1": np.float32}[msg.encoding]
-    return np.frombuffer(bytes(msg.data), dtype=np.dtype(dtype).newbyteorder("<")).reshape(msg.height, msg.width)
-
-
-def by_stamp(box, stamp):
-    return [m for _, m in box if stamp_of(m) == stamp]
-
-
-def send_until(probe, pub, box, msg, timeout=90.0, resend=3.0):
-    """Publish `msg` (again every `resend` s: discovery, best-effort loss) until an output in
-    `box` carries its stamp; returns that output."""
-    stamp = stamp_of(msg)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        pub.publish(msg)
-        t = min(end, time.monotonic() + resend)
-        while time.monotonic() < t:
-            probe.spin_for(0.05)
-            got = by_stamp(box, stamp)
-            if got:
-                return got[0]
-    raise AssertionError(f"no output with stamp {stamp} within {timeout} s")
 
 
 def hand_made(encoding: str, pixels: np.ndarray, sec: int, pad: int = 0, bigendian: bool = False,

@@ -15,7 +15,8 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Float32
 
-from conftest import detector_args, make_checkpoint, random_frame, stamp_of, stamped_image
+from conftest import (as_array, by_stamp, detector_args, make_checkpoint, random_frame, send_until, stamp_of,
+                      stamped_image)
 from ros_anomaly_diffusion.ros import image_codec
 
 pytestmark = pytest.mark.timeout(180)
@@ -26,31 +27,9 @@ OUTPUTS = {"mask": Image, "score": Image, "overlay": Image, "edited": Image, "oo
            "ood_score": Float32, "ood_stamped": DiagnosticArray}
 
 
-def as_array(msg: Image) -> np.ndarray:
-    dtype = {"mono8": np.uint8, "32FC1": np.float32, "rgb8": np.uint8}[msg.encoding]
-    a = np.frombuffer(bytes(msg.data), dtype=np.dtype(dtype).newbyteorder("<"))
-    return a.reshape(msg.height, msg.width, -1).squeeze(-1) if msg.encoding != "rgb8" else a.reshape(
-        msg.height, msg.width, 3)
-
-
-def by_stamp(box, stamp):
-    return [m for _, m in box if stamp_of(m) == stamp]
-
-
 def send_until_result(probe, pub, box, rgb, sec, nanosec=0, frame_id="test_cam", timeout=60.0, resend=2.0):
-    """Publish the frame (again every `resend` s: the first may go out before discovery has
-    finished) until a mask with its stamp arrives; returns that mask."""
-    stamp = (sec, nanosec)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        pub.publish(stamped_image(rgb, sec, nanosec, frame_id))
-        t = time.monotonic() + resend
-        while time.monotonic() < t:
-            probe.spin_for(0.05)
-            got = by_stamp(box, stamp)
-            if got:
-                return got[0]
-    raise AssertionError(f"no anomaly/mask with stamp {stamp} within {timeout} s")
+    """Publish the frame until a mask with its stamp arrives; returns that mask."""
+    return send_until(probe, pub, box, stamped_image(rgb, sec, nanosec, frame_id), timeout, resend)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core.data import open_dataset
-from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
 from ros_anomaly_diffusion.core.detector import Detector
 from ros_anomaly_diffusion.core.schedule import NoiseSchedule, ScheduleConfig
 from ros_anomaly_diffusion.core.settings import variant_settings
