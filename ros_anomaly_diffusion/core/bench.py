@@ -85,7 +85,6 @@ def reset_peak_rss() -> float:
 def _preload_libraries() -> None:
     """Import what building a detector imports, so their RSS counts as baseline."""
     import cv2  # noqa: F401
-    import diffusers.models  # noqa: F401
     import skimage.segmentation  # noqa: F401
     from diffusers import AutoencoderDC, Transformer2DModel, UNet2DModel  # noqa: F401
 

@@ -58,11 +58,11 @@ def compile_cached(net: nn.Module, shape: tuple[int, ...], device: torch.device,
     example = (torch.randn(shape, device=device, dtype=torch.half),
                torch.full((shape[0],), 500, device=device, dtype=torch.long))
     path = Path(cache_dir) / f"{cache_key(net, shape, 'fp16')}.ep"
-    wrapped = _Timestepped(copy.deepcopy(net).half().eval())  # `net` stays fp32: the fallback, the cache key
     try:
         if path.is_file():
             compiled, how = trt.load(str(path)).module(), "cached"
         else:
+            wrapped = _Timestepped(copy.deepcopy(net).half().eval())  # `net` stays fp32: the fallback, the cache key
             compiled = trt.compile(wrapped, ir="dynamo", inputs=list(example), enabled_precisions={torch.half})
             path.parent.mkdir(parents=True, exist_ok=True)
             trt.save(compiled, str(path), inputs=list(example))
