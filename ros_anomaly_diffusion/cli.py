@@ -53,7 +53,7 @@ def cmd_eval(args) -> None:
     det = Detector(args.checkpoint, _settings(args))
     metrics = evaluate(det, select(open_dataset(args.data), args.frames, args.scenes), args.out,
                        progress=not args.quiet)
-    keys = ("pixel_ap", "pixel_auroc", "fpr95", "f_star", "frame_auroc", "latency_ms", "nfe")
+    keys = ("pixel_ap", "pixel_auroc", "fpr95", "f_star", "f1_smiyc", "frame_auroc", "latency_ms", "nfe")
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     print(f"metrics, overlays and sheet.png written to {args.out}")
 

@@ -9,7 +9,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ros_anomaly_diffusion.core import metrics
 from ros_anomaly_diffusion.core.data import IGNORE
-from ros_anomaly_diffusion.core.metrics import calibrate_threshold, f_star, frame_metrics, pixel_metrics
+from ros_anomaly_diffusion.core.metrics import calibrate_threshold, f_star, frame_metrics, pixel_metrics, smiyc_metrics
 
 
 # ---- pixel level ----
@@ -94,7 +94,7 @@ def test_pixel_metrics_subsampling(monkeypatch: pytest.MonkeyPatch):
     assert abs(sub["pixel_auroc"] - full["pixel_auroc"]) < 0.05
 
 
-# ---- object level f* ----
+# ---- object level: f* and SMIYC ----
 
 def two_objects() -> np.ndarray:
     label = np.zeros((10, 20), np.uint8)
@@ -114,11 +114,12 @@ def test_f_star_two_objects_by_hand():
     score[1:3, 12:16] = 0.9
     score[7:9, 7:9] = 0.9
     expected = (6 * 0.8 + 5 * 0.5) / 11
-    assert f_star([score], [two_objects()], thresholds=[0.5], min_area=1) == pytest.approx(expected)
+    assert f_star([score], [two_objects()], thresholds=[0.5], min_gt_area=1, min_pred_area=1) == pytest.approx(expected)
     # Default thresholds: all below 0.9 give the same components, 0.95 gives none.
-    assert f_star([score], [two_objects()], min_area=1) == pytest.approx(expected)
-    # With min_area=5 the 4-px false positive is dropped: F1 = 1 for tau <= 0.5, 2/3 above.
-    assert f_star([score], [two_objects()], thresholds=[0.5], min_area=5) == pytest.approx((6 + 5 * 2 / 3) / 11)
+    assert f_star([score], [two_objects()], min_gt_area=1, min_pred_area=1) == pytest.approx(expected)
+    # With min_pred_area=5 the 4-px false positive is dropped: F1 = 1 for tau <= 0.5, 2/3 above.
+    assert f_star([score], [two_objects()], thresholds=[0.5], min_gt_area=1, min_pred_area=5) == pytest.approx(
+        (6 + 5 * 2 / 3) / 11)
 
 
 def test_f_star_siou_excludes_other_instances():
@@ -130,29 +131,97 @@ def test_f_star_siou_excludes_other_instances():
     label[1:4, 5:8] = 1
     score = np.zeros((6, 10))
     score[1:4, 1:8] = 1.0
-    assert f_star([score], [label], thresholds=[0.5], min_area=1) == pytest.approx(1.0)
+    assert f_star([score], [label], thresholds=[0.5], min_gt_area=1, min_pred_area=1) == pytest.approx(1.0)
 
 
 def test_f_star_ignores_predictions_on_ignore_pixels():
     label = two_objects()
     score = (label == 1).astype(float)
     score[7:9, 7:9] = 1.0  # a 4-px blob
-    assert f_star([score], [label], thresholds=[0.5], min_area=1) < 1.0  # on ID ground: FP
+    assert f_star([score], [label], thresholds=[0.5], min_gt_area=1, min_pred_area=1) < 1.0  # on ID ground: FP
     label[7:9, 7:9] = IGNORE
-    assert f_star([score], [label], thresholds=[0.5], min_area=1) == pytest.approx(1.0)
+    assert f_star([score], [label], thresholds=[0.5], min_gt_area=1, min_pred_area=1) == pytest.approx(1.0)
 
 
 def test_f_star_perfect_inverted_degenerate():
     label = two_objects()
     perfect = (label == 1).astype(float)
-    assert f_star([perfect, np.zeros((10, 20))], [label, np.zeros((10, 20), np.uint8)], min_area=1) == 1.0
+    assert f_star([perfect, np.zeros((10, 20))], [label, np.zeros((10, 20), np.uint8)],
+                  min_gt_area=1, min_pred_area=1) == 1.0
     # Inverted: one big component on ID ground (precision 0) and no GT pixel predicted.
-    assert f_star([1.0 - perfect], [label], min_area=1) == 0.0
+    assert f_star([1.0 - perfect], [label], min_gt_area=1, min_pred_area=1) == 0.0
     # Scores outside [0, 1] are clipped, so 7 behaves like 1.
-    assert f_star([7 * perfect], [label], min_area=1) == 1.0
+    assert f_star([7 * perfect], [label], min_gt_area=1, min_pred_area=1) == 1.0
     assert math.isnan(f_star([perfect], [np.zeros((10, 20), np.uint8)]))
-    # GT instances under min_area are not counted: nothing left to find.
-    assert math.isnan(f_star([perfect], [label], min_area=17))
+    # GT instances under min_gt_area are void: nothing left to find.
+    assert math.isnan(f_star([perfect], [label], min_gt_area=17))
+
+
+def test_small_gt_objects_are_void():
+    # SMIYC voids GT components under min_gt_area (here 5 px): their pixels leave the evaluation.
+    # GT: A (16 px, kept), S at rows 7-8 cols 12-13 and S2 at rows 7-8 cols 2-3 (4 px each, void).
+    # Predicted: A exactly; P2 = rows 7-8 cols 12-15 (8 px: S plus 4 ID px); S2 exactly.
+    # P2's non-void pixels are its 4 ID ones: PPV 0, a false positive at every tau (counting S as
+    # hits would give 0.5, a FP only for tau > 0.5). S2's component is all void: not evaluated.
+    # TP 1, FN 0, FP 1 -> F1 = 2/3 at every tau.
+    label = np.zeros((10, 20), np.uint8)
+    label[1:5, 1:5] = 1
+    label[7:9, 12:14] = 1
+    label[7:9, 2:4] = 1
+    score = np.zeros((10, 20))
+    score[1:5, 1:5] = score[7:9, 12:16] = score[7:9, 2:4] = 0.9
+    assert f_star([score], [label], thresholds=[0.5], min_gt_area=5, min_pred_area=1) == pytest.approx(2 / 3)
+    # At the best pixel-F1 threshold (0: flag >= 0.9 has TP 24, FP 4) the same components.
+    m = smiyc_metrics([score], [label], min_gt_area=5, min_pred_area=1)
+    assert m["pixel_f1_threshold"] == 0.0
+    assert (m["f1_smiyc"], m["siou_mean"], m["ppv_mean"]) == pytest.approx((2 / 3, 1.0, 0.5))
+
+
+def test_gt_and_prediction_minimum_sizes_are_separate():
+    # GT: A (16 px) and B = rows 1-2 cols 12-14 (6 px). Predicted (8-connected components):
+    # A exactly (16 px); PB = rows 1-2 cols 12-15 (8 px: B plus 2 ID px); an ID blob of 6 px.
+    label = np.zeros((10, 20), np.uint8)
+    label[1:5, 1:5] = 1
+    label[1:3, 12:15] = 1
+    score = np.zeros((10, 20))
+    score[1:5, 1:5] = score[1:3, 12:16] = score[7:9, 7:10] = 0.9
+
+    def fs(min_gt_area, min_pred_area):
+        return f_star([score], [label], thresholds=[0.5], min_gt_area=min_gt_area, min_pred_area=min_pred_area)
+
+    # B kept (6 >= 5) but PB (8 < 10) and the blob dropped: B missed. TP 1, FN 1, FP 0 -> 2/3.
+    assert fs(5, 10) == pytest.approx(2 / 3)
+    # B void (6 < 10); PB (8 >= 5) kept: its non-void part is 2 ID px, PPV 0; the blob too.
+    # TP 1, FN 0, FP 2 -> 1/2.
+    assert fs(10, 5) == pytest.approx(1 / 2)
+    # A component's size counts its pixels on void GT (SMIYC filters sizes before voiding):
+    # PB is 8 px >= 7, kept and a FP; the blob (6 px) is dropped. TP 1, FP 1 -> 2/3.
+    assert fs(10, 7) == pytest.approx(2 / 3)
+
+
+def test_smiyc_metrics_at_best_pixel_f1_threshold():
+    # two_objects (A, B: 16 px each, 32 OOD px). Scores: background 0.1; A 0.9; the ID column
+    # next to A (rows 1-4, col 5) 0.6; B's top half 0.8, bottom half 0.3; an ID 2x2 blob 0.85.
+    # Pixel F1 = 2TP / (2TP + FP + FN), flagging score >= 0.9: 32/48; >= 0.85: 32/52;
+    # >= 0.8: 48/60; >= 0.6: 48/64; >= 0.3: 64/72 = 8/9 (best); >= 0.1: 64/232.
+    # Flagging score >= 0.3 is flagging score > 0.1: pixel_f1_threshold = 0.1.
+    label = two_objects()
+    score = np.full((10, 20), 0.1)
+    score[1:5, 1:5] = 0.9
+    score[1:5, 5] = 0.6
+    score[1:3, 12:16] = 0.8
+    score[3:5, 12:16] = 0.3
+    score[7:9, 7:9] = 0.85
+    m = smiyc_metrics([score], [label], min_gt_area=1, min_pred_area=1)
+    assert m["pixel_f1"] == pytest.approx(8 / 9)
+    assert m["pixel_f1_threshold"] == pytest.approx(0.1)
+    # At score > 0.1: P1 = A + column (20 px): sIoU(A) = PPV(P1) = 16/20; P2 = B: sIoU 1, PPV 1;
+    # the blob: PPV 0. TP 2, FN 0, FP 1 at every tau -> F1 = 4/5.
+    assert (m["f1_smiyc"], m["siou_mean"], m["ppv_mean"]) == pytest.approx((0.8, 0.9, 0.6))
+    # With min_pred_area=5 the 4-px blob is discarded: F1 = 1, PPV mean (0.8 + 1) / 2.
+    m = smiyc_metrics([score], [label], min_gt_area=1, min_pred_area=5)
+    assert (m["f1_smiyc"], m["siou_mean"], m["ppv_mean"]) == pytest.approx((1.0, 0.9, 0.9))
+    assert all(math.isnan(v) for v in smiyc_metrics([score], [np.zeros((10, 20), np.uint8)]).values())
 
 
 # ---- frame level and calibration ----

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = ("variant", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "frame_auroc", "latency_ms",
+COLUMNS = ("variant", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "f1_smiyc", "frame_auroc", "latency_ms",
            "peak_mem_mb", "infer_mem_mb", "model_mb", "nfe")
 
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from .data import OOD, Frame
 from .detector import Detector, FrameResult
-from .metrics import f_star, frame_metrics, pixel_metrics
+from .metrics import f_star, frame_metrics, pixel_metrics, smiyc_metrics
 from .visualize import overlay, panel, save_rgb, save_sheet
 
 
@@ -22,6 +22,7 @@ def summarize(results: list[FrameResult], labels: list[np.ndarray], det: Detecto
     return {
         **pixel_metrics(scores, labels),
         "f_star": f_star(scores, labels),
+        **smiyc_metrics(scores, labels),
         **frame_metrics([r.frame_score for r in results], is_ood, det.frame_threshold),
         "latency_ms": float(np.median(latency)),
         "nfe": det.nfe,

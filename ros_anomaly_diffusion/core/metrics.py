@@ -1,4 +1,4 @@
-"""Evaluation metrics (method notes sec. 4): pixel AP / AUROC / FPR95, object-level f*, frame level.
+"""Evaluation metrics (method notes sec. 4): pixel AP / AUROC / FPR95, object level (f*, SMIYC), frame level.
 
 Conventions shared with the rest of the package: labels are uint8 maps with 0 = ID,
 1 = OOD and IGNORE (255) = not evaluated (see core.data); higher score = more anomalous;
@@ -8,6 +8,7 @@ is what `calibrate_threshold` is designed for.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -27,15 +28,10 @@ def _check_pairs(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> 
             raise ValueError(f"pair {i}: score map shape {np.shape(s)} != label shape {np.shape(y)}")
 
 
-def pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], seed: int = 0) -> dict[str, float]:
-    """Pixel-level metrics pooled over every pixel whose label is not IGNORE.
-
-    Returns pixel_ap (average precision = AUC-PR, OOD positive), pixel_auroc, fpr95 and the
-    counts n_pixels / n_ood_pixels. The three ranking metrics are NaN when the evaluated
-    pixels lack either class (nothing to rank). Above MAX_PIXELS evaluated pixels a
-    seeded uniform random subset of about MAX_PIXELS is used, to bound memory and time.
-    """
-    _check_pairs(scores, labels)
+def _pooled_pixels(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (float32) and OOD flags of every non-IGNORE pixel, a seeded uniform random
+    subset of about MAX_PIXELS of them above that, to bound memory and time."""
     total = sum(int(np.count_nonzero(np.asarray(y) != IGNORE)) for y in labels)
     keep_frac = min(1.0, MAX_PIXELS / max(total, 1))
     rng = np.random.default_rng(seed)
@@ -49,7 +45,19 @@ def pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], se
         y_parts.append(y[keep] == OOD)
     s_all = np.concatenate(s_parts) if s_parts else np.zeros(0, np.float32)
     y_all = np.concatenate(y_parts) if y_parts else np.zeros(0, bool)
+    return s_all, y_all
 
+
+def pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], seed: int = 0) -> dict[str, float]:
+    """Pixel-level metrics pooled over every pixel whose label is not IGNORE.
+
+    Returns pixel_ap (average precision = AUC-PR, OOD positive), pixel_auroc, fpr95 and the
+    counts n_pixels / n_ood_pixels. The three ranking metrics are NaN when the evaluated
+    pixels lack either class (nothing to rank). Above MAX_PIXELS evaluated pixels a
+    seeded uniform random subset of about MAX_PIXELS is used (`_pooled_pixels`).
+    """
+    _check_pairs(scores, labels)
+    s_all, y_all = _pooled_pixels(scores, labels, seed)
     n_ood = int(y_all.sum())
     out: dict[str, float] = {"n_pixels": y_all.size, "n_ood_pixels": n_ood}
     if n_ood == 0 or n_ood == y_all.size:
@@ -77,80 +85,151 @@ def _components(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, int]:
     return keep[lab], len(big)
 
 
-def _frame_counts(gt_lab: np.ndarray, n_gt: int, ood: np.ndarray, pred: np.ndarray, min_area: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Per GT instance sIoU and per predicted component precision for one frame."""
-    pred_lab, n_pred = _components(pred, min_area)
-    if n_pred == 0:
-        return np.zeros(n_gt), np.zeros(0)
-    # Row 0: non-OOD pixels, rows 1..n_gt: kept GT instances, last row: OOD pixels of
-    # instances under min_area. Column 0 is "not predicted". inter[g, p] = pixel count.
-    rows = np.where(ood & (gt_lab == 0), n_gt + 1, gt_lab)
-    inter = np.bincount((rows * (n_pred + 1) + pred_lab).ravel(),
-                        minlength=(n_gt + 2) * (n_pred + 1)).reshape(n_gt + 2, n_pred + 1)[:, 1:]
-    pred_area = inter.sum(0)
-    pred_id_px = inter[0]  # predicted pixels on ID ground (ignore pixels were removed)
-    precision = 1.0 - pred_id_px / pred_area
-    gt_inter = inter[1:n_gt + 1]
-    gt_area = np.bincount(gt_lab.ravel(), minlength=n_gt + 1)[1:]
-    # (K u P_hat) \ A = K plus the non-OOD pixels of the predicted components touching K.
-    union = gt_area + (gt_inter > 0) @ pred_id_px
-    return gt_inter.sum(1) / union, precision
+# Component-level evaluation of the SegmentMeIfYouCan benchmark (SMIYC, Chan et al. 2021),
+# following github.com/SegmentMeIfYouCan/road-anomaly-benchmark:
+# road_anomaly_benchmark/metrics/instance_segmentation.py (default_instancer: components,
+# size limits, void; segment_metrics: sIoU, PPV, TP/FN/FP; MetricSegment: configs, the
+# tau-averaged F1 of `aggregate`, the pixel-F1 threshold of `get_thresh_p_from_curve`) and
+# pixel_classification_curves.py (curves_from_cmats: best_f1_threshold).
+TAUS = np.linspace(0.25, 0.75, 11)
+# The benchmark's Obstacle Track sizes (its Anomaly Track uses 100 / 500 on 2048x1024
+# frames, too coarse for our 688x550 and 176x216 ones): GT components under MIN_GT_AREA
+# pixels are void, predicted components under MIN_PRED_AREA pixels are discarded.
+MIN_GT_AREA = 10
+MIN_PRED_AREA = 50
+
+
+class _Truth(NamedTuple):
+    valid: np.ndarray  # label != IGNORE: where predicted components are formed
+    roi: np.ndarray  # valid minus the void small GT components: where pixels are counted
+    gt_roi: np.ndarray  # kept GT instance (1..n_gt, 0 = ID) of each roi pixel
+    n_gt: int
+
+
+def _truth(label: np.ndarray, min_gt_area: int) -> _Truth:
+    label = np.asarray(label)
+    valid, ood = label != IGNORE, label == OOD
+    gt, n_gt = _components(ood, min_gt_area)
+    roi = valid & ~(ood & (gt == 0))
+    return _Truth(valid, roi, gt[roi], n_gt)
+
+
+def _segment_scores(t: _Truth, pred: np.ndarray, min_pred_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """sIoU of each kept GT instance and PPV of each predicted component in one frame.
+
+    As default_instancer, predicted components are formed and size-filtered on the
+    prediction minus IGNORE pixels *before* small GT objects are voided; only roi pixels
+    count afterwards, so a component lying wholly on void is not evaluated at all.
+    """
+    pred_lab, n_pred = _components(pred & t.valid, min_pred_area)
+    # inter[g, p]: roi pixels of GT instance g (0: ID ground) in component p (0: unpredicted).
+    inter = np.bincount(t.gt_roi * (n_pred + 1) + pred_lab[t.roi],
+                        minlength=(t.n_gt + 1) * (n_pred + 1)).reshape(t.n_gt + 1, n_pred + 1)
+    gt_area = inter[1:].sum(1)
+    inter = inter[:, 1:]
+    area = inter.sum(0)
+    seen = area > 0
+    ppv = inter[1:, seen].sum(0) / area[seen]
+    # (K u P) \ A = K plus the ID pixels of P, the components touching K: their pixels
+    # on other GT instances A do not count against K.
+    union = gt_area + (inter[1:] > 0) @ inter[0]
+    return inter[1:].sum(1) / union, ppv
+
+
+def _pooled_segment_scores(truths: list[_Truth], preds: Sequence[np.ndarray], min_pred_area: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    per_frame = [_segment_scores(t, p, min_pred_area) for t, p in zip(truths, preds)]
+    return np.concatenate([s for s, _ in per_frame]), np.concatenate([p for _, p in per_frame])
+
+
+def _f1_per_tau(siou: np.ndarray, ppv: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    tp = (siou[None, :] >= taus[:, None]).sum(1)
+    fp = (ppv[None, :] < taus[:, None]).sum(1)
+    return 2 * tp / (2 * tp + (siou.size - tp) + fp)
 
 
 def f_star(
     scores: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
     thresholds: Sequence[float] | np.ndarray | None = None,
-    taus: Sequence[float] | np.ndarray = np.linspace(0.25, 0.75, 11),
-    min_area: int = 50,
+    taus: Sequence[float] | np.ndarray = TAUS,
+    min_gt_area: int = MIN_GT_AREA,
+    min_pred_area: int = MIN_PRED_AREA,
 ) -> float:
-    """Object-level f*: best over thresholds of the F1 averaged over sIoU/precision levels tau.
+    """Object-level f*: best over thresholds of the SMIYC component F1 averaged over taus.
 
     Scores are assumed to be normalised anomaly maps in [0, 1] already (ours are); they are
     clipped to [0, 1] rather than min-max rescaled per frame, which would invent anomalies
     in normal frames. thresholds default to 0.05, 0.10, ..., 0.95; prediction = score > t.
-
-    Per frame, ground truth instances are the 8-connected components of OOD pixels and
-    predicted components the 8-connected components of the prediction with IGNORE pixels
-    removed; components with fewer than min_area pixels are dropped (GT instances that
-    small are neither hit nor missed, but predicting them is not a false positive).
-
-    sIoU (SegmentMeIfYouCan, Chan et al. 2021) of a GT instance K:
-        sIoU(K) = |K n P_hat| / |(K u P_hat) \\ A|
-    with P_hat the union of predicted components intersecting K and A the pixels of all
-    other GT OOD components, so one prediction covering two adjacent objects is not
-    punished for it. Precision of a predicted component P = |P n OOD| / |P|.
-    For each tau: TP = #GT with sIoU >= tau, FN = #GT - TP, FP = #pred with precision < tau,
-    F1 = 2TP / (2TP + FN + FP). NaN when no frame has a GT instance of >= min_area pixels.
+    At each threshold the components are scored as the benchmark does (see
+    `smiyc_metrics`, same taus and size limits); picking the threshold that suits the
+    component F1 best makes f* an optimistic figure, the benchmark's own is `f1_smiyc`.
+    NaN when no frame has a GT instance of >= min_gt_area pixels.
     """
     _check_pairs(scores, labels)
     thresholds = np.arange(1, 20) * 0.05 if thresholds is None else np.asarray(thresholds, float)
     taus = np.asarray(taus, float)
-
-    frames = []
-    for s, y in zip(scores, labels):
-        y = np.asarray(y)
-        ood = y == OOD
-        gt_lab, n_gt = _components(ood, min_area)
-        frames.append((np.clip(np.asarray(s, np.float32), 0.0, 1.0), y != IGNORE, ood, gt_lab, n_gt))
-    n_gt_total = sum(f[4] for f in frames)
-    if n_gt_total == 0:
+    truths = [_truth(y, min_gt_area) for y in labels]
+    if sum(t.n_gt for t in truths) == 0:
         return NAN
-
+    clipped = [np.clip(np.asarray(s, np.float32), 0.0, 1.0) for s in scores]
     best = 0.0
     for thr in thresholds:
-        siou, prec = [], []
-        for s, valid, ood, gt_lab, n_gt in frames:
-            si, pr = _frame_counts(gt_lab, n_gt, ood, (s > thr) & valid, min_area)
-            siou.append(si)
-            prec.append(pr)
-        siou_all, prec_all = np.concatenate(siou), np.concatenate(prec)
-        tp = (siou_all[None, :] >= taus[:, None]).sum(1)
-        fp = (prec_all[None, :] < taus[:, None]).sum(1)
-        fn = n_gt_total - tp
-        best = max(best, float(np.mean(2 * tp / (2 * tp + fn + fp))))
+        siou, ppv = _pooled_segment_scores(truths, [s > thr for s in clipped], min_pred_area)
+        best = max(best, float(np.mean(_f1_per_tau(siou, ppv, taus))))
     return best
+
+
+def smiyc_metrics(
+    scores: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    taus: Sequence[float] | np.ndarray = TAUS,
+    min_gt_area: int = MIN_GT_AREA,
+    min_pred_area: int = MIN_PRED_AREA,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The SMIYC component-level figures at the benchmark's single threshold.
+
+    pixel_f1_threshold: the threshold t (prediction = score > t) of the best pixel F1
+    (pixel_f1) on the pooled PR curve of the non-IGNORE pixels (pooled and subsampled as
+    in `pixel_metrics`); of equally good thresholds the highest, as the benchmark's
+    high-to-low sweep (its curve bins the scores, ours is exact). At t, per frame, GT instances are the 8-connected components of
+    OOD pixels; those under min_gt_area pixels are void: their pixels are removed from the
+    evaluation like IGNORE ones, so predicting them is neither right nor wrong and does not
+    count toward a component's area. Predicted components are the 8-connected components
+    of the prediction minus IGNORE pixels, those under min_pred_area pixels discarded.
+      sIoU(K) = |K n P| / |(K u P) \\ A|  for a GT instance K, with P the union of the
+          predicted components meeting K and A the other GT instances' pixels;
+      PPV(P) = |P n GT| / |P|  for a predicted component P (its non-void pixels).
+    For each tau: TP = #GT with sIoU >= tau, FN = #GT - TP, FP = #components with
+    PPV < tau, pooled over frames; F1(tau) = 2TP / (2TP + FN + FP).
+    Returns pixel_f1, pixel_f1_threshold, f1_smiyc (mean F1 over taus), siou_mean (over GT
+    instances) and ppv_mean (over predicted components). All NaN when the evaluated pixels
+    lack either class; f1_smiyc and siou_mean NaN without a kept GT instance, ppv_mean
+    without a predicted component.
+    """
+    _check_pairs(scores, labels)
+    out = dict.fromkeys(("pixel_f1", "pixel_f1_threshold", "f1_smiyc", "siou_mean", "ppv_mean"), NAN)
+    s_all, y_all = _pooled_pixels(scores, labels, seed)
+    n_ood = int(y_all.sum())
+    if n_ood == 0 or n_ood == y_all.size:
+        return out
+    fpr, tpr, thr = roc_curve(y_all, s_all, drop_intermediate=False)
+    # Whole counts, so that equally good thresholds give bit-equal F1 and tie as they should.
+    tp, fp = np.rint(tpr * n_ood), np.rint(fpr * (y_all.size - n_ood))
+    f1 = 2 * tp / (tp + fp + n_ood)  # 2TP / (2TP + FP + FN)
+    i = int(np.argmax(f1))  # first of the ties: thresholds run high to low
+    # roc_curve flags score >= thr[i]; the same pixels are score > the next lower score.
+    t = float(thr[i + 1]) if i + 1 < thr.size else float(np.nextafter(thr[i], -np.inf))
+    truths = [_truth(y, min_gt_area) for y in labels]
+    siou, ppv = _pooled_segment_scores(truths, [np.asarray(s, np.float32) > t for s in scores], min_pred_area)
+    return out | {
+        "pixel_f1": float(f1[i]),
+        "pixel_f1_threshold": t,
+        "f1_smiyc": float(np.mean(_f1_per_tau(siou, ppv, np.asarray(taus, float)))) if siou.size else NAN,
+        "siou_mean": float(siou.mean()) if siou.size else NAN,
+        "ppv_mean": float(ppv.mean()) if ppv.size else NAN,
+    }
 
 
 def frame_metrics(

@@ -132,7 +132,7 @@ class Collector:
 
 
 def report(args, frames, collector, model: Path) -> dict:
-    from ..core.metrics import f_star, frame_metrics, pixel_metrics
+    from ..core.metrics import f_star, frame_metrics, pixel_metrics, smiyc_metrics
     from ..core.analysis import frame_score
     from ..core.visualize import overlay, panel, save_rgb, save_sheet
 
@@ -151,7 +151,7 @@ def report(args, frames, collector, model: Path) -> dict:
     metrics = {"frames_replayed": len(frames), "frames_with_results": len(done), "checkpoint": str(model)}
     if labels:
         is_ood = [bool((y == 1).sum() >= 100) for y in labels]
-        metrics.update(pixel_metrics(scores, labels), f_star=f_star(scores, labels),
+        metrics.update(pixel_metrics(scores, labels), f_star=f_star(scores, labels), **smiyc_metrics(scores, labels),
                        **frame_metrics(fscores, is_ood))
     (args.out / "metrics.json").write_text(json.dumps(
         {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}, indent=2))
