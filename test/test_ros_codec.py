@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import array
+import struct
+import zlib
 from types import SimpleNamespace
 
 import cv2
@@ -169,3 +171,100 @@ def test_truncated_png_raises_frame_error():
     png.data = array.array("B", bytes(png.data)[:40])
     with pytest.raises(FrameError, match="corrupt or not a JPEG/PNG"):
         codec.compressed_to_rgb(png)
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an APP1 Exif segment (one IFD entry: Orientation) written by hand after SOI."""
+    ifd = struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    payload = b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_jpeg_exif_orientation_is_ignored_like_cv_bridge():
+    # 6 = "rotate 90 degrees": applied, a 5x7 frame would come out 7x5 and no longer match
+    # its CameraInfo; cv_bridge decodes the pixels as stored.
+    plain = codec.rgb_to_compressed(RGB, fmt="jpeg", quality=95)
+    tagged = SimpleNamespace(format="jpeg", data=with_exif_orientation(bytes(plain.data), 6))
+    out = codec.compressed_to_rgb(tagged)
+    assert out.shape == (5, 7, 3)
+    np.testing.assert_array_equal(out, codec.compressed_to_rgb(plain))  # same JPEG stream, same pixels
+
+
+def test_16_bit_png_scaled_like_a_raw_mono16_image():
+    values = np.arange(0, 65536, 331, dtype=np.uint16).reshape(9, 22)  # v >> 8 differs from the raw rule
+    ok, png = cv2.imencode(".png", values)
+    msg = SimpleNamespace(format="mono16; png compressed mono16", data=png.tobytes())
+    out = codec.compressed_to_rgb(msg)
+    np.testing.assert_array_equal(out, codec.image_to_rgb(raw("mono16", values)))
+    colour = np.stack([values, values[::-1], np.full_like(values, 400)], axis=2)  # RGB
+    ok, png = cv2.imencode(".png", colour[..., ::-1])  # written as BGR, as OpenCV does
+    out = codec.compressed_to_rgb(SimpleNamespace(format="png", data=png.tobytes()))
+    np.testing.assert_array_equal(out, (colour.astype(np.uint32) * 255 + 32767) // 65535)
+
+
+def test_grey_and_bgra_png_decode_to_rgb():
+    grey = RGB[..., 1]
+    ok, png = cv2.imencode(".png", grey)
+    np.testing.assert_array_equal(codec.compressed_to_rgb(SimpleNamespace(format="png", data=png.tobytes())),
+                                  np.repeat(grey[..., None], 3, axis=2))
+    ok, png = cv2.imencode(".png", np.dstack([RGB[..., ::-1], np.full((5, 7), 9, np.uint8)]))  # BGRA
+    np.testing.assert_array_equal(codec.compressed_to_rgb(SimpleNamespace(format="png", data=png.tobytes())), RGB)
+
+
+def test_float_tiff_follows_the_float_rule_and_signed_samples_are_refused():
+    ok, tiff = cv2.imencode(".tiff", np.array([[0.0, 0.5, 1.0, np.nan]], np.float32))
+    out = codec.compressed_to_rgb(SimpleNamespace(format="tiff", data=tiff.tobytes()))
+    np.testing.assert_array_equal(out[..., 0], [[0, 128, 255, 0]])
+    ok, tiff = cv2.imencode(".tiff", np.zeros((2, 3), np.int16))
+    with pytest.raises(FrameError, match="unsupported sample type int16") as info:
+        codec.compressed_to_rgb(SimpleNamespace(format="tiff", data=tiff.tobytes()))
+    assert info.value.kind == "encoding"
+
+
+def test_png_header_claiming_a_huge_image_raises_frame_error():
+    # OpenCV asserts on a header over its pixel limit (cv2.error), which must not escape.
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(bytes(10))) + chunk(b"IEND", b""))
+    with pytest.raises(FrameError, match="cannot decode CompressedImage") as info:
+        codec.compressed_to_rgb(SimpleNamespace(format="png", data=png))
+    assert info.value.kind == "compressed"
+
+
+def test_png_chunk_longer_than_the_data_is_refused_before_decoding():
+    # OpenCV 5 would first allocate the claimed ~4 GB, then fail
+    png = bytearray(bytes(codec.rgb_to_compressed(RGB, fmt="png").data))
+    png[33:37] = struct.pack(">I", 0xF0000011)  # the length of the chunk after IHDR
+    with pytest.raises(FrameError, match=r"chunk b'IDAT' at byte 33 claims 4026531857 bytes") as info:
+        codec.compressed_to_rgb(SimpleNamespace(format="png", data=bytes(png)))
+    assert info.value.kind == "compressed"
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: codec.array_to_image(np.full((2, 3), 300, np.uint16), "mono8"), "mono8 needs uint8 pixels, got uint16"),
+    (lambda: codec.rgb_to_image(np.full((2, 3, 3), 0.5)), "rgb8 needs uint8 pixels, got float64"),
+    (lambda: codec.array_to_image(np.zeros((2, 3), np.int32), "mono16"), "mono16 needs uint16 pixels, got int32"),
+    (lambda: codec.score_to_image(np.zeros((2, 3), np.int64)), "32FC1 needs float pixels, got int64"),
+    (lambda: codec.mask_to_image(np.zeros((2, 3), np.uint8)), "mono8 mask needs bool pixels, got uint8"),
+])
+def test_encoders_refuse_a_dtype_that_does_not_match_the_encoding(call, needle):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert needle in str(info.value)
+
+
+def test_encoders_accept_the_same_kind_of_dtype():
+    big = np.array([[1, 300, 65535]], ">u2")
+    m = codec.array_to_image(big, "mono16", msg_type=SimpleNamespace)
+    np.testing.assert_array_equal(np.frombuffer(m.data, "<u2"), [1, 300, 65535])
+    score = np.array([[0.25, 1 / 3]])  # float64: converted to float32
+    s = codec.score_to_image(score)
+    np.testing.assert_array_equal(np.frombuffer(s.data, "<f4"), score.astype(np.float32).ravel())
+
+
+def test_unknown_encoding_when_encoding_raises_frame_error():
+    with pytest.raises(FrameError, match="unsupported image encoding 'yuv422'") as info:
+        codec.array_to_image(np.zeros((2, 2, 2), np.uint8), "yuv422")
+    assert info.value.kind == "encoding"

@@ -15,10 +15,20 @@ Conversions to the detector's RGB uint8 frame:
   +Inf becomes 1, values outside [0, 1] are clipped.
 
 Rows may be padded: `step` (bytes per row) may exceed width * bytes per pixel.
+
+CompressedImage data is decoded as cv_bridge does (IMREAD_UNCHANGED): pixels as stored,
+an EXIF orientation tag is ignored (so the frame still matches its CameraInfo); grey,
+BGR and BGRA results become RGB, 16-bit and float ones follow the same rules as above.
+
+Encoding never casts: a dtype that does not match the encoding is refused with a
+ValueError, as cv_bridge does (uint16 300 sent as mono8 would become 44, a [0, 1] float
+frame sent as rgb8 black). 8-bit encodings take uint8, 16-bit ones uint16 (either byte
+order), 32F ones any float dtype (float64 scores are stored as float32).
 """
 from __future__ import annotations
 
 import array
+import struct
 from typing import Any
 
 import cv2
@@ -60,16 +70,37 @@ def _bytes_of(data: Any) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8).reshape(-1)
 
 
-def image_to_rgb(msg: Any) -> np.ndarray:
-    """sensor_msgs/Image (or anything with its fields) -> uint8 (H, W, 3) RGB, contiguous."""
-    encoding = str(msg.encoding)
+def _layout(encoding: str) -> tuple[type, int]:
+    """(numpy base type, channels) of a supported encoding; FrameError for any other."""
     if encoding not in ENCODINGS:
         raise FrameError(f"unsupported image encoding {encoding!r}; supported: {', '.join(ENCODINGS)}",
                          "encoding")
+    return ENCODINGS[encoding]
+
+
+def _to_u8(values: np.ndarray) -> np.ndarray:
+    """Samples -> uint8 by one rule for raw and compressed images: uint16 v -> v * 255 / 65535
+    rounded (not v >> 8), float intensities in [0, 1] -> 0..255 with NaN, Inf and
+    out-of-range values sanitised."""
+    if values.dtype == np.uint8:
+        return values
+    if values.dtype.kind == "u" and values.dtype.itemsize == 2:
+        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if values.dtype.kind == "f":
+        finite = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
+        return np.round(np.clip(finite, 0.0, 1.0) * 255.0).astype(np.uint8)
+    # only a compressed image (e.g. a signed TIFF) gets here; raw encodings are checked before
+    raise FrameError(f"unsupported sample type {values.dtype.name}; 8- or 16-bit unsigned or float "
+                     "images are supported", "encoding")
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image (or anything with its fields) -> uint8 (H, W, 3) RGB, contiguous."""
+    encoding = str(msg.encoding)
+    base, channels = _layout(encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise FrameError(f"image has zero size ({width}x{height} pixels)", "size")
-    base, channels = ENCODINGS[encoding]
     pixel_bytes = np.dtype(base).itemsize * channels
     row_bytes = width * pixel_bytes
     if step < row_bytes:
@@ -83,22 +114,30 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     dtype = np.dtype(base)
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
-    pixels = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels)
-
-    if encoding in ("rgb8", "rgba8"):
-        rgb = pixels[..., :3]
+    u8 = _to_u8(np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels))
+    if channels == 1:
+        rgb = np.repeat(u8, 3, axis=2)
     elif encoding in ("bgr8", "bgra8"):
-        rgb = pixels[..., 2::-1]
-    elif encoding in ("mono8", "8UC1"):
-        rgb = np.repeat(pixels, 3, axis=2)
-    elif encoding in ("mono16", "16UC1"):
-        grey = ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-        rgb = np.repeat(grey, 3, axis=2)
-    else:  # 32FC1, 32FC3
-        values = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        u8 = np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-        rgb = u8 if channels == 3 else np.repeat(u8, 3, axis=2)
+        rgb = u8[..., 2::-1]
+    else:  # rgb8, rgba8, 32FC3
+        rgb = u8[..., :3]
     return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def _check_png_chunks(buf: np.ndarray, fmt: str) -> None:
+    """Refuse a PNG whose chunk claims more bytes than the message holds: OpenCV 5's PNG
+    reader allocates the claimed length before failing (a 212-byte message with a corrupt
+    IDAT length took 3.9 GB and 4 s)."""
+    pos = 8
+    while pos + 8 <= buf.size:
+        length, kind = struct.unpack_from(">I4s", buf, pos)
+        if pos + 12 + length > buf.size:
+            raise FrameError(f"cannot decode CompressedImage (format {fmt!r}, {buf.size} bytes): PNG chunk "
+                             f"{kind!r} at byte {pos} claims {length} bytes, past the end of the data",
+                             "compressed")
+        if kind == b"IEND":
+            return
+        pos += 12 + length
 
 
 def compressed_to_rgb(msg: Any) -> np.ndarray:
@@ -110,11 +149,27 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     buf = _bytes_of(msg.data)
     if buf.size == 0:
         raise FrameError(f"CompressedImage (format {fmt!r}) has no data", "compressed")
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
+    if buf[:8].tobytes() == b"\x89PNG\r\n\x1a\n":
+        _check_png_chunks(buf, fmt)
+    # IMREAD_UNCHANGED, as cv_bridge: depth and channels as stored, and no EXIF rotation
+    # (OpenCV applies the orientation tag to every other read mode unless
+    # IMREAD_IGNORE_ORIENTATION is set, a bit UNCHANGED = -1 already has).
+    try:
+        decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # e.g. a header over OpenCV's pixel limit asserts instead of failing
+        raise FrameError(f"cannot decode CompressedImage (format {fmt!r}, {buf.size} bytes): "
+                         f"{' '.join(str(err).split())}", "compressed") from None
+    if decoded is None:
         raise FrameError(f"cannot decode CompressedImage (format {fmt!r}, {buf.size} bytes): "
                          "corrupt or not a JPEG/PNG image", "compressed")
-    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    pixels = decoded.reshape(decoded.shape[0], decoded.shape[1], -1)
+    channels = pixels.shape[2]
+    if channels not in (1, 3, 4):
+        raise FrameError(f"CompressedImage (format {fmt!r}) decodes to {channels} channels; "
+                         "grey, BGR or BGRA are supported", "compressed")
+    u8 = _to_u8(pixels)
+    rgb = np.repeat(u8, 3, axis=2) if channels == 1 else u8[..., 2::-1]  # BGR(A) -> RGB
+    return np.ascontiguousarray(rgb)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -130,15 +185,22 @@ def array_to_image(pixels: np.ndarray, encoding: str, header: Any = None, msg_ty
     """(H, W[, C]) array -> sensor_msgs/Image with `encoding`, little-endian, unpadded.
 
     `header` (typically the input frame's) is attached as is, so stamp and frame_id are
-    exactly the input's. `msg_type` defaults to sensor_msgs.msg.Image."""
-    base, channels = ENCODINGS[encoding]
+    exactly the input's. `msg_type` defaults to sensor_msgs.msg.Image. A dtype that does not
+    match the encoding is refused, never cast (see the module docstring)."""
+    encoding = str(encoding)
+    base, channels = _layout(encoding)
     pixels = np.asarray(pixels)
+    want = np.dtype(base)
+    if not (pixels.dtype.kind == "f" if want.kind == "f"
+            else pixels.dtype.kind == want.kind and pixels.dtype.itemsize == want.itemsize):
+        raise ValueError(f"{encoding} needs {'float' if want.kind == 'f' else want.name} pixels, "
+                         f"got {pixels.dtype.name}; convert them explicitly")
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3 or pixels.shape[2] != channels:
         raise ValueError(f"{encoding} needs (H, W{', %d' % channels if channels > 1 else ''}) pixels, "
                          f"got shape {pixels.shape}")
-    pixels = np.ascontiguousarray(pixels, dtype=np.dtype(base).newbyteorder("<"))
+    pixels = np.ascontiguousarray(pixels, dtype=want.newbyteorder("<"))
     msg = (msg_type or _image_msg_type())()
     if header is not None:
         msg.header = header
@@ -153,17 +215,20 @@ def array_to_image(pixels: np.ndarray, encoding: str, header: Any = None, msg_ty
 
 def rgb_to_image(rgb: np.ndarray, header: Any = None, msg_type: Any = None):
     """uint8 (H, W, 3) RGB -> rgb8 Image."""
-    return array_to_image(np.asarray(rgb, np.uint8), "rgb8", header, msg_type)
+    return array_to_image(rgb, "rgb8", header, msg_type)
 
 
 def mask_to_image(mask: np.ndarray, header: Any = None, msg_type: Any = None):
     """bool (H, W) -> mono8 Image with 0 (normal) / 255 (anomalous)."""
-    return array_to_image(np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8), "mono8", header, msg_type)
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        raise ValueError(f"mono8 mask needs bool pixels, got {mask.dtype.name}; threshold it explicitly")
+    return array_to_image(np.where(mask, 255, 0).astype(np.uint8), "mono8", header, msg_type)
 
 
 def score_to_image(score: np.ndarray, header: Any = None, msg_type: Any = None):
-    """float (H, W) score in [0, 1] -> 32FC1 Image."""
-    return array_to_image(np.asarray(score, np.float32), "32FC1", header, msg_type)
+    """float (H, W) score in [0, 1] (any float dtype) -> 32FC1 Image."""
+    return array_to_image(score, "32FC1", header, msg_type)
 
 
 def rgb_to_compressed(rgb: np.ndarray, header: Any = None, fmt: str = "jpeg", quality: int = 90,
