@@ -16,6 +16,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from ros_anomaly_diffusion.ros.transport import large_frame_launch_actions
 
 PACKAGE = 'ros_anomaly_diffusion'
 
@@ -78,6 +79,8 @@ def _launch_nodes(context):
 
 def generate_launch_description():
     return LaunchDescription([
+        # camera-sized frames over best effort for everything this launch starts (README)
+        *large_frame_launch_actions(os.path.join(get_package_share_directory(PACKAGE), 'config')),
         DeclareLaunchArgument('variant', default_value='ddim',
                               description='optimization variant; loads config/<variant>.yaml'),
         DeclareLaunchArgument('namespace', default_value='', description='namespace of the detector'),

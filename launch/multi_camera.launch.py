@@ -25,6 +25,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from ros_anomaly_diffusion.ros.transport import large_frame_launch_actions
 
 PACKAGE = 'ros_anomaly_diffusion'
 
@@ -84,6 +85,8 @@ def _launch_nodes(context):
 
 def generate_launch_description():
     return LaunchDescription([
+        # camera-sized frames over best effort for everything this launch starts (README)
+        *large_frame_launch_actions(os.path.join(get_package_share_directory(PACKAGE), 'config')),
         DeclareLaunchArgument('cameras', default_value='/camera/image_raw',
                               description='comma-separated camera topics (sensor_msgs/Image); one detector '
                                           'each, in the camera namespace (/front/image_raw -> /front)'),

@@ -17,6 +17,7 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
+from ros_anomaly_diffusion.ros.transport import large_frame_launch_actions
 
 PACKAGE = 'ros_anomaly_diffusion'
 
@@ -50,6 +51,8 @@ def generate_launch_description():
         }.items(),
     )
     return LaunchDescription([
+        # camera-sized frames over best effort for everything this launch starts (README)
+        *large_frame_launch_actions(os.path.join(share, 'config')),
         DeclareLaunchArgument('data', description='RUGD-format folder, image folder or rosbag2 to replay'),
         DeclareLaunchArgument('rate', default_value='5.0', description='frames per second'),
         DeclareLaunchArgument('loop', default_value='true', description='start again after the last frame'),

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ros_anomaly_diffusion.ros.transport import large_frame_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # console scripts of the venv running the tests
 # The real RUGD frames beside the checkout (CI clones next to shared/); RUGD_SAMPLE overrides.
@@ -26,6 +28,17 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ["RCUTILS_COLORIZED_OUTPUT"] = "0"
 os.environ["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
 os.environ["PYTHONUNBUFFERED"] = "1"
+# The DDS settings every process of the package uses (ros/transport.py), for this process too:
+# the publisher's setting decides whether camera-sized frames arrive over best effort.
+os.environ.update(large_frame_env(os.environ, ROOT / "config"))
+
+
+@pytest.fixture(scope="session")
+def rugd_sample() -> Path:
+    """The RUGD sample folder; every test that needs it skips (never fails) where it is absent."""
+    if not RUGD_SAMPLE.is_dir():
+        pytest.skip(f"RUGD sample not found at {RUGD_SAMPLE} (set RUGD_SAMPLE to its folder)")
+    return RUGD_SAMPLE
 
 
 def make_checkpoint(directory: Path, num_train_timesteps: int = 1000, mask_threshold: float = 0.3,

@@ -27,6 +27,7 @@ from ..core.data import open_dataset
 from ..core.settings import config_dir
 from ..core.synthetic import make_synthetic_dataset
 from ..core.training import TrainOptions, train
+from . import transport
 
 NS = "/demo"
 CAMERA = f"{NS}/camera/image_raw"
@@ -165,6 +166,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     model = ensure_model(args, train_dir)
     frames = list(open_dataset(test_dir))
 
+    transport.apply_large_frame_defaults()  # full-size frames between the three processes
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.ros_domain is not None:
         env["ROS_DOMAIN_ID"] = str(args.ros_domain)

@@ -96,7 +96,7 @@ from ..core import checkpoint as ckpt
 from ..core.detector import Detector
 from ..core.settings import Settings, check
 from ..core.variants import get_variant
-from . import image_codec
+from . import image_codec, transport
 from .params import NODE_PARAMETERS, ParamSpec, float_overrides_from_ints, settings_parameters
 
 NODE_NAME = "anomaly_detector"
@@ -655,11 +655,13 @@ def bridge_python_logging(node: Node) -> logging.Handler:
 
 
 def main(args=None) -> int:
+    dds = transport.apply_large_frame_defaults()
     rclpy.init(args=args)
     node = None
     code = 0
     try:
         node = DetectorNode()
+        node.get_logger().info(transport.describe(dds))
         bridge_python_logging(node)
         node.load_model()
         node.start()
