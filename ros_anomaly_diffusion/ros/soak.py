@@ -1,10 +1,15 @@
 """`ros-anomaly-diffusion soak`: drive a detector_node with a fast camera for a while.
 
 The node runs as its own process, as on the robot; this process is the camera (real
-RUGD frames, or generated ones, published at --rate) and a client of the outputs. It
-reports frames in, processed, dropped, latency percentiles (input stamp to arrival of
-the mask) and the node's resident memory at start and end, and exits non-zero when the
-node died, fell behind (latency over --max-latency) or grew in memory past --max-growth.
+RUGD frames, or generated ones, published with the sensor-data QoS at --rate) and a client
+of the outputs. Frames are accounted for from both ends: frames_in (published here),
+frames_received (counted by the node, from its /diagnostics), lost_in_transport (the
+difference: the middleware lost them), dropped_by_design (received but replaced by a newer
+frame before the model was free), processed, bad input and inference errors. It also
+reports latency percentiles (input stamp to arrival of the mask) and the node's resident
+memory at start and end, and exits non-zero when the node died, lost more than --max-loss
+of the frames in transport, fell behind (see `backlog_failures`) or grew in memory past
+--max-growth.
 """
 from __future__ import annotations
 
@@ -49,7 +54,13 @@ def parse(argv):
                    help="detector parameter, e.g. --set steps=10 (repeatable)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before the clock starts (model load)")
     p.add_argument("--max-latency", type=float, default=0.0,
-                   help="fail if p99 latency exceeds this many seconds (0: 2.5 x median inference + 0.5 s)")
+                   help="fail if p99 latency exceeds this many seconds (0: 2.5 x the median inference "
+                        "time the node reports + 0.5 s: a newest-frame-only node is never further behind)")
+    p.add_argument("--max-latency-growth", type=float, default=0.5,
+                   help="fail if the median latency of the last quarter of the run exceeds that of the "
+                        "first quarter by more than this many seconds (a queue building up)")
+    p.add_argument("--max-loss", type=float, default=0.01,
+                   help="fail if more than this fraction of the frames never reached the node")
     p.add_argument("--max-growth", type=float, default=0.10, help="fail if RSS grows by more than this fraction")
     p.add_argument("--json", type=Path, help="also write the report here")
     return p.parse_args(argv)
@@ -57,7 +68,11 @@ def parse(argv):
 
 def soak_main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
+    from . import transport
+
+    transport.apply_large_frame_defaults()  # this camera and the node: full-size frames over best effort
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
@@ -69,7 +84,8 @@ def soak_main(argv: list[str] | None = None) -> int:
     node = subprocess.Popen(
         [str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", "image:=/soak/image",
          "-r", "__ns:=/soak", "--params-file", str(config_dir() / f"{args.variant}.yaml"),
-         "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"variant:={args.variant}", *params],
+         "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"variant:={args.variant}",
+         "-p", "diagnostics_period:=1.0", *params],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     # A context of its own: callers (tests, tools) may have initialised rclpy already.
     context = rclpy.Context()
@@ -78,43 +94,41 @@ def soak_main(argv: list[str] | None = None) -> int:
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(client)
     pub = client.create_publisher(Image, "/soak/image", qos_profile_sensor_data)
-    latencies, sent = [], 0
-    client.create_subscription(Image, "/soak/anomaly/mask", lambda m: latencies.append(
-        time.time() - (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9)), 10)
+    results: list[tuple[float, float]] = []  # (arrival, latency) per mask
+    client.create_subscription(Image, "/soak/anomaly/mask", lambda m: results.append(
+        (time.monotonic(), time.time() - (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9))), 10)
+    diagnostics = NodeCounters()
+    client.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.on_message, 10)
+    spin = lambda seconds: executor.spin_once(timeout_sec=seconds)  # noqa: E731
     images = frames(args.data)
     report = {}
     try:
         # Wait for the node to load its model and answer a first frame.
         deadline = time.monotonic() + 120
-        while not latencies and time.monotonic() < deadline and node.poll() is None:
+        while not results and time.monotonic() < deadline and node.poll() is None:
             pub.publish(rgb_to_image(images[0], _header(client)))
-            executor.spin_once(timeout_sec=0.5)
-        if not latencies:
+            spin(0.5)
+        if not results:
             raise RuntimeError("the detector produced no result within 120 s")
         end_warm = time.monotonic() + args.warmup
         while time.monotonic() < end_warm:
-            executor.spin_once(timeout_sec=0.1)
-        latencies.clear()
+            spin(0.1)
+        before = diagnostics.settled(spin, timeout=30.0)
+        results.clear()
+        diagnostics.model_ms.clear()
         rss_start = rss_mb(node.pid)
-        period, start = 1.0 / args.rate, time.monotonic()
+        sent, period, start = 0, 1.0 / args.rate, time.monotonic()
         next_t = start
         while time.monotonic() - start < args.duration and node.poll() is None:
             pub.publish(rgb_to_image(images[sent % len(images)], _header(client)))
             sent += 1
             next_t += period
             while time.monotonic() < next_t:
-                executor.spin_once(timeout_sec=max(0.0, next_t - time.monotonic()))
-        settle = time.monotonic() + 3.0
-        while time.monotonic() < settle:
-            executor.spin_once(timeout_sec=0.1)
+                spin(max(0.0, next_t - time.monotonic()))
+        after = diagnostics.settled(spin, timeout=30.0)
         rss_end = rss_mb(node.pid)
-        lat = np.array(latencies) if latencies else np.array([np.nan])
-        report = {"duration_s": args.duration, "rate_hz": args.rate, "frames_in": sent,
-                  "frames_processed": len(latencies), "dropped": sent - len(latencies),
-                  "latency_p50_ms": float(np.percentile(lat, 50) * 1000),
-                  "latency_p99_ms": float(np.percentile(lat, 99) * 1000),
-                  "latency_max_ms": float(lat.max() * 1000),
-                  "rss_start_mb": rss_start, "rss_end_mb": rss_end, "node_alive": node.poll() is None}
+        report = _report(args, sent, start, results, before, after, diagnostics.model_ms, rss_start, rss_end)
+        report["node_alive"] = node.poll() is None
     except (KeyboardInterrupt, RuntimeError) as err:
         report["error"] = str(err) or "interrupted"
     finally:
@@ -132,10 +146,88 @@ def soak_main(argv: list[str] | None = None) -> int:
         report["node_traceback"] = "Traceback" in out
     failures = _judge(report, args)
     report["failures"] = failures
-    print(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
     return 1 if failures else 0
+
+
+# Frames the node received and has finished with, one way or another (its /diagnostics keys).
+OUTCOMES = ("frames_processed", "frames_dropped", "inference_errors", "ignored_disabled",
+            "bad_input_encoding", "bad_input_size", "bad_input_data", "bad_input_compressed", "bad_input_frame")
+
+
+class NodeCounters:
+    """The detector's counters from its /diagnostics status, and its inference times."""
+
+    def __init__(self):
+        self.latest: dict[str, str] | None = None
+        self.seen = 0
+        self.model_ms: list[float] = []
+
+    def on_message(self, msg) -> None:
+        for status in msg.status:
+            if status.name.endswith(": anomaly detection"):
+                self.latest = {kv.key: kv.value for kv in status.values}
+                self.seen += 1
+                try:
+                    self.model_ms.append(float(self.latest.get("model_p50_ms", "nan")))
+                except ValueError:  # "n/a": no frame in that window
+                    pass
+
+    def settled(self, spin, timeout: float) -> dict[str, int]:
+        """Counters from a status published after this call, once every received frame has an
+        outcome (none waiting for or in the model)."""
+        seen, deadline = self.seen, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            spin(0.1)
+            if self.seen > seen and self.latest is not None:
+                counts = {k: int(self.latest.get(k, 0)) for k in ("frames_received", *OUTCOMES)}
+                if counts["frames_received"] == sum(counts[k] for k in OUTCOMES):
+                    return counts
+                seen = self.seen
+        raise RuntimeError(f"the node's /diagnostics counters did not settle within {timeout:g} s "
+                           f"(last: {self.latest})")
+
+
+def _report(args, sent: int, start: float, results, before: dict, after: dict, model_ms: list[float],
+            rss_start: float, rss_end: float) -> dict:
+    delta = {k: after[k] - before[k] for k in after}
+    arrivals = np.array([t - start for t, _ in results]) if results else np.zeros(0)
+    lat = np.array([lat for _, lat in results]) if results else np.array([np.nan])
+    bad = sum(v for k, v in delta.items() if k.startswith("bad_input_"))
+    return {"duration_s": args.duration, "rate_hz": args.rate, "frames_in": sent,
+            "frames_received": delta["frames_received"], "lost_in_transport": sent - delta["frames_received"],
+            "dropped_by_design": delta["frames_dropped"], "frames_processed": delta["frames_processed"],
+            "results_received": len(results), "bad_input": bad, "inference_errors": delta["inference_errors"],
+            "latency_p50_ms": float(np.percentile(lat, 50) * 1000),
+            "latency_p99_ms": float(np.percentile(lat, 99) * 1000),
+            "latency_max_ms": float(np.max(lat) * 1000),
+            "model_p50_ms": float(np.median(model_ms)) if model_ms else float("nan"),
+            "rss_start_mb": rss_start, "rss_end_mb": rss_end,
+            "_arrivals": arrivals, "_latencies": lat}
+
+
+def backlog_failures(arrivals: np.ndarray, latencies: np.ndarray, max_latency: float,
+                     max_growth: float) -> list[str]:
+    """A backlog is results getting older: p99 latency over `max_latency` seconds, or the
+    median latency of the last quarter of the run (by arrival) above that of the first
+    quarter by more than `max_growth` seconds. Either alone catches what the other can miss:
+    a steadily growing queue can stay under a generous bound for a short run, and a queue
+    that filled before the run began no longer grows."""
+    fails = []
+    p99 = float(np.percentile(latencies, 99))
+    if p99 > max_latency:
+        fails.append(f"p99 latency {p99 * 1000:.0f} ms exceeds {max_latency * 1000:.0f} ms: a backlog")
+    if len(latencies) >= 8:
+        order = np.argsort(arrivals)
+        quarter = len(order) // 4
+        first = float(np.median(latencies[order[:quarter]]))
+        last = float(np.median(latencies[order[-quarter:]]))
+        if last - first > max_growth:
+            fails.append(f"latency grew from {first * 1000:.0f} ms (first quarter) to {last * 1000:.0f} ms "
+                         f"(last quarter): a queue is building up")
+    return fails
 
 
 def _judge(r: dict, args) -> list[str]:
@@ -146,10 +238,12 @@ def _judge(r: dict, args) -> list[str]:
         fails.append("the node died during the soak")
     if r["frames_processed"] == 0:
         fails.append("no frame was processed")
-    # Without a backlog, a result is at most one inference old plus the one in progress.
-    limit = args.max_latency or 2.5 * r["latency_p50_ms"] / 1000 + 0.5
-    if r["latency_p99_ms"] / 1000 > limit:
-        fails.append(f"p99 latency {r['latency_p99_ms']:.0f} ms exceeds {limit * 1000:.0f} ms: a backlog")
+    if r["frames_in"] and r["lost_in_transport"] > args.max_loss * r["frames_in"]:
+        fails.append(f"{r['lost_in_transport']} of {r['frames_in']} frames never reached the node "
+                     f"(lost in transport; allowed {args.max_loss:.0%})")
+    if r["frames_processed"]:
+        limit = args.max_latency or 2.5 * r["model_p50_ms"] / 1000 + 0.5
+        fails += backlog_failures(r["_arrivals"], r["_latencies"], limit, args.max_latency_growth)
     if r["rss_end_mb"] > r["rss_start_mb"] * (1 + args.max_growth):
         fails.append(f"RSS grew from {r['rss_start_mb']:.0f} to {r['rss_end_mb']:.0f} MB")
     if r["node_traceback"]:
