@@ -9,12 +9,10 @@ from ros_anomaly_diffusion.core.features import FeatureExtractor
 from ros_anomaly_diffusion.core.segments import (UNCOVERED, SamSegmenter, SuperpixelSegmenter, aggregate,
                                                  build_segmenter)
 
-from conftest import RUGD_SAMPLE as RUGD
-
 
 @pytest.fixture(scope="module")
-def rugd():
-    return open_dataset(RUGD)
+def rugd(rugd_sample):
+    return open_dataset(rugd_sample)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from conftest import RUGD_SAMPLE, make_checkpoint
+from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core.bench import COLUMNS, parse_row
 
@@ -15,11 +15,11 @@ def test_row_specs_parse():
         parse_row("ddim:steps")
 
 
-def test_bench_writes_every_column_for_every_row(tmp_path):
+def test_bench_writes_every_column_for_every_row(tmp_path, rugd_sample):
     make_checkpoint(tmp_path / "ckpt" / "pixel")
     rows = ["ddim:steps=2,segments=none", "ddim:steps=4,segments=none"]
     out = tmp_path / "bench"
-    assert cli(["-q", "bench", "--data", str(RUGD_SAMPLE), "--checkpoints", str(tmp_path / "ckpt"),
+    assert cli(["-q", "bench", "--data", str(rugd_sample), "--checkpoints", str(tmp_path / "ckpt"),
                 "--variants", *rows, "--out", str(out), "--max-frames", "2"]) == 0
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [r["variant"] for r in table] == rows

@@ -19,7 +19,6 @@ from ros_anomaly_diffusion.core.data import (
 )
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 
-from conftest import RUGD_SAMPLE
 
 # Inspected by hand (unique colours of every annotation PNG, matched against the colormap):
 # frames with >= 100 pixels of vehicle / container / building / bicycle / person / bridge /
@@ -42,12 +41,6 @@ SAMPLE_ID = {"trail-10_00001", "trail-11_02001", "trail-3_02001", "trail-4_02001
 OOD_RGB = [(255, 255, 0), (255, 0, 127), (255, 0, 0), (0, 255, 128), (204, 153, 255), (102, 255, 255), (114, 85, 47)]
 
 
-def rugd_sample() -> Path:
-    if not RUGD_SAMPLE.is_dir():
-        pytest.skip(f"RUGD sample not found at {RUGD_SAMPLE}")
-    return RUGD_SAMPLE
-
-
 def write_rgb(path: Path, rgb: np.ndarray) -> Path:
     assert cv2.imwrite(str(path), cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_RGB2BGR))
     return path
@@ -59,15 +52,15 @@ def read_rgb(path: Path) -> np.ndarray:
 
 # ---- real RUGD sample ----
 
-def test_sample_colormap_parsed_and_matches_constant():
-    cmap = parse_colormap(rugd_sample() / "RUGD_annotation-colormap.txt")
+def test_sample_colormap_parsed_and_matches_constant(rugd_sample):
+    cmap = parse_colormap(rugd_sample / "RUGD_annotation-colormap.txt")
     assert len(cmap.names) == 25
     assert cmap == RUGD_COLORMAP
     assert cmap.color("person") == (204, 153, 255)
 
 
-def test_sample_dataset_listing():
-    ds = open_dataset(rugd_sample())
+def test_sample_dataset_listing(rugd_sample):
+    ds = open_dataset(rugd_sample)
     names = [f.name for f in ds]
     assert len(ds) == 17 and ds.labelled and ds.colormap is not None
     assert names == sorted(names) and set(names) == set(SAMPLE_OOD) | SAMPLE_ID
@@ -77,8 +70,8 @@ def test_sample_dataset_listing():
     assert rgb.shape == (550, 688, 3) and rgb.dtype == np.uint8
 
 
-def test_sample_labels_match_annotation_colours():
-    ds = open_dataset(rugd_sample())
+def test_sample_labels_match_annotation_colours(rugd_sample):
+    ds = open_dataset(rugd_sample)
     for frame in ds:
         label = frame.label()
         assert label is not None and label.shape == (550, 688) and label.dtype == np.uint8
@@ -93,12 +86,12 @@ def test_sample_labels_match_annotation_colours():
     assert int((by_name["trail-10_00001"].label() == IGNORE).sum()) == 14
 
 
-def test_sample_id_ood_split():
-    id_frames, ood_frames = split_id_ood(open_dataset(rugd_sample()))
+def test_sample_id_ood_split(rugd_sample):
+    id_frames, ood_frames = split_id_ood(open_dataset(rugd_sample))
     assert {f.name for f in ood_frames} == set(SAMPLE_OOD)
     assert {f.name for f in id_frames} == SAMPLE_ID
     # A higher bar moves the frames with few OOD pixels (171, 188) to the ID side.
-    id200, ood200 = split_id_ood(open_dataset(rugd_sample()), min_pixels=200)
+    id200, ood200 = split_id_ood(open_dataset(rugd_sample), min_pixels=200)
     assert {f.name for f in id200} == SAMPLE_ID | {"trail-13_00001", "trail-14_01001"}
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from ros_anomaly_diffusion.core.settings import variant_settings
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 from ros_anomaly_diffusion.core.training import TrainOptions
 
-RUGD = Path(__file__).resolve().parents[2] / "shared/data/rugd-sample"
 SIZE = (128, 160)  # 8x10 cells: a quarter of the default 256x320, for speed
 
 
@@ -36,9 +34,9 @@ def test_nearest_is_exact_for_members_and_agrees_with_cdist():
 
 
 @pytest.fixture(scope="module")
-def rugd_knn(tmp_path_factory, monkeypatch_module):
+def rugd_knn(tmp_path_factory, monkeypatch_module, rugd_sample):
     """A knn checkpoint from three ID RUGD frames, bank subsampled to 400 of their cells."""
-    frames = [f for f in open_dataset(RUGD) if not f.is_ood()][:3]
+    frames = [f for f in open_dataset(rugd_sample) if not f.is_ood()][:3]
     monkeypatch_module.setattr(knn, "MAX_BANK", 400)
     config, tensors = knn.fit(frames, tmp_path_factory.mktemp("knn"), TrainOptions(variant="knn", image_size=SIZE),
                               progress=False)
@@ -63,7 +61,7 @@ def test_bank_holds_seeded_subsample_of_id_cells(rugd_knn):
     assert config["scores"]["pixel"]["mean"] > 0 and config["scores"]["pixel"]["std"] > 0
 
 
-def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(rugd_knn):
+def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(rugd_knn, rugd_sample):
     out, frames = rugd_knn
     det = Detector(out, variant_settings("knn", checkpoint=str(out)))
     origin = ckpt.load_tensors(out, "bank")["origin"]
@@ -73,7 +71,7 @@ def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(ru
     assert len(sampled) > 10
     assert bool((d[sampled[:, 2], sampled[:, 3]] == 0).all())  # exactly: the same bits as in the bank
     # paste the OOD objects of an OOD frame (vehicle, building, ...) into the ID frame
-    ood_frame = max((f for f in open_dataset(RUGD) if f.is_ood()), key=lambda f: int((f.label() == OOD).sum()))
+    ood_frame = max((f for f in open_dataset(rugd_sample) if f.is_ood()), key=lambda f: int((f.label() == OOD).sum()))
     ood = ood_frame.label() == OOD
     pasted = rgb.copy()
     pasted[ood] = ood_frame.rgb()[ood]
