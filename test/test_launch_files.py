@@ -126,6 +126,26 @@ def test_launch_files_are_installed_and_name_existing_files(name):
     assert used <= set(declared), f"{name}: undeclared launch arguments {used - set(declared)}"
 
 
+@pytest.mark.parametrize("name", LAUNCH_FILES)
+def test_launch_files_set_the_large_frame_dds_settings_first(name):
+    """Everything a launch file starts (ours, rviz2, a camera driver included beside it) gets the
+    DDS settings for camera-sized frames: the first entry of the LaunchDescription applies them,
+    from the installed config folder, which setup.py installs the profiles into."""
+    tree = _tree(name)
+    (desc,) = _calls(tree, "LaunchDescription")
+    first = desc.args[0].elts[0]
+    assert isinstance(first, ast.Starred) and isinstance(first.value, ast.Call), f"{name}: no DDS settings first"
+    call = first.value
+    assert getattr(call.func, "id", None) == "large_frame_launch_actions", ast.unparse(call)
+    assert "'config'" in ast.unparse(call.args[0])
+    module, imported = next((n.module, {a.name for a in n.names}) for n in ast.walk(tree)
+                            if isinstance(n, ast.ImportFrom) and n.module.endswith("transport"))
+    assert module == "ros_anomaly_diffusion.ros.transport" and "large_frame_launch_actions" in imported
+    globs = data_file_globs()
+    for profile in ("fastdds_large_frames.xml", "cyclonedds_large_frames.xml"):
+        assert (CONFIG / profile).is_file() and any(fnmatch.fnmatch(f"config/{profile}", g) for g in globs)
+
+
 def test_detection_launch_arguments_and_variant_default():
     args = _declared_arguments(_tree("anomaly_detection.launch.py"))
     assert set(args) >= {"variant", "namespace", "image_topic", "use_sim_time", "checkpoint", "device", "rviz"}
