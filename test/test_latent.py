@@ -15,7 +15,7 @@ from ros_anomaly_diffusion.core.denoiser import build_denoiser
 from ros_anomaly_diffusion.core.detector import Detector
 from ros_anomaly_diffusion.core.settings import variant_settings
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
-from ros_anomaly_diffusion.core.training import TrainOptions
+from ros_anomaly_diffusion.core.training import STATE, DenoiserTrainer, TrainOptions
 from ros_anomaly_diffusion.core.variants import get_variant
 
 
@@ -201,13 +201,30 @@ def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
         assert (scorer.edit(x) - reconstruction).abs().mean() > 1e-2
 
 
-def test_resumed_training_reuses_the_trained_autoencoder(tmp_path, synthetic):
+def test_resumed_training_reuses_the_autoencoder_and_continues_the_dit(tmp_path, synthetic, monkeypatch):
     frames = open_dataset(synthetic)[:4]
     opts = TrainOptions(variant="dcae", preset="tiny", image_size=(32, 40), steps=2, batch_size=2)
-    _, first = L.fit_latent(frames, tmp_path, opts, False)
+    first_config, first = L.fit_latent(frames, tmp_path, opts, False)
     assert (tmp_path / L.AE_STATE / "autoencoder.safetensors").is_file()
-    opts.steps = 3  # resume: the DiT goes on from step 2, the autoencoder is not trained again
+    saved = {part: ckpt.load_tensors(tmp_path / STATE, part) for part in ("model", "ema")}
+    starts, fit = [], DenoiserTrainer.fit
+
+    def recording_fit(trainer, sample_batch, total_steps, progress=True):
+        starts.append({"step": trainer.step, "model": {k: v.clone() for k, v in trainer.net.state_dict().items()},
+                       "ema": trainer.ema_state()})
+        fit(trainer, sample_batch, total_steps, progress)
+        starts[-1]["steps_taken"] = trainer.step - starts[-1]["step"]
+
+    monkeypatch.setattr(DenoiserTrainer, "fit", recording_fit)
+    opts.steps = 3  # resume: the autoencoder is not trained again, the DiT goes on from step 2
     config, second = L.fit_latent(frames, tmp_path, opts, False)
-    assert config["training"]["steps"] == 3
     for k, v in first["autoencoder"].items():
         assert torch.equal(second["autoencoder"][k], v), k
+    # same autoencoder, same latent normalisation: the DiT goes on with the data it was trained on
+    for key in ("latent_shift", "latent_scale"):
+        assert config["autoencoder"][key] == first_config["autoencoder"][key]
+    [start] = starts
+    assert (start["step"], start["steps_taken"]) == (2, 1)
+    for part in ("model", "ema"):
+        assert all(torch.equal(start[part][k], v) for k, v in saved[part].items()), part
+    assert config["training"]["steps"] == ckpt.load_config(tmp_path / STATE)["step"] == 3

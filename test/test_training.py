@@ -1,5 +1,6 @@
 """A short training run end to end: masked loss, EMA, resume, calibration, checkpoint, eval."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,11 +9,12 @@ import torch
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core.data import open_dataset
+from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
 from ros_anomaly_diffusion.core.detector import Detector
 from ros_anomaly_diffusion.core.schedule import NoiseSchedule, ScheduleConfig
 from ros_anomaly_diffusion.core.settings import variant_settings
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
-from ros_anomaly_diffusion.core.training import DenoiserTrainer, TrainOptions, augment, load_frames, train
+from ros_anomaly_diffusion.core.training import STATE, DenoiserTrainer, TrainOptions, augment, load_frames, train
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +81,79 @@ def test_training_writes_a_loadable_calibrated_checkpoint(trained):
     assert r.score.shape == r.mask.shape == (50, 60) and r.score.dtype == np.float32
 
 
-def test_resume_continues_from_the_saved_step(trained, scenes):
-    out, opts = trained
-    state = ckpt.load_config(out / "train_state")
-    assert state["step"] == 6
-    before = ckpt.load_tensors(out / "train_state", "model")
-    opts2 = TrainOptions(**{**opts.__dict__, "steps": 8, "calib_fraction": 0})
-    train(scenes, out, opts2, progress=False)
-    assert ckpt.load_config(out)["training"]["steps"] == 8
-    after = ckpt.load_tensors(out / "train_state", "model")
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+def _record_fit_starts(monkeypatch) -> list[dict]:
+    """Wrap DenoiserTrainer.fit to record, per call, the step and the state it starts from and the
+    steps it takes: what a resumed run starts from, seen without touching the training code."""
+    starts, fit = [], DenoiserTrainer.fit
+
+    def recording_fit(trainer, sample_batch, total_steps, progress=True):
+        start = {"step": trainer.step, "model": _clone(trainer.net.state_dict()), "ema": trainer.ema_state()}
+        fit(trainer, sample_batch, total_steps, progress)
+        starts.append({**start, "steps_taken": trainer.step - start["step"]})
+
+    monkeypatch.setattr(DenoiserTrainer, "fit", recording_fit)
+    return starts
+
+
+def _clone(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_running_the_same_command_again_resumes(trained, scenes, tmp_path, monkeypatch):
+    """The `trained` run stopped after 6 steps; asked for 8, the same command takes 2 more steps
+    from the saved step, weights, EMA and optimizer state instead of starting over."""
+    trained_out, opts = trained
+    out = shutil.copytree(trained_out, tmp_path / "ckpt")  # the module's checkpoint stays as trained
+    saved = {part: ckpt.load_tensors(out / STATE, part) for part in ("model", "ema", "optimizer")}
+    assert ckpt.load_config(out / STATE)["step"] == 6
+    starts = _record_fit_starts(monkeypatch)
+    train(scenes, out, TrainOptions(**{**opts.__dict__, "steps": 8, "calib_fraction": 0}), progress=False)
+    [start] = starts
+    assert (start["step"], start["steps_taken"]) == (6, 2)
+    assert _differing(start["model"], saved["model"]) == []
+    assert _differing(start["ema"], saved["ema"]) == []
+    assert ckpt.load_config(out)["training"]["steps"] == ckpt.load_config(out / STATE)["step"] == 8
+    # the Adam moments went on from the saved ones: their step counts are 6 + 2
+    assert {float(v) for k, v in ckpt.load_tensors(out / STATE, "optimizer").items() if k.endswith(".step")} \
+        == {float(v) + 2 for k, v in saved["optimizer"].items() if k.endswith(".step")} == {8.0}
+
+
+def _tiny_trainer(out, seed: int) -> DenoiserTrainer:
+    torch.manual_seed(seed)  # a different seed, a different initialisation
+    net = build_denoiser("unet", unet_config("tiny", sample_size=(16, 20)))
+    return DenoiserTrainer(net, NoiseSchedule(ScheduleConfig()), TrainOptions(save_every=1000), out)
+
+
+def test_a_resumed_trainer_goes_on_exactly_as_the_interrupted_one_would(tmp_path):
+    """Everything that steers training (step, raw and EMA weights, the EMA's decay warm-up, Adam
+    moments) comes back: a trainer resumed from disk and the original one, both trained on from
+    step 3 to 5, end bit for bit equal. (A single 5-step run is not the reference: `fit` seeds its
+    generator with seed + step, so a run that starts at step 3 draws other batches and noise
+    than one that passes step 3 in a single `fit`; the train state holds no generator state.)"""
+    x = torch.rand(4, 3, 16, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def sample_batch(gen):
+        return x[torch.randint(0, len(x), (2,), generator=gen)], torch.ones(2, 1, 16, 20)
+
+    interrupted = _tiny_trainer(tmp_path, seed=0)
+    interrupted.fit(sample_batch, 3, progress=False)  # saves its state at the last step
+    resumed = _tiny_trainer(tmp_path, seed=1)
+    assert _differing(resumed.net.state_dict(), interrupted.net.state_dict())  # not the same start
+    assert resumed.load_state() and resumed.step == 3
+    assert _differing(resumed.net.state_dict(), interrupted.net.state_dict()) == []
+    for trainer in (interrupted, resumed):
+        trainer.fit(sample_batch, 5, progress=False)
+    assert resumed.step == interrupted.step == 5
+    assert _differing(resumed.net.state_dict(), interrupted.net.state_dict()) == []
+    assert _differing(resumed.ema_state(), interrupted.ema_state()) == []
+    moments = [{f"{i}.{k}": v for i, s in t.opt.state_dict()["state"].items() for k, v in s.items()}
+               for t in (resumed, interrupted)]
+    assert _differing(*moments) == []
 
 
 def test_eval_cli_writes_metrics_and_overlays(trained, scenes, tmp_path):

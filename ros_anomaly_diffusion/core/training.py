@@ -137,8 +137,12 @@ class DenoiserTrainer:
         if not (self.out / STATE / ckpt.CONFIG).is_file():
             return False
         config = ckpt.load_config(self.out / STATE)
+        self.step = int(config["step"])
         ckpt.load_into(self.net, self.out / STATE, "ema")
         self.ema = EMAModel(self.net.parameters(), decay=self.opts.ema_decay)
+        # The EMA's decay warms up with its step count (decay 0 at its first step): restarted at
+        # 0, the first resumed step would replace the saved EMA with the raw weights.
+        self.ema.optimization_step = self.step
         ckpt.load_into(self.net, self.out / STATE, "model")
         moments = ckpt.load_tensors(self.out / STATE, "optimizer")
         opt_state = self.opt.state_dict()
@@ -146,7 +150,6 @@ class DenoiserTrainer:
             i, name = key.split(".", 1)
             opt_state["state"].setdefault(int(i), {})[name] = value
         self.opt.load_state_dict(opt_state)
-        self.step = int(config["step"])
         log.info("resumed %s at step %d", self.out / STATE, self.step)
         return True
 
