@@ -19,6 +19,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from conftest import detector_args, random_frame, send_until, stamped_image
+from ros_anomaly_diffusion.ros.soak import NodeCounters
 from test_codec_fuzz import compressed_messages, raw_messages
 
 pytestmark = pytest.mark.timeout(600)
@@ -26,7 +27,6 @@ pytestmark = pytest.mark.timeout(600)
 MESSAGES = 2500
 GOOD_EVERY = 500
 CAM = "/fuzz/image"
-BAD_KINDS = ("encoding", "size", "data", "compressed", "frame")
 # The node's subscription holds 100 messages (reliable): never run further ahead than this.
 AHEAD = 60
 
@@ -47,26 +47,6 @@ def ros_compressed(m, sec: int) -> CompressedImage:
     return msg
 
 
-class Counters:
-    """The node's latest /diagnostics values."""
-
-    def __init__(self, probe):
-        self.values: dict[str, str] = {}
-        probe.node.create_subscription(DiagnosticArray, "/diagnostics", self._on, 10)
-
-    def _on(self, msg) -> None:
-        for status in msg.status:
-            if status.name.endswith(": anomaly detection"):
-                self.values = {kv.key: kv.value for kv in status.values}
-
-    def get(self, key: str) -> int:
-        return int(self.values.get(key, 0))
-
-    def outcomes(self) -> int:
-        return (self.get("frames_processed") + self.get("frames_dropped") + self.get("inference_errors")
-                + sum(self.get(f"bad_input_{k}") for k in BAD_KINDS))
-
-
 def test_node_survives_fuzzed_messages_and_its_counters_add_up(spawn, probe, tiny_checkpoint):
     node = spawn("detector_node", *detector_args(
         tiny_checkpoint, "-p", "steps:=2", "-p", "segments:=none", "-r", f"image:={CAM}",
@@ -77,7 +57,12 @@ def test_node_survives_fuzzed_messages_and_its_counters_add_up(spawn, probe, tin
     raw_pub = probe.node.create_publisher(Image, CAM, qos)
     compressed_pub = probe.node.create_publisher(CompressedImage, CAM + "/compressed", qos)
     masks = probe.collect(Image, "/anomaly/mask", depth=100)
-    counters = Counters(probe)
+    counters = NodeCounters()
+    probe.node.create_subscription(DiagnosticArray, "/diagnostics", counters.on_message, 10)
+
+    def received() -> int:
+        return int((counters.latest or {}).get("frames_received", 0))
+
     probe.wait_for_subscriber(raw_pub)
     probe.wait_for_subscriber(compressed_pub)
     sent = Counter()
@@ -86,7 +71,7 @@ def test_node_survives_fuzzed_messages_and_its_counters_add_up(spawn, probe, tin
         pub.publish(msg)
         sent["messages"] += 1
         if sent["messages"] % 20 == 0:  # let the node's executor keep up (its queue holds 100)
-            probe.spin_until(lambda: sent["messages"] - counters.get("frames_received") < AHEAD, 120,
+            probe.spin_until(lambda: sent["messages"] - received() < AHEAD, 120,
                              "the node to catch up with the fuzzed messages")
 
     def good_frame(k: int) -> None:
@@ -118,21 +103,15 @@ def test_node_survives_fuzzed_messages_and_its_counters_add_up(spawn, probe, tin
     good_frame(MESSAGES)
     assert node.alive() and "Traceback" not in node.output
 
-    def settled():
-        return (counters.get("frames_received") == sent["messages"]
-                and counters.outcomes() == sent["messages"])
-
-    probe.spin_until_or_timeout(settled, 60)
-    received = counters.get("frames_received")
-    assert received == sent["messages"], (dict(sent), counters.values)
-    assert counters.outcomes() == received, counters.values
-    bad = {k: counters.get(f"bad_input_{k}") for k in BAD_KINDS}
-    print(f"\nfuzz: {dict(sent)}; node: received {received}, processed {counters.get('frames_processed')}, "
-          f"dropped {counters.get('frames_dropped')}, bad {bad}, errors {counters.get('inference_errors')}")
+    probe.spin_until(lambda: received() >= sent["messages"], 60, "every message to reach the node")
+    counts = counters.settled(probe.spin_for, timeout=60)  # received == processed + dropped + bad + errors
+    assert counts["frames_received"] == sent["messages"], (dict(sent), counts)
+    bad = {k[len("bad_input_"):]: v for k, v in counts.items() if k.startswith("bad_input_")}
+    print(f"\nfuzz: {dict(sent)}; node: {counts}")
     assert sent["examples"] >= 0.9 * MESSAGES and sent["messages"] >= 2000
-    assert all(bad[k] > 0 for k in BAD_KINDS), bad  # every kind of fault was exercised
-    assert counters.get("inference_errors") == 0
-    assert counters.get("frames_processed") >= MESSAGES // GOOD_EVERY + 2  # every good frame at least
+    assert len(bad) == 5 and all(bad.values()), bad  # every kind of fault was exercised
+    assert counts["inference_errors"] == counts["ignored_disabled"] == 0
+    assert counts["frames_processed"] >= MESSAGES // GOOD_EVERY + 2  # every good frame at least
 
 
 class _Counting:
