@@ -1,20 +1,28 @@
 """rosbag2 writing/reading with rosbags, and the replay node publishing over DDS."""
 from __future__ import annotations
 
+import hashlib
+import logging
+
 import cv2
 import numpy as np
 import pytest
 import yaml
 from sensor_msgs.msg import Image
 
-from conftest import RUGD_SAMPLE, NodeProcess, stamp_of
+from conftest import RUGD_SAMPLE, NodeProcess, random_frame, stamp_of
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.ros import bag, image_codec
+from ros_anomaly_diffusion.ros.replay_node import ReplaySource
 
-pytestmark = [pytest.mark.timeout(120),
+# The graph tests wait for conditions, never for fixed times: long limits cost nothing on an
+# idle machine and keep them correct on a loaded one (processes start and discover slowly).
+pytestmark = [pytest.mark.timeout(400),
               pytest.mark.skipif(not RUGD_SAMPLE.is_dir(), reason=f"{RUGD_SAMPLE} not present")]
+WAIT = 180.0
 
 START = 1_700_000_000 * 10**9
+PERIOD = 100_000_000  # stamps of the small test bags: START + i * PERIOD
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +109,110 @@ def test_bag_main_cli(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def _receive(probe, proc, topic, n, timeout=60.0):
-    box = probe.collect(Image, topic)
-    probe.spin_until(lambda: len(box) >= n or not proc.alive(), timeout, f"{n} images on {topic}")
-    probe.spin_for(0.3)
-    assert len(box) >= n, proc.output
+# --------------------------------------------------------------------------- unreadable frames
+
+
+def _small_frames(n: int = 6) -> list[np.ndarray]:
+    return [random_frame(32, 40, seed=i) for i in range(n)]
+
+
+def _bag_with_a_bad_frame(out, frames, bad: int, how: str):
+    """rgb8 Images stamped START + i * PERIOD; message `bad` is broken: "cdr" (its serialised
+    blob cut short) or "data" (data one row shorter than height * step)."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    Img, H, T = (store.types[t] for t in ("sensor_msgs/msg/Image", "std_msgs/msg/Header",
+                                          "builtin_interfaces/msg/Time"))
+    with Writer(out, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        conn = writer.add_connection("/camera/image", Img.__msgtype__, typestore=store)
+        for i, rgb in enumerate(frames):
+            t = START + i * PERIOD
+            h, w = rgb.shape[:2]
+            data = rgb.reshape(-1)[: -w * 3 if (i == bad and how == "data") else None]
+            msg = Img(header=H(stamp=T(sec=t // 10**9, nanosec=t % 10**9), frame_id="cam"), height=h, width=w,
+                      encoding="rgb8", is_bigendian=0, step=w * 3, data=data)
+            raw = store.serialize_cdr(msg, Img.__msgtype__)
+            writer.write(conn, t, raw[: len(raw) // 2] if (i == bad and how == "cdr") else raw)
+    return out
+
+
+@pytest.mark.parametrize("how", ["cdr", "data"])
+def test_iter_bag_frames_skips_an_undecodable_message(tmp_path, how, caplog):
+    frames = _small_frames()
+    out = _bag_with_a_bad_frame(tmp_path / "bag", frames, bad=2, how=how)
+    errors = []
+    got = list(bag.iter_bag_frames(out, on_error=lambda i, t, err: errors.append((i, t, err))))
+    assert [s for s, _, _ in got] == [START + i * PERIOD for i in (0, 1, 3, 4, 5)]
+    for (_, _, rgb), i in zip(got, (0, 1, 3, 4, 5)):
+        np.testing.assert_array_equal(rgb, frames[i])
+    assert [(i, t) for i, t, _ in errors] == [(2, START + 2 * PERIOD)]
+    if how == "data":
+        assert isinstance(errors[0][2], image_codec.FrameError)
+    # without on_error: a warning on the package's logger, and the iteration goes on
+    with caplog.at_level(logging.WARNING, logger="ros_anomaly_diffusion"):
+        assert [s for s, _ in bag.iter_bag_images(out)] == [s for s, _, _ in got]
+    assert [r.name for r in caplog.records] == ["ros_anomaly_diffusion.ros.bag"]
+    assert "message 2" in caplog.text
+
+
+def test_folder_source_skips_an_unreadable_image(tmp_path):
+    frames = _small_frames()
+    for i, rgb in enumerate(frames):
+        assert cv2.imwrite(str(tmp_path / f"frame_{i}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    png = (tmp_path / "frame_2.png").read_bytes()
+    (tmp_path / "frame_2.png").write_bytes(png[: len(png) // 2])  # a truncated file
+    errors = []
+    got = [rgb for _, _, rgb in ReplaySource(tmp_path).iterate(lambda i, which, err: errors.append((i, which)))]
+    assert len(got) == 5
+    for rgb, i in zip(got, (0, 1, 3, 4, 5)):
+        np.testing.assert_array_equal(rgb, frames[i])
+    assert errors == [(2, str(tmp_path / "frame_2.png"))]
+
+
+# --------------------------------------------------------------------------- over DDS
+
+
+REPLAY_MAIN = "import sys; from ros_anomaly_diffusion.ros.replay_node import replay_main; sys.exit(replay_main())"
+
+
+def _replay_main(*args: str) -> NodeProcess:
+    return NodeProcess("python", ["-c", REPLAY_MAIN, *args, "--wait-subscribers", str(WAIT)])
+
+
+def _receive(probe, box, proc, n: int) -> list[Image]:
+    """Spin until `n` messages are in `box` or the process has ended (its last frames may still be
+    on the way, hence the short drain); the subscription must exist before the process starts,
+    so that its wait for a subscriber finds it."""
+    probe.spin_until(lambda: len(box) >= n or not proc.alive(), WAIT, f"{n} images")
+    probe.spin_until_or_timeout(lambda: len(box) >= n, 5.0)
+    assert len(box) >= n, f"{len(box)} of {n} images:\n{proc.output}"
     return [m for _, m in box]
 
 
-def test_replay_node_publishes_a_folder(spawn, probe, frames3):
+def _index_by_content(frames) -> dict[bytes, int]:
+    return {hashlib.sha1(np.ascontiguousarray(f).tobytes()).digest(): i for i, f in enumerate(frames)}
+
+
+def _frame_index(msg, index: dict[bytes, int]) -> int:
+    """Which source frame the message carries (its pixels byte for byte); -1 for none."""
+    return index.get(hashlib.sha1(image_codec.image_to_rgb(msg).tobytes()).digest(), -1)
+
+
+def test_replay_node_publishes_a_folder(spawn, probe):
+    """A looping replay of full-size frames: every message is a source frame, byte for byte, and
+    consecutive ones follow the source order (the probe may join after the first frames)."""
+    frames = [f.rgb() for f in open_dataset(RUGD_SAMPLE)]
+    box = probe.collect(Image, "/replay/image")
     node = spawn("replay_node", "--ros-args", "-p", f"source:={RUGD_SAMPLE}", "-p", "topic:=/replay/image",
-                 "-p", "rate_hz:=8", "-p", "loop:=true", "-p", "wait_for_subscribers:=30.0")
-    msgs = _receive(probe, node, "/replay/image", 3)
-    assert node.alive()
-    for m, ref in zip(msgs, frames3):
-        assert (m.encoding, m.width, m.height, m.header.frame_id) == ("rgb8", 688, 550, "camera")
-        np.testing.assert_array_equal(image_codec.image_to_rgb(m), ref)
+                 "-p", "rate_hz:=8", "-p", "loop:=true", "-p", f"wait_for_subscribers:={WAIT}")
+    msgs = _receive(probe, box, node, 4)
+    assert node.alive(), node.output
+    index = _index_by_content(frames)
+    idx = [_frame_index(m, index) for m in msgs]
+    assert -1 not in idx and all(b == (a + 1) % len(frames) for a, b in zip(idx, idx[1:])), idx
+    assert {(m.encoding, m.width, m.height, m.header.frame_id) for m in msgs} == {("rgb8", 688, 550, "camera")}
     stamps = [stamp_of(m) for m in msgs]
     assert all(b > a for a, b in zip(stamps, stamps[1:]))
     assert node.sigint() == 0 and "Traceback" not in node.output
@@ -125,23 +221,70 @@ def test_replay_node_publishes_a_folder(spawn, probe, frames3):
 def test_replay_main_plays_a_bag_with_its_stamps(tmp_path, probe, frames3):
     out = tmp_path / "bag"
     bag.folder_to_bag(RUGD_SAMPLE, out, rate_hz=5.0, storage="mcap", frame_id="rugd_cam", count=3)
-    code = "import sys; from ros_anomaly_diffusion.ros.replay_node import replay_main; sys.exit(replay_main())"
-    proc = NodeProcess("python", ["-c", code, "--source", str(out), "--topic", "/bag/image", "--rate", "20",
-                                  "--count", "3", "--stamps", "bag", "--wait-subscribers", "30"])
+    box = probe.collect(Image, "/bag/image")
+    proc = _replay_main("--source", str(out), "--topic", "/bag/image", "--rate", "20", "--count", "3",
+                        "--stamps", "bag")
     try:
-        msgs = _receive(probe, proc, "/bag/image", 3)
-        assert proc.wait(30) == 0, proc.output
+        msgs = _receive(probe, box, proc, 3)
+        assert proc.wait(WAIT) == 0, proc.output
     finally:
         proc.kill()
-    assert [stamp_of(m) for m in msgs] == [(START // 10**9, 0), (START // 10**9, 200_000_000),
-                                           (START // 10**9, 400_000_000)]
-    assert {m.header.frame_id for m in msgs} == {"rugd_cam"}
-    for m, ref in zip(msgs, frames3):
-        np.testing.assert_array_equal(image_codec.image_to_rgb(m), ref)
-    assert "reached count 3" in proc.output
+    by_stamp = {stamp_of(m): m for m in msgs}
+    assert sorted(by_stamp) == [(START // 10**9, 0), (START // 10**9, 200_000_000), (START // 10**9, 400_000_000)]
+    assert len(msgs) == 3 and {m.header.frame_id for m in msgs} == {"rugd_cam"}
+    for stamp, ref in zip(sorted(by_stamp), frames3):
+        np.testing.assert_array_equal(image_codec.image_to_rgb(by_stamp[stamp]), ref)
+    assert "reached count 3: published 3 frames, skipped 0 unreadable" in proc.output
+
+
+def test_replay_skips_an_unreadable_bag_message(tmp_path, probe):
+    frames = _small_frames()
+    out = _bag_with_a_bad_frame(tmp_path / "bag", frames, bad=2, how="cdr")
+    box = probe.collect(Image, "/bad/image")
+    proc = _replay_main("--source", str(out), "--topic", "/bad/image", "--rate", "10", "--stamps", "bag")
+    try:
+        msgs = _receive(probe, box, proc, 5)
+        assert proc.wait(WAIT) == 0, proc.output
+    finally:
+        proc.kill()
+    index = _index_by_content(frames)
+    assert sorted((stamp_of(m), _frame_index(m, index)) for m in msgs) == [
+        ((START // 10**9, i * PERIOD), i) for i in (0, 1, 3, 4, 5)]
+    assert "skipping unreadable frame 2 (bag time" in proc.output
+    assert "end of source: published 5 frames, skipped 1 unreadable" in proc.output
+    assert "Traceback" not in proc.output
+
+
+def test_replay_loops_over_the_readable_frames(tmp_path, probe):
+    """With loop, every readable frame comes again in order, the unreadable one never."""
+    frames = _small_frames()
+    out = _bag_with_a_bad_frame(tmp_path / "bag", frames, bad=2, how="data")
+    box = probe.collect(Image, "/loop/image")
+    proc = _replay_main("--source", str(out), "--topic", "/loop/image", "--rate", "10", "--loop", "--count", "12")
+    try:
+        _receive(probe, box, proc, 5)
+        assert proc.wait(WAIT) == 0, proc.output
+        probe.spin_until_or_timeout(lambda: len(box) >= 12, 5.0)  # the rest of what has arrived
+    finally:
+        proc.kill()
+    sent = [0, 1, 3, 4, 5] * 2 + [0, 1]
+    index = _index_by_content(frames)
+    got = [_frame_index(m, index) for _, m in box]
+    # The replay keeps its last 5 frames for a subscriber whose side of discovery ends late;
+    # earlier ones may be gone by then, the rest comes in order.
+    assert len(got) >= 5 and got == sent[-len(got):], got
+    assert "reached count 12: published 12 frames, skipped 2 unreadable" in proc.output
+
+
+def test_replay_stops_on_a_source_without_a_readable_frame(tmp_path, spawn):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    node = spawn("replay_node", "--ros-args", "-p", f"source:={tmp_path}", "-p", "loop:=true")
+    assert node.wait(WAIT) == 1, node.output
+    assert f"no readable frame in image folder {tmp_path}: published 0 frames, skipped 1 unreadable" in node.output
+    assert "Traceback" not in node.output
 
 
 def test_replay_reports_a_missing_source(spawn, tmp_path):
     node = spawn("replay_node", "--ros-args", "-p", f"source:={tmp_path / 'missing'}")
-    assert node.wait(60) != 0
+    assert node.wait(WAIT) != 0
     assert "does not exist" in node.output and "Traceback" not in node.output

@@ -6,14 +6,16 @@
   (sensor_msgs/Image and std_msgs/Header are identical in every ROS 2 distribution) and the
   bag is written in rosbag2 format version 8, which Humble and later read.
 * `iter_bag_frames` / `iter_bag_images`: the frames of an Image or CompressedImage topic of
-  any rosbag2 as RGB arrays, for replay and offline evaluation.
+  any rosbag2 as RGB arrays, for replay and offline evaluation; undecodable messages are
+  reported and skipped.
 * `bag_main(argv)`: the `ros-anomaly-diffusion bag` subcommand.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,11 @@ IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 STORAGES = ("sqlite3", "mcap")
 BAG_VERSION = 8
+
+log = logging.getLogger(__name__)
+
+# on_error(index of the message on the topic, bag time in ns, the error)
+OnError = Callable[[int, int, Exception], None]
 
 
 def _typestore():
@@ -89,12 +96,16 @@ def image_topics(path: str | Path) -> dict[str, tuple[str, int]]:
                 if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)}
 
 
-def iter_bag_frames(path: str | Path, topic: str | None = None) -> Iterator[tuple[int, str, np.ndarray]]:
+def iter_bag_frames(path: str | Path, topic: str | None = None,
+                    on_error: OnError | None = None) -> Iterator[tuple[int, str, np.ndarray]]:
     """(header stamp in ns (the bag time if the stamp is zero), frame_id, uint8 RGB) per message.
 
     `topic` None: the bag's only image topic (ValueError listing them if there are several).
-    Messages that cannot be decoded raise image_codec.FrameError."""
+    A message that cannot be deserialised or decoded is skipped, never ends the iteration:
+    `on_error(index, bag_time_ns, err)` is called with it, or a warning is logged when
+    on_error is None. Errors of the bag itself (missing, unreadable storage) still raise."""
     from rosbags.rosbag2 import Reader
+    from rosbags.serde import SerdeError
 
     path = Path(path)
     if not path.exists():
@@ -111,17 +122,26 @@ def iter_bag_frames(path: str | Path, topic: str | None = None) -> Iterator[tupl
         elif len({c.topic for c in conns}) != 1:
             raise ValueError(f"bag {path} has {'no' if not conns else 'several'} image topics "
                              f"{sorted({c.topic for c in conns})}; choose one with topic=")
-        for conn, bag_time, raw in reader.messages(connections=conns):
-            msg = store.deserialize_cdr(raw, conn.msgtype)
-            rgb = (image_codec.image_to_rgb(msg) if conn.msgtype == IMAGE_TYPE
-                   else image_codec.compressed_to_rgb(msg))
+        for index, (conn, bag_time, raw) in enumerate(reader.messages(connections=conns)):
+            try:
+                msg = store.deserialize_cdr(raw, conn.msgtype)
+                rgb = (image_codec.image_to_rgb(msg) if conn.msgtype == IMAGE_TYPE
+                       else image_codec.compressed_to_rgb(msg))
+            except (SerdeError, ValueError) as err:  # image_codec.FrameError is a ValueError
+                if on_error is None:
+                    log.warning("skipping undecodable message %d (bag time %d ns) on %s in %s: %s",
+                                index, bag_time, conn.topic, path, err)
+                else:
+                    on_error(index, int(bag_time), err)
+                continue
             stamp = int(msg.header.stamp.sec) * 10**9 + int(msg.header.stamp.nanosec)
             yield (stamp or int(bag_time)), str(msg.header.frame_id), rgb
 
 
-def iter_bag_images(path: str | Path, topic: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def iter_bag_images(path: str | Path, topic: str | None = None,
+                    on_error: OnError | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(stamp in ns, uint8 RGB) per message of the bag's image topic; see iter_bag_frames."""
-    for stamp, _frame_id, rgb in iter_bag_frames(path, topic):
+    for stamp, _frame_id, rgb in iter_bag_frames(path, topic, on_error):
         yield stamp, rgb
 
 

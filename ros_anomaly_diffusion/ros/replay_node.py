@@ -15,6 +15,10 @@ bag's frame_id, "camera" for folders), count (0: all frames / forever with loop)
 stamp_source (clock | bag), bag_topic ("": the bag's only image topic),
 wait_for_subscribers (seconds to wait for a subscriber before the first frame, 0: don't).
 
+A frame that cannot be read (corrupt image file, undecodable bag message) is logged
+(throttled), counted and skipped; the end reports "published N frames, skipped M unreadable".
+A source without a single readable frame stops the node with an error (exit code 1).
+
 `replay_main(argv)` is the `ros-anomaly-diffusion replay` subcommand:
   ros-anomaly-diffusion replay --source PATH [--topic /camera/image] [--rate 5] [--loop] [--count N]
 """
@@ -23,17 +27,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
+from rosbags.rosbag2 import ReaderError
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
@@ -41,6 +47,8 @@ from . import bag, image_codec
 from .params import float_overrides_from_ints
 
 NODE_NAME = "image_replay"
+# How long the end of a replay waits for reliable subscribers to acknowledge the last frames.
+ACK_TIMEOUT_S = 10.0
 
 # name: (default, description); all read-only (read once at start)
 PARAMETERS = {
@@ -57,7 +65,8 @@ PARAMETERS = {
 
 
 class ReplaySource:
-    """Frames of a folder or bag, restartable: iterate() yields (stamp_ns | None, frame_id | None, rgb)."""
+    """Frames of a folder or bag, restartable: iterate() yields (stamp_ns | None, frame_id | None, rgb)
+    for every readable frame and passes each unreadable one to on_error(index, which, err)."""
 
     def __init__(self, path: str | Path, bag_topic: str | None = None):
         self.path = Path(path)
@@ -84,12 +93,19 @@ class ReplaySource:
             self.length = len(self.dataset)
             self.description = f"image folder {self.path}"
 
-    def iterate(self) -> Iterator[tuple[int | None, str | None, np.ndarray]]:
+    def iterate(self, on_error: Callable[[int, str, Exception], None]
+                ) -> Iterator[tuple[int | None, str | None, np.ndarray]]:
         if self.is_bag:
-            yield from bag.iter_bag_frames(self.path, self.bag_topic)
+            yield from bag.iter_bag_frames(self.path, self.bag_topic,
+                                           lambda i, t, err: on_error(i, f"bag time {t} ns", err))
         else:
-            for frame in self.dataset:
-                yield None, None, frame.rgb()
+            for i, frame in enumerate(self.dataset):
+                try:
+                    rgb = frame.rgb()
+                except (OSError, ValueError) as err:
+                    on_error(i, str(frame.image_path), err)
+                    continue
+                yield None, None, rgb
 
 
 class ReplayNode(Node):
@@ -117,9 +133,10 @@ class ReplayNode(Node):
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
         self.pub = self.create_publisher(Image, g("topic"), qos)
-        self.published = 0
-        self.done = False
-        self._frames = self.source.iterate()
+        self.published = self.skipped = 0
+        self.done = self.failed = False
+        self._frames = self.source.iterate(self._skip)
+        self._pass_frames = 0  # readable frames in the current pass over the source
         self._started = time.monotonic()
         self._timer = self.create_timer(1.0 / self.rate_hz, self._tick)
         self.get_logger().info(
@@ -127,19 +144,26 @@ class ReplayNode(Node):
             f"{self.resolve_topic_name(g('topic'))} at {self.rate_hz:g} Hz"
             f"{', looping' if self.loop else ''}{f', {self.count} frames' if self.count else ''}")
 
-    def _next_frame(self):
-        try:
-            return next(self._frames)
-        except StopIteration:
-            if not self.loop:
-                return None
-            self._frames = self.source.iterate()
-            return next(self._frames, None)
+    def _skip(self, index: int, which: str, err: Exception) -> None:
+        self.skipped += 1
+        self.get_logger().warning(f"skipping unreadable frame {index} ({which}) of {self.source.description}: "
+                                  f"{err}", throttle_duration_sec=5.0)
 
-    def _finish(self, why: str) -> None:
-        self.done = True
+    def _next_frame(self):
+        """The next readable frame; None at the end of the source, or with loop after a pass without one."""
+        item = next(self._frames, None)
+        if item is None and self.loop and self._pass_frames:
+            self._frames, self._pass_frames = self.source.iterate(self._skip), 0
+            item = next(self._frames, None)
+        if item is not None:
+            self._pass_frames += 1
+        return item
+
+    def _finish(self, why: str, failed: bool = False) -> None:
+        self.done, self.failed = True, failed
         self._timer.cancel()
-        self.get_logger().info(f"{why}: published {self.published} frames")
+        (self.get_logger().error if failed else self.get_logger().info)(
+            f"{why}: published {self.published} frames, skipped {self.skipped} unreadable")
 
     def _tick(self) -> None:
         if self.done:
@@ -151,12 +175,14 @@ class ReplayNode(Node):
             self.wait_for_subscribers = 0.0
         try:
             item = self._next_frame()
-        except (OSError, ValueError) as err:  # unreadable file / undecodable bag message: skip it
-            self.get_logger().error(f"skipping a frame of {self.source.description}: {err}",
-                                    throttle_duration_sec=5.0)
+        except (OSError, ValueError, ReaderError) as err:  # the bag itself, not one message (those are skipped)
+            self._finish(f"cannot read {self.source.description}: {err}", failed=True)
             return
         if item is None:
-            self._finish("end of source")
+            if self._pass_frames:
+                self._finish("end of source")
+            else:  # looping over it would spin for ever without publishing
+                self._finish(f"no readable frame in {self.source.description}", failed=True)
             return
         stamp_ns, frame_id, rgb = item
         header = Header()
@@ -179,11 +205,13 @@ def run(args: list[str] | None = None, parameter_overrides: list[Parameter] | No
         node = ReplayNode(parameter_overrides=parameter_overrides or [])
         while rclpy.ok() and not node.done:
             rclpy.spin_once(node, timeout_sec=0.1)
-        # let reliable subscribers fetch the last frames before the writer goes away
-        end = time.monotonic() + 0.5
-        while rclpy.ok() and time.monotonic() < end:
-            rclpy.spin_once(node, timeout_sec=0.05)
-    except (FileNotFoundError, ValueError, OSError) as err:
+        code = 1 if node.failed else 0
+        # Reliable subscribers get the last frames only while the writer exists; one whose side of
+        # discovery finished late (a loaded machine) fetches them only now, so wait for its acks.
+        end = time.monotonic() + ACK_TIMEOUT_S
+        while rclpy.ok() and time.monotonic() < end and not node.pub.wait_for_all_acked(Duration(seconds=0.1)):
+            pass
+    except (FileNotFoundError, ValueError, OSError, ReaderError) as err:
         (node.get_logger() if node else rclpy.logging.get_logger(NODE_NAME)).fatal(str(err))
         code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
