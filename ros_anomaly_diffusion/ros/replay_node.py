@@ -43,7 +43,7 @@ from rosbags.rosbag2 import ReaderError
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from . import bag, image_codec
+from . import bag, image_codec, transport
 from .params import float_overrides_from_ints
 
 NODE_NAME = "image_replay"
@@ -198,11 +198,13 @@ class ReplayNode(Node):
 
 
 def run(args: list[str] | None = None, parameter_overrides: list[Parameter] | None = None) -> int:
+    dds = transport.apply_large_frame_defaults()
     rclpy.init(args=args)
     node = None
     code = 0
     try:
         node = ReplayNode(parameter_overrides=parameter_overrides or [])
+        node.get_logger().info(transport.describe(dds))
         while rclpy.ok() and not node.done:
             rclpy.spin_once(node, timeout_sec=0.1)
         code = 1 if node.failed else 0
