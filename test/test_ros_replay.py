@@ -10,15 +10,14 @@ import pytest
 import yaml
 from sensor_msgs.msg import Image
 
-from conftest import RUGD_SAMPLE, NodeProcess, random_frame, stamp_of
+from conftest import NodeProcess, random_frame, stamp_of
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.ros import bag, image_codec
 from ros_anomaly_diffusion.ros.replay_node import ReplaySource
 
 # The graph tests wait for conditions, never for fixed times: long limits cost nothing on an
 # idle machine and keep them correct on a loaded one (processes start and discover slowly).
-pytestmark = [pytest.mark.timeout(400),
-              pytest.mark.skipif(not RUGD_SAMPLE.is_dir(), reason=f"{RUGD_SAMPLE} not present")]
+pytestmark = [pytest.mark.timeout(400)]
 WAIT = 180.0
 
 START = 1_700_000_000 * 10**9
@@ -26,14 +25,14 @@ PERIOD = 100_000_000  # stamps of the small test bags: START + i * PERIOD
 
 
 @pytest.fixture(scope="module")
-def frames3():
-    return [f.rgb() for f in open_dataset(RUGD_SAMPLE)[:3]]
+def frames3(rugd_sample):
+    return [f.rgb() for f in open_dataset(rugd_sample)[:3]]
 
 
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
-def test_folder_to_bag_round_trip(tmp_path, frames3, storage):
+def test_folder_to_bag_round_trip(tmp_path, frames3, storage, rugd_sample):
     out = tmp_path / "bag"
-    n = bag.folder_to_bag(RUGD_SAMPLE, out, topic="/rugd/image", rate_hz=4.0, storage=storage,
+    n = bag.folder_to_bag(rugd_sample, out, topic="/rugd/image", rate_hz=4.0, storage=storage,
                           frame_id="rugd_cam", count=3)
     assert n == 3
     assert (out / "metadata.yaml").is_file()
@@ -49,13 +48,13 @@ def test_folder_to_bag_round_trip(tmp_path, frames3, storage):
     assert all(b > a for a, b in zip(stamps, stamps[1:]))
 
 
-def test_bag_readable_by_the_typestore_as_ros2_messages(tmp_path):
+def test_bag_readable_by_the_typestore_as_ros2_messages(tmp_path, rugd_sample):
     """What `ros2 bag play` will see: CDR-serialised sensor_msgs/msg/Image, rgb8, unpadded."""
     from rosbags.rosbag2 import Reader
     from rosbags.typesys import Stores, get_typestore
 
     out = tmp_path / "bag"
-    bag.folder_to_bag(RUGD_SAMPLE, out, count=1)
+    bag.folder_to_bag(rugd_sample, out, count=1)
     store = get_typestore(Stores.ROS2_JAZZY)  # a newer distro's definitions read it too
     meta = yaml.safe_load((out / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
     assert meta["version"] == 8 and meta["storage_identifier"] == "sqlite3"
@@ -97,13 +96,13 @@ def test_compressed_topics_and_topic_choice(tmp_path, frames3):
         np.testing.assert_array_equal(rgb, ref)
 
 
-def test_bag_main_cli(tmp_path, capsys):
+def test_bag_main_cli(tmp_path, capsys, rugd_sample):
     out = tmp_path / "cli_bag"
-    assert bag.bag_main(["--data", str(RUGD_SAMPLE), "--out", str(out), "--storage", "mcap",
+    assert bag.bag_main(["--data", str(rugd_sample), "--out", str(out), "--storage", "mcap",
                          "--topic", "cam/image", "--rate", "2", "--count", "2"]) == 0
     assert "wrote 2 frames" in capsys.readouterr().out
     assert bag.image_topics(out) == {"/cam/image": ("sensor_msgs/msg/Image", 2)}
-    assert bag.bag_main(["--data", str(RUGD_SAMPLE), "--out", str(out)]) == 2
+    assert bag.bag_main(["--data", str(rugd_sample), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert bag.bag_main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "b2")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -200,12 +199,12 @@ def _frame_index(msg, index: dict[bytes, int]) -> int:
     return index.get(hashlib.sha1(image_codec.image_to_rgb(msg).tobytes()).digest(), -1)
 
 
-def test_replay_node_publishes_a_folder(spawn, probe):
+def test_replay_node_publishes_a_folder(spawn, probe, rugd_sample):
     """A looping replay of full-size frames: every message is a source frame, byte for byte, and
     consecutive ones follow the source order (the probe may join after the first frames)."""
-    frames = [f.rgb() for f in open_dataset(RUGD_SAMPLE)]
+    frames = [f.rgb() for f in open_dataset(rugd_sample)]
     box = probe.collect(Image, "/replay/image")
-    node = spawn("replay_node", "--ros-args", "-p", f"source:={RUGD_SAMPLE}", "-p", "topic:=/replay/image",
+    node = spawn("replay_node", "--ros-args", "-p", f"source:={rugd_sample}", "-p", "topic:=/replay/image",
                  "-p", "rate_hz:=8", "-p", "loop:=true", "-p", f"wait_for_subscribers:={WAIT}")
     msgs = _receive(probe, box, node, 4)
     assert node.alive(), node.output
@@ -218,9 +217,9 @@ def test_replay_node_publishes_a_folder(spawn, probe):
     assert node.sigint() == 0 and "Traceback" not in node.output
 
 
-def test_replay_main_plays_a_bag_with_its_stamps(tmp_path, probe, frames3):
+def test_replay_main_plays_a_bag_with_its_stamps(tmp_path, probe, frames3, rugd_sample):
     out = tmp_path / "bag"
-    bag.folder_to_bag(RUGD_SAMPLE, out, rate_hz=5.0, storage="mcap", frame_id="rugd_cam", count=3)
+    bag.folder_to_bag(rugd_sample, out, rate_hz=5.0, storage="mcap", frame_id="rugd_cam", count=3)
     box = probe.collect(Image, "/bag/image")
     proc = _replay_main("--source", str(out), "--topic", "/bag/image", "--rate", "20", "--count", "3",
                         "--stamps", "bag")
