@@ -247,7 +247,7 @@ def test_two_cameras_two_detectors_each_answers_its_own_frames(spawn, probe, tin
         return {v["input_topic"] for _, arr in diag for v in [{kv.key: kv.value for kv in arr.status[0].values}]
                 if int(v["frames_processed"]) > 0}
 
-    probe.spin_until(lambda: inputs() >= {t for t, _ in pairs}, 10, "/diagnostics of both detectors")
+    probe.spin_until(lambda: inputs() >= {t for t, _ in pairs}, 60, "/diagnostics of both detectors")
 
 
 def _load_params(path: Path) -> dict:

@@ -169,7 +169,7 @@ def test_padded_rgb8_and_bigendian_mono16_give_the_results_of_plain_frames(field
     def score_of(msg):
         mask = send_until(p, field.pub, boxes["mask"], msg)
         stamp = stamp_of(msg)
-        p.spin_until(lambda: by_stamp(boxes["score"], stamp), 10, f"score {stamp}")
+        p.spin_until(lambda: by_stamp(boxes["score"], stamp), 60, f"score {stamp}")
         return as_array(mask), as_array(by_stamp(boxes["score"], stamp)[0]), mask
 
     plain_mask, plain_score, _ = score_of(hand_made("rgb8", rgb, 4200))
@@ -220,7 +220,7 @@ def test_checkpoint_switch_reloads_in_the_same_process(field, tmp_path, tiny_che
         assert r.successful, r.reason
         p.spin_until(lambda: len(re.findall(r"model reloaded in", node.output)) > reloads, 90, "the reload")
         mask = send_until(p, field.pub, field.boxes["mask"], stamped_image(random_frame(seed=21), 4300))
-        p.spin_until(lambda: by_stamp(field.boxes["score"], (4300, 0)), 10, "score")
+        p.spin_until(lambda: by_stamp(field.boxes["score"], (4300, 0)), 60, "score")
         score = as_array(by_stamp(field.boxes["score"], (4300, 0))[0])
         # the new checkpoint's calibrated mask threshold (0.2) is in force
         np.testing.assert_array_equal(as_array(mask) == 255, score > np.float32(0.2))
@@ -371,13 +371,15 @@ def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tin
         probe.spin_until(lambda: node._inference_errors == 1, 30, "the failed frame")
         node._enqueue(stamped_image(random_frame(seed=2), 2), image_codec.image_to_rgb)
         probe.spin_until(lambda: [m for _, m in masks if stamp_of(m) == (2, 0)], 30, "the next frame's mask")
-        assert stub.calls == 2 and node._processed == 1 and node._inference_errors == 1
+        # the worker counts a frame after publishing its outputs: wait for it, as a loaded machine may be slow
+        probe.spin_until(lambda: node._processed == 1, 30, "the frame counted as processed")
+        assert stub.calls == 2 and node._inference_errors == 1
         assert not [m for _, m in masks if stamp_of(m) == (1, 0)]
         assert node._worker.is_alive()
         if error == "oom":
             assert emptied, "torch.cuda.empty_cache() not called after CUDA out of memory"
         node._publish_diagnostics()  # the counter is in /diagnostics
-        probe.spin_until(lambda: diag_values(diag, topic)[0], 10, "/diagnostics")
+        probe.spin_until(lambda: diag_values(diag, topic)[0], 60, "/diagnostics")
         assert diag_values(diag, topic)[0]["inference_errors"] == "1"
     finally:
         node.stop()

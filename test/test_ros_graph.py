@@ -79,7 +79,7 @@ def test_results_carry_the_input_header(shared):
         assert status.level == (DiagnosticStatus.WARN if is_ood else DiagnosticStatus.OK)
         assert float(values["frame_threshold"]) == pytest.approx(0.5)
     # the plain Bool / Float32 forms arrive as well, one per processed frame
-    p.spin_until(lambda: len(boxes["ood"]) >= 4 and len(boxes["ood_score"]) >= 4, 10, "ood and ood_score")
+    p.spin_until(lambda: len(boxes["ood"]) >= 4 and len(boxes["ood_score"]) >= 4, 60, "ood and ood_score")
     last_score = {kv.key: kv.value for kv in boxes["ood_stamped"][-1][1].status[0].values}["frame_score"]
     assert boxes["ood_score"][-1][1].data == pytest.approx(float(last_score), abs=1e-5)
     assert boxes["ood"][-1][1].data == (float(last_score) > 0.5)
@@ -105,7 +105,7 @@ def test_bad_input_is_logged_counted_and_survived(shared):
     ]
     for msg, pattern in cases:
         shared.pub.publish(msg)
-        end = time.monotonic() + 15
+        end = time.monotonic() + 60
         while time.monotonic() < end and not __import__("re").search(pattern, node.output):
             p.spin_for(0.1)
         node.wait_for_output(pattern, timeout=1)
@@ -121,7 +121,7 @@ def test_bad_input_is_logged_counted_and_survived(shared):
                 return True
         return False
 
-    p.spin_until(counted, 5, "/diagnostics counting one bad input of each kind")
+    p.spin_until(counted, 60, "/diagnostics counting one bad input of each kind")
 
 
 def set_params(probe, **values):
@@ -144,7 +144,7 @@ def test_parameters_validated_and_applied_live(shared):
         assert r.successful, r.reason
         assert get_param(p, "mask_threshold") == pytest.approx(0.7)
         mask = send_until_result(p, shared.pub, shared.boxes["mask"], random_frame(seed=7), 3000)
-        p.spin_until(lambda: by_stamp(shared.boxes["score"], (3000, 0)), 10, "score")
+        p.spin_until(lambda: by_stamp(shared.boxes["score"], (3000, 0)), 60, "score")
         score = as_array(by_stamp(shared.boxes["score"], (3000, 0))[0])
         np.testing.assert_array_equal(as_array(mask) == 255, score > np.float32(0.7))
 
@@ -228,12 +228,14 @@ def test_no_backlog_when_the_model_is_slower_than_the_camera(spawn, probe, tiny_
                 return int(v["frames_received"]), int(v["frames_processed"]), int(v["frames_dropped"])
         return None
 
-    # every frame the node received was either processed or replaced in the mailbox
-    # (frames DDS itself dropped under load never reach the node and are not counted)
-    probe.spin_until(lambda: counters() and counters()[0] >= len(results) + 2, 5, "/diagnostics counters")
-    probe.spin_for(1.2)
-    received, processed, dropped = counters()
-    assert dropped >= 1 and received - processed - dropped in (0, 1), (received, processed, dropped)
+    # every frame the node received was either processed or replaced in the mailbox, once the
+    # last one is through (a condition, not a fixed wait: the worker may be slow under load)
+    def settled():
+        c = counters()
+        return c is not None and c[0] >= len(results) + 2 and c[0] == c[1] + c[2]
+
+    probe.spin_until(settled, 60, "/diagnostics counters adding up")
+    assert counters()[2] >= 1
     assert node.alive()
 
 
