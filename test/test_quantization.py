@@ -256,3 +256,132 @@ def test_quantize_cli(small, tmp_path, capsys):
     assert ckpt.load_config(out)["quantization"]["layers"] == "all"
     assert main(["quantize", "--checkpoint", str(out), "--out", str(tmp_path / "again"),
                  "--precision", "int8"]) == 1
+
+
+# --------------------------------------------------------------------------- every family with a denoiser
+
+# family -> the variant that loads it; knn has no denoiser
+DENOISER_FAMILIES = {"latent": "dcae", "features": "inversion"}
+TOLERANCE = {"int8": 0.05, "fp16": 5e-3}  # relative L2 error of one denoiser call vs fp32
+
+
+def _family_settings(family: str, checkpoint, **changes):
+    from ros_anomaly_diffusion.core.settings import Settings
+
+    return Settings(checkpoint=str(checkpoint), variant=DENOISER_FAMILIES[family], segments="none", steps=2,
+                    start_timestep=300, **changes)
+
+
+def _predicted_layers(config: dict) -> list[str]:
+    """What the "selected" rule picks in a freshly built float denoiser of this checkpoint."""
+    kind, cfg = config["denoiser"]["kind"], config["denoiser"]["config"]
+    names = Q.selected_layer_names(build_denoiser(kind, cfg))
+    if kind == "dit":  # per transformer block: four attention projections and two feed-forward layers
+        assert len(names) == 6 * cfg["num_layers"]
+    else:  # the features UNet: ResNet convs, and the projections of its mid-block attention
+        assert all(".resnets." in n and n.endswith(("conv1", "conv2", "conv_shortcut"))
+                   or n.startswith("net.mid_block.attentions.") and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))
+                   for n in names), names
+    return names
+
+
+def _quantized_layers(net: torch.nn.Module) -> list[str]:
+    return [n for n, m in net.named_modules() if isinstance(m, Q.QUANTIZED_TYPES)]
+
+
+def _denoiser_input(config: dict) -> torch.Tensor:
+    cfg = config["denoiser"]["config"]
+    grid = config["latent_size"] if config["family"] == "latent" else config["features"]["grid"]
+    return torch.randn(1, cfg["in_channels"], *grid, generator=torch.Generator().manual_seed(5))
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("precision", Q.PRECISIONS)
+@pytest.mark.parametrize("family", sorted(DENOISER_FAMILIES))
+def test_every_family_with_a_denoiser_loads_quantized(family, precision, family_checkpoint):
+    from ros_anomaly_diffusion.core.detector import Detector
+
+    src = family_checkpoint(family)
+    config = ckpt.load_config(src)
+    ref = Detector(src, _family_settings(family, src)).scorer.net
+    net = Detector(src, _family_settings(family, src, quantization=precision)).scorer.net
+    predicted = _predicted_layers(config)
+    assert not _quantized_layers(ref)
+    assert predicted and _quantized_layers(net) == predicted, family
+    kind = "Quantized" if precision == "int8" else "Fp16"
+    assert all(type(net.get_submodule(n)).__name__.startswith(kind) for n in predicted)
+    x = _denoiser_input(config)
+    with torch.no_grad():
+        rel = _rel(net(x, 400), ref(x, 400))
+    print(f"{family} {precision}: {len(predicted)} layers, rel. error {rel:.2e}")
+    assert 0 < rel < TOLERANCE[precision], (family, precision, rel)
+
+
+@pytest.mark.parametrize("family", sorted(DENOISER_FAMILIES))
+def test_quantize_cli_checkpoint_of_every_family_loads_and_matches(family, family_checkpoint, tmp_path, capsys):
+    from ros_anomaly_diffusion.cli import main
+    from ros_anomaly_diffusion.core.detector import Detector
+
+    src = family_checkpoint(family)
+    out = tmp_path / "int8"
+    assert main(["quantize", "--checkpoint", str(src), "--out", str(out), "--precision", "int8"]) == 0
+    assert "MB ->" in capsys.readouterr().out
+    config = ckpt.load_config(out)
+    assert config["quantization"] == {"precision": "int8", "layers": "selected", "files": ["denoiser"]}
+    predicted = _predicted_layers(config)
+    with safe_open(str(out / "denoiser.safetensors"), "pt") as f:
+        assert {f.get_slice(f"{n}.weight_int8").get_dtype() for n in predicted} == {"I8"}
+    stored = Detector(out, _family_settings(family, out))
+    live = Detector(src, _family_settings(family, src, quantization="int8"))
+    a, b = stored.scorer.net, live.scorer.net
+    assert _quantized_layers(a) == predicted
+    assert a.get_submodule(predicted[0]).weight_int8.dtype == torch.int8  # int8 in memory too
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    frame = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    assert np.array_equal(stored.process(frame).score, live.process(frame).score)
+
+
+@pytest.mark.parametrize("family", sorted(DENOISER_FAMILIES))
+def test_bench_quantization_row_runs_quantized(family, family_checkpoint, tmp_path):
+    """`<variant>:quantization=fp16` in `bench` (its checkpoint_for, then the Detector as run_row builds it)."""
+    import shutil
+
+    from ros_anomaly_diffusion.core.bench import checkpoint_for
+    from ros_anomaly_diffusion.core.detector import Detector
+    from ros_anomaly_diffusion.core.settings import variant_settings
+
+    shutil.copytree(family_checkpoint(family), tmp_path / family)
+    variant = DENOISER_FAMILIES[family]
+    path = checkpoint_for(tmp_path, variant, {"quantization": "fp16"})
+    assert path == tmp_path / f"{family}-fp16-selected"
+    det = Detector(path, variant_settings(variant, checkpoint=str(path), segments="none"))
+    assert _quantized_layers(det.scorer.net) == _predicted_layers(ckpt.load_config(path))
+
+
+def test_a_rule_that_selects_nothing_is_refused_naming_the_family(family_checkpoint, monkeypatch, tmp_path):
+    from ros_anomaly_diffusion.core.detector import Detector
+
+    src = family_checkpoint("latent")
+    monkeypatch.setattr(Q, "selected_layer_names", lambda net, layers="selected": [])
+    with pytest.raises(ValueError, match="'latent' family.*selects no layer"):
+        Detector(src, _family_settings("latent", src, quantization="int8"))
+    with pytest.raises(ValueError, match="'latent' family.*selects no layer"):
+        Q.quantize_checkpoint(src, tmp_path / "none", "fp16")
+
+
+def test_knn_has_no_denoiser_and_refuses_quantization(family_checkpoint, tmp_path):
+    from ros_anomaly_diffusion.core.detector import Detector
+    from ros_anomaly_diffusion.core.settings import Settings, variant_settings
+
+    src = family_checkpoint("knn")
+    for precision in Q.PRECISIONS:
+        with pytest.raises(ValueError, match="'knn' has no denoiser"):
+            variant_settings("knn", checkpoint=str(src), quantization=precision)
+        with pytest.raises(ValueError, match="'knn' has no denoiser"):
+            Detector(src, Settings(checkpoint=str(src), variant="knn", segments="none", quantization=precision))
+    with pytest.raises(ckpt.CheckpointError, match="'knn' checkpoint, with no denoiser"):
+        Q.quantize_checkpoint(src, tmp_path / "q", "int8")

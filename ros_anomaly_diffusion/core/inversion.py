@@ -42,6 +42,7 @@ from . import checkpoint as ckpt
 from .data import OOD, Frame
 from .denoiser import build_denoiser
 from .features import FeatureExtractor
+from .quantization import load_denoiser
 from .schedule import NoiseSchedule, ScheduleConfig
 from .settings import Settings
 
@@ -395,10 +396,9 @@ def load_feature_stats(directory: Path, config: dict, features: StackedFeatures,
 def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> InversionScorer:
     features = shared_features(config["features"]["strides"], config["features"]["grid_stride"], device)
     mean, std = load_feature_stats(directory, config, features, device)
-    net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"])
-    ckpt.load_into(net, directory, "denoiser")
+    net = load_denoiser(directory, config, device, settings)  # quantized as stored or as settings ask
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
-    return InversionScorer(net.to(device).eval(), schedule, mean, std, config["scores"], settings, device, features)
+    return InversionScorer(net, schedule, mean, std, config["scores"], settings, device, features)
 
 
 # --------------------------------------------------------------------------- training

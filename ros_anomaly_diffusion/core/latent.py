@@ -39,6 +39,7 @@ from .analysis import FeatureDistance
 from .data import Frame
 from .editing import GuidedDDIM, _seeded_noise, ddim_timesteps
 from .features import FeatureExtractor
+from .quantization import load_denoiser
 from .schedule import NoiseSchedule, ScheduleConfig
 from .settings import Settings
 from .training import DenoiserTrainer, TrainOptions, augment, load_frames
@@ -329,19 +330,19 @@ class LatentEditingScorer:
         return ScoreOutput(self.distance(ref, edited), edited)
 
 
-def load_latent_models(directory: Path, config: dict, device: torch.device):
-    """(codec, denoiser, schedule) of a latent-family checkpoint."""
+def load_latent_models(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
+    """(codec, denoiser, schedule) of a latent-family checkpoint; the DiT quantized as the
+    checkpoint was written or as settings.quantization asks (the autoencoder stays fp32)."""
     ae_cfg = config["autoencoder"]
     ae = build_autoencoder(ae_cfg["config"])
     ckpt.load_into(ae, directory, "autoencoder")
     codec = LatentCodec(ae.to(device).eval(), ae_cfg["latent_shift"], ae_cfg["latent_scale"])
-    net = DiTDenoiser(config["denoiser"]["config"])
-    ckpt.load_into(net, directory, "denoiser")
-    return codec, net.to(device).eval(), NoiseSchedule(ScheduleConfig(**config["schedule"]))
+    net = load_denoiser(directory, config, device, settings)
+    return codec, net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
 
 
 def build_latent_scorer(directory: Path, config: dict, settings: Settings, device: torch.device):
-    codec, net, schedule = load_latent_models(Path(directory), config, device)
+    codec, net, schedule = load_latent_models(Path(directory), config, device, settings)
     return LatentEditingScorer(codec, net, schedule, config["image_size"], settings, device,
                                config.get("analysis_reference", "input"))
 

@@ -7,6 +7,12 @@ feed-forward Linears of transformer blocks (`FeedForward`, the DiT). Never selec
 norms, biases, time embeddings (and the time projections inside ResNet blocks),
 the first and last layers (conv_in / conv_out, pos_embed / proj_out), up- and
 down-sampling convolutions, adaLN modulation. "all" takes every Conv2d and Linear.
+Per family: the pixel UNet gives ResNet convs and attention projections, the latent
+family's DiT its attention projections and feed-forward layers, the features family's
+UNet (no attention in its down/up blocks) its ResNet convs and mid-block attention projections.
+
+Every family with a denoiser loads it through `load_denoiser`, the one place that
+applies a stored or requested quantization.
 
 int8 is real int8: per-output-channel symmetric scales (scale = max|w| / 127), the
 weight stored as a torch.int8 buffer in memory and in the safetensors file, and
@@ -359,10 +365,21 @@ def _quantization_hint(directory: str | Path, name: str, q: dict | None) -> str:
     return f"{ckpt.CONFIG} says it is not quantized{looks}"
 
 
+def _quantize_denoiser(net: nn.Module, config: dict, precision: str, layers: str) -> nn.Module:
+    """`quantize`, refusing a denoiser in which the rule finds nothing: that would run
+    float while the settings, the bench row or the checkpoint say quantized."""
+    _check(precision, layers)
+    if not selected_layer_names(net, layers):
+        raise ValueError(f"{config.get('family')!r} family: quantize_layers={layers!r} selects no layer of its "
+                         f"{config['denoiser']['kind']!r} denoiser, so quantization={precision!r} would do nothing")
+    return quantize(net, precision, layers)
+
+
 def load_denoiser(directory: str | Path, config: dict, device: torch.device | str = "cpu",
                   settings=None, name: str = "denoiser") -> nn.Module:
     """Build the denoiser of `config["denoiser"]`, load `<name>.safetensors`, quantize.
 
+    The loader of every family with a denoiser (pixel UNet, latent DiT, features UNet).
     A checkpoint written by `quantize_checkpoint` loads quantized as it was written;
     otherwise `settings.quantization` ("none", "fp16", "int8") with
     `settings.quantize_layers` quantizes the float weights on the fly.
@@ -384,7 +401,7 @@ def load_denoiser(directory: str | Path, config: dict, device: torch.device | st
                 log.warning("%s is already quantized (%s, %s layers): quantization=%s/%s ignored",
                             Path(directory), q["precision"], q["layers"], wanted, settings.quantize_layers)
         else:
-            quantize(net, wanted, settings.quantize_layers)
+            _quantize_denoiser(net, config, wanted, settings.quantize_layers)
     return net.to(device).eval()
 
 
@@ -405,14 +422,15 @@ def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, precision: str
     names = [Path(f).stem for f in config.get("files", []) if f.endswith(".safetensors")]
     todo = [n for n in names if n in QUANTIZED_FILES]
     if not todo:
-        raise ckpt.CheckpointError(f"{src / ckpt.CONFIG}: no denoiser file to quantize (files: {names})")
+        raise ckpt.CheckpointError(f"{src / ckpt.CONFIG}: a {config.get('family')!r} checkpoint, with no denoiser "
+                                   f"file to quantize (files: {names})")
     if "denoiser" not in config:
         raise ckpt.CheckpointError(f"{src / ckpt.CONFIG}: no 'denoiser' entry describing the network")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for n in names:
         if n in todo:
             net = load_denoiser(src, config, "cpu", None, name=n)
-            tensors[n] = quantize(net, precision, layers).state_dict()
+            tensors[n] = _quantize_denoiser(net, config, precision, layers).state_dict()
         else:
             tensors[n] = ckpt.load_tensors(src, n)
     config = {k: v for k, v in config.items() if k not in ("format", "files")}

@@ -48,8 +48,8 @@ class Settings:
     overlay_alpha: float = _f(0.5, "opacity of the anomaly colouring in the overlay image", 0.0, 1.0)
     quantization: str = _f("none", "weight-only quantization of the denoiser at load time (a checkpoint "
                                    "written by `quantize` is already quantized)", choices=("none", "fp16", "int8"))
-    quantize_layers: str = _f("selected", "layers to quantize: selected (attention projections, ResNet convs) "
-                                          "or all", choices=("selected", "all"))
+    quantize_layers: str = _f("selected", "layers to quantize: selected (attention projections, ResNet convs, "
+                                          "DiT feed-forward layers) or all", choices=("selected", "all"))
     inversion_steps: int = _f(3, "DDIM inversion steps S of the inversion variant", 1, 50)
 
     def updated(self, **changes: Any) -> "Settings":
@@ -62,6 +62,12 @@ class Settings:
             problem = check(f.name, getattr(self, f.name))
             if problem:
                 raise ValueError(problem)
+        if self.quantization != "none":
+            from .variants import VARIANTS
+
+            if not VARIANTS[self.variant].has_denoiser:  # refused rather than silently ignored
+                raise ValueError(f"quantization={self.quantization!r}: variant {self.variant!r} has no denoiser "
+                                 "to quantize (set quantization to 'none')")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Settings":

@@ -91,6 +91,7 @@ class Variant:
     description: str
     build: Callable[[Path, dict, Settings, torch.device], object]  # checkpoint -> scorer
     fit: Callable  # (train frames, out dir, TrainOptions, progress) -> (config, {file: state dict})
+    has_denoiser: bool = True  # False: nothing for `quantization` to act on (Settings refuses it)
 
 
 def _fit_pixel(*args):
@@ -130,7 +131,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("inversion", "features", "DDIM inversion of backbone features, reconstruction-free (few steps)",
                 _features_family("inversion", "build"), _features_family("inversion", "fit")),
         Variant("knn", "knn", "nearest-neighbour distance to ID backbone features (baseline)",
-                _features_family("knn", "build"), _features_family("knn", "fit")),
+                _features_family("knn", "build"), _features_family("knn", "fit"), has_denoiser=False),
         Variant("dcae", "latent", "guided DDIM on DC-AE latents with a DiT denoiser (low memory)",
                 _build_latent, _fit_latent),
     )
