@@ -85,6 +85,24 @@ def make_family_checkpoint(directory: Path, family: str, mask_threshold: float =
                                                   "frame_threshold": frame_threshold}})
 
 
+def make_legacy_feature_checkpoint(directory: Path, family: str, monkeypatch) -> Path:
+    """A "features" or "knn" checkpoint as written before the config recorded its feature
+    blocks: the taps of inversion.LEGACY_BLOCKS (the "stride 2" one is block 1, at stride 4),
+    200 channels, and "strides": [2, 4, 8, 16] only as their names."""
+    from ros_anomaly_diffusion.core import checkpoint as ckpt
+    from ros_anomaly_diffusion.core import inversion, knn
+
+    real, legacy = inversion.shared_features, tuple(inversion.LEGACY_BLOCKS.values())
+    with monkeypatch.context() as m:
+        for module in (inversion, knn):
+            m.setattr(module, "shared_features", lambda *a, **k: real(legacy, *a[1:], **k))
+        make_family_checkpoint(directory, family)
+    features = ckpt.load_config(directory)["features"]
+    del features["blocks"]
+    ckpt.update_config(directory, features=features)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def family_checkpoint(tmp_path_factory):
     """family name -> its tiny checkpoint (make_family_checkpoint), written on first use."""

@@ -28,7 +28,20 @@ def test_backbone_is_the_pretrained_lite0():
     # ImageNet weights, not a random init: the first BN's running stats were learnt.
     stem_bn = FeatureExtractor().stem[1]
     assert not torch.allclose(stem_bn.running_var, torch.ones_like(stem_bn.running_var))
-    assert FeatureExtractor((2, 4, 8, 16)).channels == 16 + 24 + 40 + 112
+
+
+def test_each_tap_is_at_its_named_stride_and_channels_count_what_is_stacked():
+    x = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(0))
+    fe = FeatureExtractor((2, 4, 8, 16))
+    maps = fe(x)
+    assert [(256 // m.shape[-2], 320 // m.shape[-1]) for m in maps.values()] == [(2, 2), (4, 4), (8, 8), (16, 16)]
+    assert fe.strides == (2, 4, 8, 16) and list(fe.taps.values()) == [2, 4, 8, 16]
+    assert fe.channels == sum(m.shape[1] for m in maps.values()) == fe.stacked(x).shape[1] == 16 + 24 + 40 + 112
+    # the analysis step's default taps (strides 4, 8, 16) are the blocks they always were
+    assert FeatureExtractor().taps == {2: 4, 4: 8, 10: 16}
+    # taps by block index (how older feature checkpoints are rebuilt) report their real strides
+    old = FeatureExtractor(blocks=(1, 2, 4, 10))
+    assert old.strides == (4, 4, 8, 16) and old.channels == old.stacked(x).shape[1] == 200
 
 
 def test_identical_frames_score_zero(rugd, distance):

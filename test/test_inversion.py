@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_frame
+from conftest import make_legacy_feature_checkpoint, random_frame
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core import inversion as inv
 from ros_anomaly_diffusion.core.data import OOD
@@ -30,14 +30,47 @@ def tiny(tmp_path_factory):
     return inv.init_checkpoint(tmp_path_factory.mktemp("inv") / "ck", image_size=(64, 96), calibration=calib)
 
 
-def test_folded_features_match_the_feature_extractor():
+@pytest.mark.parametrize("blocks", [None, (1, 2, 4, 10)])
+def test_folded_features_match_the_feature_extractor(blocks):
     from ros_anomaly_diffusion.core.features import FeatureExtractor
 
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    ref = FeatureExtractor(inv.FEATURE_STRIDES).stacked(x, stride=inv.GRID_STRIDE)
-    got = inv.StackedFeatures()(x)
-    assert got.shape == ref.shape == (1, ref.shape[1], 4, 6)
+    fe = FeatureExtractor(inv.FEATURE_STRIDES) if blocks is None else FeatureExtractor(blocks=blocks)
+    ref = fe.stacked(x, stride=inv.GRID_STRIDE)
+    got = (inv.StackedFeatures() if blocks is None else inv.StackedFeatures(blocks))(x)
+    assert got.shape == ref.shape == (1, fe.channels, 4, 6)
+    assert fe.channels == (192 if blocks is None else 200)
     assert torch.allclose(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_checkpoints_record_their_taps_and_old_ones_load_with_theirs(tiny, tmp_path, monkeypatch):
+    assert ckpt.load_config(tiny)["features"] == {"blocks": [0, 2, 4, 10], "strides": [2, 4, 8, 16],
+                                                  "channels": 192, "grid": [4, 6], "grid_stride": 16}
+    assert Detector(tiny, variant_settings("inversion", checkpoint=str(tiny))).scorer.features.taps == [0, 2, 4, 10]
+    old = make_legacy_feature_checkpoint(tmp_path / "old", "features", monkeypatch)
+    assert ckpt.load_config(old)["features"] == {"channels": 200, "grid": [4, 6], "grid_stride": 16,
+                                                 "strides": [2, 4, 8, 16]}
+    det = Detector(old, variant_settings("inversion", checkpoint=str(old)))
+    assert det.scorer.features.taps == [1, 2, 4, 10] and det.scorer.mean.shape[1] == 200
+    out = det.scorer(torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1)))
+    assert bool(torch.isfinite(out.maps).all()) and bool(torch.isfinite(out.frame_scores).all())
+
+
+@pytest.mark.parametrize("features, match", [
+    # an old config whose channel count its taps never gave
+    ({"channels": 192, "strides": [2, 4, 8, 16]}, r"192 feature channels .* blocks \[1, 2, 4, 10\] give 200"),
+    # recorded blocks that are not at the recorded strides
+    ({"blocks": [1, 2, 4, 10], "strides": [2, 4, 8, 16], "channels": 200}, r"at strides \[4, 4, 8, 16\]"),
+    ({"blocks": [0, 2, 4, 99], "strides": [2, 4, 8, 16], "channels": 192}, "outside EfficientNet-Lite0"),
+    ({"channels": 200, "strides": [2, 32]}, r"strides \[32\] without recorded blocks"),
+])
+def test_a_config_whose_taps_do_not_match_is_refused(tiny, tmp_path, features, match):
+    import shutil
+
+    out = shutil.copytree(tiny, tmp_path / "ck")
+    ckpt.update_config(out, features={"grid": [4, 6], "grid_stride": 16, **features})
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        Detector(out, variant_settings("inversion", checkpoint=str(out)))
 
 
 def test_timesteps_are_evenly_spaced_from_0_to_999():

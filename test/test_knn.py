@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_legacy_feature_checkpoint
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core import inversion as inv
 from ros_anomaly_diffusion.core import knn
@@ -49,6 +50,14 @@ def monkeypatch_module():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+def test_a_checkpoint_from_before_the_recorded_taps_loads_with_its_own(tmp_path, monkeypatch):
+    old = make_legacy_feature_checkpoint(tmp_path / "old", "knn", monkeypatch)
+    assert "blocks" not in ckpt.load_config(old)["features"]
+    det = Detector(old, variant_settings("knn", checkpoint=str(old)))
+    assert det.scorer.features.taps == [1, 2, 4, 10] and det.scorer.bank.shape[1] == 200
+    assert float(det.scorer.distances(torch.rand(1, 3, 64, 96)).min()) >= 0
 
 
 def test_bank_holds_seeded_subsample_of_id_cells(rugd_knn):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Lite0 block index -> output stride; these are the last blocks of each stage.
-STAGE_BLOCKS = {2: 1, 4: 2, 8: 4, 16: 10}
-STAGE_CHANNELS = {2: 16, 4: 24, 8: 40, 16: 112}
+# Output stride -> the last Lite0 block at that stride. Block outputs measured on a 256x320
+# input: the stem and block 0 are at stride 2, blocks 1-2 at 4, 3-4 at 8, 5-10 at 16, 11-15 at 32.
+STAGE_BLOCKS = {2: 0, 4: 2, 8: 4, 16: 10}
 # Lite models are trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5 per channel).
 _MEAN, _STD = 0.5, 0.5
 
@@ -26,36 +26,55 @@ def load_efficientnet_lite0() -> nn.Module:
     return net.eval()
 
 
-class FeatureExtractor(nn.Module):
-    """Multi-scale feature maps at the requested output strides (2, 4, 8, 16)."""
+def _stride(block: nn.Module) -> int:
+    s = block._block_args.stride
+    return s if isinstance(s, int) else s[0]
 
-    def __init__(self, strides: tuple[int, ...] = (4, 8, 16)):
+
+class FeatureExtractor(nn.Module):
+    """Multi-scale feature maps of Lite0 block outputs.
+
+    Taps are chosen by output stride (2, 4, 8, 16: the last block at each, STAGE_BLOCKS) or,
+    to rebuild the taps a checkpoint recorded, by block index (`blocks`). `taps` maps each
+    tapped block to its output stride and `channels` sums their output channels, both read
+    from the network's own block arguments, so they describe what `forward` returns."""
+
+    def __init__(self, strides: tuple[int, ...] = (4, 8, 16), blocks: tuple[int, ...] | None = None):
         super().__init__()
-        unknown = set(strides) - set(STAGE_BLOCKS)
-        if unknown:
-            raise ValueError(f"unsupported feature strides {sorted(unknown)}; choose from {sorted(STAGE_BLOCKS)}")
-        self.strides = tuple(sorted(strides))
+        if blocks is None:
+            unknown = set(strides) - set(STAGE_BLOCKS)
+            if unknown:
+                raise ValueError(f"unsupported feature strides {sorted(unknown)}; choose from {sorted(STAGE_BLOCKS)}")
+            blocks = tuple(STAGE_BLOCKS[s] for s in strides)
         net = load_efficientnet_lite0()
-        last = max(STAGE_BLOCKS[s] for s in self.strides)
+        blocks = sorted(set(int(b) for b in blocks))
+        if not blocks or blocks[0] < 0 or blocks[-1] >= len(net._blocks):
+            raise ValueError(f"feature blocks {blocks} outside EfficientNet-Lite0's 0..{len(net._blocks) - 1}")
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
-        self.blocks = nn.ModuleList(net._blocks[: last + 1])
-        self.taps = {STAGE_BLOCKS[s]: s for s in self.strides}
+        self.blocks = nn.ModuleList(net._blocks[: blocks[-1] + 1])
+        stride, self.taps = net._conv_stem.stride[0], {}
+        for i, block in enumerate(self.blocks):
+            stride *= _stride(block)
+            if i in blocks:
+                self.taps[i] = stride
+        self.strides = tuple(self.taps.values())
         self.requires_grad_(False)
         self.eval()
 
     @property
     def channels(self) -> int:
-        return sum(STAGE_CHANNELS[s] for s in self.strides)
+        return sum(self.blocks[i]._block_args.output_filters for i in self.taps)
 
     @torch.no_grad()
     def forward(self, rgb01: torch.Tensor) -> dict[int, torch.Tensor]:
-        """rgb01: (B, 3, H, W) in [0, 1] -> {stride: (B, C_s, H/s, W/s)}."""
+        """rgb01: (B, 3, H, W) in [0, 1] -> {block: (B, C, H/s, W/s)}, s = taps[block]. Keyed by
+        block, not stride: two taps of older feature checkpoints share stride 4."""
         x = self.stem((rgb01 - _MEAN) / _STD)
         out = {}
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.taps:
-                out[self.taps[i]] = x
+                out[i] = x
         return out
 
     def stacked(self, rgb01: torch.Tensor, stride: int = 16) -> torch.Tensor:

@@ -17,10 +17,11 @@ monotone map fixed by ID statistics stored in the checkpoint: ranking metrics (A
 AUROC) are those of the raw scores. The statistics are measured per inversion_steps
 value on the ID cells of training frames held out of the diffusion model's training.
 
-Feature layout on a 256x320 input: 16x20 cells. The channel count is whatever
-`FeatureExtractor(strides=(2, 4, 8, 16))` produces (measured, stored in the config and
-checked at load time): 200 with the current `features.STAGE_BLOCKS`, whose stride-2 tap
-is block 1 (24 channels, already stride 4) rather than block 0 (16 channels, stride 2).
+Feature layout on a 256x320 input: 16x20 cells of 16 + 24 + 40 + 112 = 192 channels
+(Lite0 blocks 0, 2, 4, 10, at strides 2, 4, 8, 16). The config records the tapped blocks,
+their strides and the channel count, and a checkpoint is loaded with the blocks it
+recorded. Checkpoints written before that record tapped block 1 (already at stride 4) as
+"stride 2", 200 channels in all: they keep loading with those taps (LEGACY_BLOCKS).
 
 The knn baseline (knn.py) shares the feature code and the score mapping of this module.
 """
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .data import OOD, Frame
 from .denoiser import build_denoiser
-from .features import FeatureExtractor
+from .features import STAGE_BLOCKS, FeatureExtractor
 from .quantization import load_denoiser
 from .schedule import NoiseSchedule, ScheduleConfig
 from .settings import Settings
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 FAMILY = "features"
 FEATURE_STRIDES = (2, 4, 8, 16)
+FEATURE_BLOCKS = tuple(STAGE_BLOCKS[s] for s in FEATURE_STRIDES)
+# Stride -> block of checkpoints whose config has no "blocks": their "stride 2" tap was block 1,
+# at stride 4. Kept so that those checkpoints (the README's results) run with their own features.
+LEGACY_BLOCKS = {2: 1, 4: 2, 8: 4, 16: 10}
 GRID_STRIDE = 16
 # Input size of the feature families (H, W): 16x20 cells. `fit` uses it unless
 # TrainOptions.image_size was changed from its default (64, 80), which is the pixel
@@ -126,14 +131,14 @@ class _FoldedBlock(nn.Module):
 
 
 class StackedFeatures(nn.Module):
-    """`FeatureExtractor(strides).stacked(x, grid_stride)` with BatchNorm folded into the
+    """`FeatureExtractor(blocks=blocks).stacked(x, grid_stride)` with BatchNorm folded into the
     convolutions, in-place activations and channels-last memory: the same numbers (to float
     rounding), 2-3x faster on this 2-core CPU (256x320: ~25 ms instead of ~65 ms).
     Built from a FeatureExtractor, so it follows its taps and weights."""
 
-    def __init__(self, strides: tuple[int, ...] = FEATURE_STRIDES, grid_stride: int = GRID_STRIDE):
+    def __init__(self, blocks: tuple[int, ...] = FEATURE_BLOCKS, grid_stride: int = GRID_STRIDE):
         super().__init__()
-        fe = FeatureExtractor(tuple(strides))
+        fe = FeatureExtractor(blocks=tuple(blocks))
         if not isinstance(fe.stem[2], nn.ReLU6) or not all(isinstance(b._swish, nn.ReLU6) for b in fe.blocks):
             raise ValueError("expected ReLU6 activations (EfficientNet-Lite)")
         self.strides, self.grid_stride = fe.strides, grid_stride
@@ -160,11 +165,11 @@ class StackedFeatures(nn.Module):
 _SHARED: dict[tuple, StackedFeatures] = {}
 
 
-def shared_features(strides: tuple[int, ...] = FEATURE_STRIDES, grid_stride: int = GRID_STRIDE,
+def shared_features(blocks: tuple[int, ...] = FEATURE_BLOCKS, grid_stride: int = GRID_STRIDE,
                     device: str | torch.device = "cpu") -> StackedFeatures:
-    """One StackedFeatures per (taps, grid, device) in a process: it is read-only, so every
-    scorer shares it and a model reload does not rebuild the backbone."""
-    key = (tuple(strides), int(grid_stride), str(torch.device(device)))
+    """One StackedFeatures per (tapped blocks, grid, device) in a process: it is read-only, so
+    every scorer shares it and a model reload does not rebuild the backbone."""
+    key = (tuple(sorted(int(b) for b in blocks)), int(grid_stride), str(torch.device(device)))
     if key not in _SHARED:
         _SHARED[key] = StackedFeatures(key[0], key[1]).to(device)
     return _SHARED[key]
@@ -374,18 +379,34 @@ class InversionScorer:
         return ScoreOutput(maps, None, frames)
 
 
-def _check_channels(directory: Path, config: dict, features: StackedFeatures, device) -> None:
+def checkpoint_features(directory: Path, config: dict, device) -> StackedFeatures:
+    """The shared backbone with the taps a checkpoint was trained on: its recorded blocks, or
+    LEGACY_BLOCKS for a config without them. Refused (CheckpointError) where those taps do
+    not give the recorded strides and channel count, so it never runs on other features."""
+    path, rec = Path(directory) / ckpt.CONFIG, config["features"]
+    if "blocks" in rec:
+        blocks = tuple(int(b) for b in rec["blocks"])
+    else:
+        unknown = sorted(set(rec["strides"]) - set(LEGACY_BLOCKS))
+        if unknown:
+            raise ckpt.CheckpointError(f"{path}: feature strides {unknown} without recorded blocks")
+        blocks = tuple(LEGACY_BLOCKS[s] for s in rec["strides"])
+        log.info("%s: no recorded feature blocks; using the taps it was made with, blocks %s", path, blocks)
+    try:
+        features = shared_features(blocks, rec["grid_stride"], device)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{path}: {e}") from e
     with torch.inference_mode():
         c = features(torch.zeros(1, 3, 2 * GRID_STRIDE, 2 * GRID_STRIDE, device=device)).shape[1]
-    want = config["features"]["channels"]
-    if c != want:
-        raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: trained on {want} feature channels, but "
-                                   f"FeatureExtractor{tuple(config['features']['strides'])} now gives {c} "
-                                   "(core/features.py changed since): retrain this checkpoint")
+    strides_ok = "blocks" not in rec or list(features.strides) == list(rec["strides"])
+    if c != rec["channels"] or not strides_ok:
+        raise ckpt.CheckpointError(f"{path}: trained on {rec['channels']} feature channels at strides "
+                                   f"{list(rec['strides'])}, but EfficientNet-Lite0 blocks {list(blocks)} give {c} "
+                                   f"at strides {list(features.strides)}: retrain this checkpoint")
+    return features
 
 
-def load_feature_stats(directory: Path, config: dict, features: StackedFeatures, device) -> tuple:
-    _check_channels(directory, config, features, device)
+def load_feature_stats(directory: Path, config: dict) -> tuple:
     stats = ckpt.load_tensors(directory, "features")
     if set(stats) != {"mean", "std"} or stats["mean"].shape != (config["features"]["channels"],):
         raise ckpt.CheckpointError(f"{Path(directory) / 'features.safetensors'}: expected per-channel "
@@ -394,8 +415,8 @@ def load_feature_stats(directory: Path, config: dict, features: StackedFeatures,
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> InversionScorer:
-    features = shared_features(config["features"]["strides"], config["features"]["grid_stride"], device)
-    mean, std = load_feature_stats(directory, config, features, device)
+    features = checkpoint_features(directory, config, device)
+    mean, std = load_feature_stats(directory, config)
     net = load_denoiser(directory, config, device, settings)  # quantized as stored or as settings ask
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
     return InversionScorer(net, schedule, mean, std, config["scores"], settings, device, features)
@@ -415,7 +436,9 @@ def unet_config(preset: str, channels: int, grid: tuple[int, int]) -> dict:
 
 
 def features_config(size: tuple[int, int], channels: int) -> dict:
-    return {"strides": list(FEATURE_STRIDES), "grid_stride": GRID_STRIDE, "channels": int(channels),
+    """The taps the fit used (shared_features' defaults): what `checkpoint_features` rebuilds."""
+    return {"blocks": list(FEATURE_BLOCKS), "strides": list(FEATURE_STRIDES), "grid_stride": GRID_STRIDE,
+            "channels": int(channels),
             "grid": [size[0] // GRID_STRIDE, size[1] // GRID_STRIDE]}
 
 

@@ -1,10 +1,11 @@
 """The `knn` baseline (family "knn"): distance to the nearest ID feature vector.
 
-Same features as the inversion variant (inversion.py): EfficientNet-Lite0 taps at strides
-2/4/8/16 stacked on the stride-16 grid (16x20 cells at the 256x320 input), standardised
-per channel with the ID training statistics -- so the two variants differ only in how
-they model the ID features (a diffusion model vs a memory bank). The stride-16 grid also
-keeps the search cheap: 320 queries a frame against at most MAX_BANK vectors.
+Same features as the inversion variant (inversion.py, which also documents the taps of older
+checkpoints): EfficientNet-Lite0 taps at strides 2/4/8/16 (192 channels) stacked on the
+stride-16 grid (16x20 cells at the 256x320 input), standardised per channel with the ID
+training statistics -- so the two variants differ only in how they model the ID features
+(a diffusion model vs a memory bank). The stride-16 grid also keeps the search cheap: 320
+queries a frame against at most MAX_BANK vectors.
 
 Memory bank: the standardised feature vectors of the ID cells of the training frames and
 their mirror images (a cell with any OOD pixel is left out), randomly subsampled (seeded)
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .data import Frame
-from .inversion import (StackedFeatures, channel_stats, extract_features, features_config, input_size,
-                        load_feature_stats, shared_features, to_unit)
+from .inversion import (StackedFeatures, channel_stats, checkpoint_features, extract_features, features_config,
+                        input_size, load_feature_stats, shared_features, to_unit)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ class KnnScorer:
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> KnnScorer:
-    features = shared_features(config["features"]["strides"], config["features"]["grid_stride"], device)
-    mean, std = load_feature_stats(directory, config, features, device)
+    features = checkpoint_features(directory, config, device)
+    mean, std = load_feature_stats(directory, config)
     bank = ckpt.load_tensors(directory, "bank").get("vectors")
     if bank is None or bank.ndim != 2 or bank.shape[1] != config["features"]["channels"] or not len(bank):
         raise ckpt.CheckpointError(f"{Path(directory) / 'bank.safetensors'}: expected 'vectors' of shape "
