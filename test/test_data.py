@@ -12,6 +12,7 @@ from ros_anomaly_diffusion.core.data import (
     OOD,
     RUGD_COLORMAP,
     Frame,
+    is_ood_label,
     load_label,
     open_dataset,
     parse_colormap,
@@ -93,6 +94,17 @@ def test_sample_id_ood_split(rugd_sample):
     # A higher bar moves the frames with few OOD pixels (171, 188) to the ID side.
     id200, ood200 = split_id_ood(open_dataset(rugd_sample), min_pixels=200)
     assert {f.name for f in id200} == SAMPLE_ID | {"trail-13_00001", "trail-14_01001"}
+
+
+def test_ood_frame_rule_at_100_pixels():
+    """Notes sec. 3, the one rule evaluation, the demo and the splits use: >= 100 OOD pixels;
+    ignored pixels never count."""
+    label = np.full((20, 20), IGNORE, np.uint8)
+    label.flat[:99] = OOD
+    assert not is_ood_label(label)
+    label.flat[99] = OOD
+    assert is_ood_label(label)
+    assert not is_ood_label(label, min_pixels=101)
 
 
 # ---- label decoding corner cases ----

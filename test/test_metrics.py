@@ -8,7 +8,8 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ros_anomaly_diffusion.core import metrics
-from ros_anomaly_diffusion.core.data import IGNORE
+from ros_anomaly_diffusion.core.data import IGNORE, OOD
+from ros_anomaly_diffusion.core.evaluation import label_metrics, write_metrics
 from ros_anomaly_diffusion.core.metrics import calibrate_threshold, f_star, frame_metrics, pixel_metrics, smiyc_metrics
 
 
@@ -259,3 +260,17 @@ def test_calibrate_threshold():
             calibrate_threshold(id_scores, bad_fpr)
     with pytest.raises(ValueError):
         calibrate_threshold(np.array([]), 0.05)
+
+
+def test_label_metrics_flag_frames_by_the_100_pixel_rule(tmp_path):
+    """The evaluation summary (also the demo's) takes the OOD frames from core.data's rule."""
+    labels = [np.zeros((10, 10), np.uint8) for _ in range(3)]
+    labels[1].flat[:99] = OOD
+    labels[2].flat[:100] = OOD
+    scores = [y.astype(np.float32) for y in labels]
+    m = label_metrics(scores, [0.1, 0.2, 0.9], labels, frame_threshold=0.5)
+    assert (m["n_id"], m["n_ood"]) == (2, 1)
+    assert m["frame_auroc"] == 1.0 and m["false_alarm_rate"] == 0.0 and m["detection_rate"] == 1.0
+    assert m["pixel_ap"] == pytest.approx(1.0) and "f_star" in m and "f1_smiyc" in m
+    write_metrics(tmp_path / "metrics.json", {"a": math.nan, "b": 1.5})
+    assert (tmp_path / "metrics.json").read_text().split() == ["{", '"a":', "null,", '"b":', "1.5", "}"]

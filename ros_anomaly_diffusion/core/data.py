@@ -26,6 +26,8 @@ OOD_CLASSES = frozenset(
 )
 # Void marks unannotated pixels; scoring them either way would be noise.
 IGNORED_CLASSES = frozenset({"void"})
+# Notes sec. 3: a frame with at least this many OOD pixels is an OOD frame.
+MIN_OOD_PIXELS = 100
 
 # The 25 RUGD classes (index, name, RGB) exactly as in RUGD_annotation-colormap.txt, so
 # the synthetic generator can write a colormap file that real-data code reads unchanged.
@@ -114,6 +116,11 @@ def parse_colormap(path: str | Path) -> Colormap:
     return Colormap(tuple(names), tuple(colors))
 
 
+def is_ood_label(label: np.ndarray, min_pixels: int = MIN_OOD_PIXELS) -> bool:
+    """Whether a label (0 ID, 1 OOD, IGNORE) makes its frame an OOD frame: >= min_pixels OOD pixels."""
+    return bool(np.count_nonzero(label == OOD) >= min_pixels)
+
+
 def _rgb_codes(rgb: np.ndarray) -> np.ndarray:
     """Pack RGB triplets into one int per pixel so colours can be looked up in bulk."""
     rgb = rgb.astype(np.int32)
@@ -158,10 +165,10 @@ class Frame:
         """uint8 (H, W) with 0 = ID, 1 = OOD, IGNORE; None when unlabelled."""
         return None if self.label_path is None else load_label(self.label_path, self.colormap)
 
-    def is_ood(self, min_pixels: int = 100) -> bool | None:
-        """Notes sec. 3: a frame with >= min_pixels OOD pixels is an OOD frame; None if unlabelled."""
+    def is_ood(self, min_pixels: int = MIN_OOD_PIXELS) -> bool | None:
+        """`is_ood_label` of this frame's label; None if unlabelled."""
         label = self.label()
-        return None if label is None else bool(np.count_nonzero(label == OOD) >= min_pixels)
+        return None if label is None else is_ood_label(label, min_pixels)
 
 
 class Dataset(Sequence[Frame]):
@@ -245,7 +252,7 @@ def open_dataset(path: str | Path) -> Dataset:
     return Dataset(root, [Frame(p.stem, p, None) for p in files], None)
 
 
-def split_id_ood(dataset: Sequence[Frame], min_pixels: int = 100) -> tuple[list[Frame], list[Frame]]:
+def split_id_ood(dataset: Sequence[Frame], min_pixels: int = MIN_OOD_PIXELS) -> tuple[list[Frame], list[Frame]]:
     """(ID frames, OOD frames) by the frames' labels; every frame must be labelled."""
     unlabelled = [f.name for f in dataset if f.label_path is None]
     if unlabelled:

@@ -8,22 +8,31 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .data import OOD, Frame
+from .data import OOD, Frame, is_ood_label
 from .detector import Detector, FrameResult
 from .metrics import f_star, frame_metrics, pixel_metrics, smiyc_metrics
 from .visualize import overlay, panel, save_rgb, save_sheet
 
 
-def summarize(results: list[FrameResult], labels: list[np.ndarray], det: Detector) -> dict:
-    """Every metric of the notes for detector outputs and their labels (0 ID, 1 OOD, 255 ignore)."""
-    scores = [r.score for r in results]
-    is_ood = [bool(np.count_nonzero(y == OOD) >= 100) for y in labels]
-    latency = [r.timings_ms["total"] for r in results]
+def label_metrics(scores: list[np.ndarray], frame_scores: list[float], labels: list[np.ndarray],
+                  frame_threshold: float | None = None) -> dict:
+    """Every metric of the notes for score maps and frame scores against their labels (0 ID,
+    1 OOD, 255 ignore); with frame_threshold also the frame flags' rates. Also what the demo
+    reports for results that arrived over ROS."""
     return {
         **pixel_metrics(scores, labels),
         "f_star": f_star(scores, labels),
         **smiyc_metrics(scores, labels),
-        **frame_metrics([r.frame_score for r in results], is_ood, det.frame_threshold),
+        **frame_metrics(frame_scores, [is_ood_label(y) for y in labels], frame_threshold),
+    }
+
+
+def summarize(results: list[FrameResult], labels: list[np.ndarray], det: Detector) -> dict:
+    """`label_metrics` of detector outputs, with the detector's latency, NFE and thresholds."""
+    latency = [r.timings_ms["total"] for r in results]
+    return {
+        **label_metrics([r.score for r in results], [r.frame_score for r in results], labels,
+                        det.frame_threshold),
         "latency_ms": float(np.median(latency)),
         "nfe": det.nfe,
         "mask_threshold": det.mask_threshold,
@@ -60,12 +69,16 @@ def evaluate(det: Detector, frames: list[Frame], out_dir: str | Path | None = No
                             for f, r, y in zip(frames, results, labels)}
     if out is not None:
         save_sheet(rows, out / "sheet.png")
-        (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2))
+        write_metrics(out / "metrics.json", metrics)
     return metrics
 
 
+def write_metrics(path: Path, metrics: dict) -> None:
+    """metrics.json; JSON has no NaN, so undefined metrics are written as null."""
+    path.write_text(json.dumps(_finite(metrics), indent=2))
+
+
 def _finite(d):
-    """JSON has no NaN: undefined metrics are written as null."""
     if isinstance(d, dict):
         return {k: _finite(v) for k, v in d.items()}
     return None if isinstance(d, float) and not math.isfinite(d) else d
