@@ -94,6 +94,30 @@ def test_compressed_topics_and_topic_choice(tmp_path, frames3):
     assert [s for s, _ in got] == [10 * 10**9, 11 * 10**9, 12 * 10**9]
     for (_, rgb), ref in zip(got, small):
         np.testing.assert_array_equal(rgb, ref)
+    # the replay node picks its topic by the same rule
+    with pytest.raises(ValueError, match="several image topics .*; choose one with bag_topic"):
+        ReplaySource(out)
+    source = ReplaySource(out, "rear/image/compressed")
+    assert (source.bag_topic, source.length) == ("/rear/image/compressed", 3)
+
+
+@pytest.mark.parametrize("name, absolute", [("camera/image", "/camera/image"), ("/camera/image", "/camera/image"),
+                                            ("image", "/image"), ("/ns/image/compressed", "/ns/image/compressed")])
+def test_absolute_topic(name, absolute):
+    assert bag.absolute_topic(name) == absolute
+
+
+def test_pick_image_topic():
+    assert bag.pick_image_topic("b", ["/cam/image"]) == "/cam/image"
+    assert bag.pick_image_topic("b", ["/front", "/rear"], "rear") == "/rear"
+    assert bag.pick_image_topic("b", {"/front": ("t", 3)}, "/front") == "/front"
+    with pytest.raises(ValueError, match=r"bag b has several image topics \['/front', '/rear'\]; choose one with "
+                                         r"topic="):
+        bag.pick_image_topic("b", ["/rear", "/front"])
+    with pytest.raises(ValueError, match="has no image topics"):
+        bag.pick_image_topic("b", [])
+    with pytest.raises(ValueError, match=r"no Image/CompressedImage topic '/side'; image topics: \['/front'\]"):
+        bag.pick_image_topic("b", ["/front"], "side")
 
 
 def test_bag_main_cli(tmp_path, capsys, rugd_sample):

@@ -7,7 +7,7 @@
   bag is written in rosbag2 format version 8, which Humble and later read.
 * `iter_bag_frames` / `iter_bag_images`: the frames of an Image or CompressedImage topic of
   any rosbag2 as RGB arrays, for replay and offline evaluation; undecodable messages are
-  reported and skipped.
+  reported and skipped. `pick_image_topic` is the rule for which topic that is.
 * `bag_main(argv)`: the `ros-anomaly-diffusion bag` subcommand.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,11 @@ def _typestore():
     return get_typestore(Stores.ROS2_HUMBLE)
 
 
+def absolute_topic(topic: str) -> str:
+    """Bags record topic names fully qualified: "camera/image" names "/camera/image"."""
+    return topic if topic.startswith("/") else "/" + topic
+
+
 def is_bag(path: str | Path) -> bool:
     """A rosbag2 folder (metadata.yaml) or a single .db3 / .mcap file."""
     p = Path(path)
@@ -58,8 +63,7 @@ def folder_to_bag(folder: str | Path, out: str | Path, topic: str = "/camera/ima
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if not rate_hz > 0:
         raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
-    if not topic.startswith("/"):
-        topic = "/" + topic
+    topic = absolute_topic(topic)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"bag output {out} already exists; choose a new path")
@@ -96,6 +100,22 @@ def image_topics(path: str | Path) -> dict[str, tuple[str, int]]:
                 if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)}
 
 
+def pick_image_topic(path: str | Path, topics: Iterable[str], topic: str | None = None,
+                     option: str = "topic=") -> str:
+    """The image topic to read among the bag's image `topics`: `topic` if given (it must be one of
+    them), else the only one; a ValueError names them otherwise (and `option`, how to choose)."""
+    topics = sorted(set(topics))
+    if topic is not None:
+        want = absolute_topic(topic)
+        if want not in topics:
+            raise ValueError(f"bag {path} has no Image/CompressedImage topic {want!r}; image topics: {topics}")
+        return want
+    if len(topics) != 1:
+        raise ValueError(f"bag {path} has {'no' if not topics else 'several'} image topics {topics}; "
+                         f"choose one with {option}")
+    return topics[0]
+
+
 def iter_bag_frames(path: str | Path, topic: str | None = None,
                     on_error: OnError | None = None) -> Iterator[tuple[int, str, np.ndarray]]:
     """(header stamp in ns (the bag time if the stamp is zero), frame_id, uint8 RGB) per message.
@@ -113,15 +133,8 @@ def iter_bag_frames(path: str | Path, topic: str | None = None,
     store = _typestore()
     with Reader(path) as reader:
         conns = [c for c in reader.connections if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)]
-        if topic is not None:
-            want = topic if topic.startswith("/") else "/" + topic
-            conns = [c for c in conns if c.topic == want]
-            if not conns:
-                raise ValueError(f"bag {path} has no Image/CompressedImage topic {want!r}; image topics: "
-                                 f"{sorted({c.topic for c in reader.connections if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)})}")
-        elif len({c.topic for c in conns}) != 1:
-            raise ValueError(f"bag {path} has {'no' if not conns else 'several'} image topics "
-                             f"{sorted({c.topic for c in conns})}; choose one with topic=")
+        want = pick_image_topic(path, (c.topic for c in conns), topic)
+        conns = [c for c in conns if c.topic == want]
         for index, (conn, bag_time, raw) in enumerate(reader.messages(connections=conns)):
             try:
                 msg = store.deserialize_cdr(raw, conn.msgtype)
@@ -163,7 +176,6 @@ def bag_main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    topic = args.topic if args.topic.startswith("/") else "/" + args.topic
-    print(f"wrote {n} frames to {args.out} ({args.storage}, topic {topic}, {args.rate:g} Hz); "
+    print(f"wrote {n} frames to {args.out} ({args.storage}, topic {absolute_topic(args.topic)}, {args.rate:g} Hz); "
           f"play it with: ros2 bag play {args.out}")
     return 0

@@ -75,15 +75,7 @@ class ReplaySource:
         self.is_bag = bag.is_bag(self.path)
         if self.is_bag:
             topics = bag.image_topics(self.path)
-            if bag_topic:
-                self.bag_topic = bag_topic if bag_topic.startswith("/") else "/" + bag_topic
-                if self.bag_topic not in topics:
-                    raise ValueError(f"bag {self.path} has no image topic {self.bag_topic}; "
-                                     f"image topics: {sorted(topics)}")
-            elif len(topics) == 1:
-                self.bag_topic = next(iter(topics))
-            else:
-                raise ValueError(f"bag {self.path} has image topics {sorted(topics)}; choose one with bag_topic")
+            self.bag_topic = bag.pick_image_topic(self.path, topics, bag_topic or None, option="bag_topic")
             self.length = topics[self.bag_topic][1]
             self.description = f"rosbag2 {self.path}"
         else:
