@@ -2,7 +2,7 @@
 frames through the graph, enable/disable freeing the model, faults (inference errors, CUDA
 asked for but absent), pickle checkpoints refused, live parameter checks and checkpoint
 switches. Most tests talk to a node process over DDS; the fault test runs the node in
-this process so its detector can be replaced by a failing stub."""
+this process so that its model can be made to fail once."""
 from __future__ import annotations
 
 import array
@@ -306,19 +306,20 @@ def test_start_disabled_and_a_failed_enable_stays_disabled(ros, probe, tiny_chec
         Parameter("device", value="cuda"), Parameter("cuda_fallback", value=False),
         Parameter("steps", value=2), Parameter("segments", value="none")],
         cli_args=["--ros-args", "-r", "__ns:=/start_disabled"])
+    runtime = node.runtime
     try:
         node.load_model()  # validates the checkpoint, loads nothing
-        assert node._detector is None
+        assert runtime.detector is None
         node.start()
         (r,) = node.set_parameters([Parameter("enabled", value=True)])
         assert r.successful
         # the worker cannot load (CUDA absent, no fallback): it says so and sets enabled back
         probe.spin_until(lambda: node.get_parameter("enabled").value is False, 60, "enabled set back to false")
-        assert node._detector is None and node._worker.is_alive()
+        assert runtime.detector is None and not runtime.enabled and runtime.running
         node.set_parameters([Parameter("device", value="cpu")])
         node.set_parameters([Parameter("enabled", value=True)])
-        probe.spin_until(lambda: node._detector is not None, 60, "the model loaded")
-        assert str(node._detector.device) == "cpu" and node.get_parameter("enabled").value is True
+        probe.spin_until(lambda: runtime.detector is not None, 60, "the model loaded")
+        assert str(runtime.detector.device) == "cpu" and node.get_parameter("enabled").value is True
     finally:
         node.stop()
         node.destroy_node()
@@ -327,28 +328,16 @@ def test_start_disabled_and_a_failed_enable_stays_disabled(ros, probe, tiny_chec
 # --------------------------------------------------------------------------- faults
 
 
-class _FailingOnce:
-    """Wraps the node's Detector: process() raises `error` the first time, then works."""
-
-    def __init__(self, det, error):
-        self._det, self._error, self.calls = det, error, 0
-
-    def __getattr__(self, name):
-        return getattr(self._det, name)
-
-    def process(self, rgb):
-        self.calls += 1
-        if self.calls == 1:
-            raise self._error
-        return self._det.process(rgb)
-
-
 @pytest.mark.parametrize("error", ["oom", "runtime"])
 def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tiny_checkpoint, monkeypatch,
                                                                  capfd, error):
-    import torch
+    """The node runs in this process (its own executor thread) so that its model can be made to
+    fail once; frames go in over its image topic, the counters come out on /diagnostics."""
+    import threading
 
-    from ros_anomaly_diffusion.ros import image_codec
+    import torch
+    from rclpy.executors import SingleThreadedExecutor
+
     from ros_anomaly_diffusion.ros.detector_node import DetectorNode
 
     emptied = []
@@ -356,32 +345,48 @@ def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tin
     topic = f"/fault_{error}/image"
     node = DetectorNode(parameter_overrides=[
         Parameter("checkpoint", value=str(tiny_checkpoint)), Parameter("steps", value=2),
-        Parameter("segments", value="none")], cli_args=["--ros-args", "-r", f"image:={topic}",
-                                                        "-r", f"__ns:=/fault_{error}"])
+        Parameter("segments", value="none"), Parameter("qos_reliability", value="reliable"),
+        Parameter("diagnostics_period", value=0.2)],
+        cli_args=["--ros-args", "-r", f"image:={topic}", "-r", f"__ns:=/fault_{error}"])
+    executor = SingleThreadedExecutor()
+    spinner = threading.Thread(target=executor.spin, daemon=True)
     try:
         node.load_model()
-        node.start()
         exc = (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if error == "oom"
                else RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
-        stub = node._detector = _FailingOnce(node._detector, exc)
+        calls = []
+        process = node.runtime.detector.process
+
+        def fails_once(rgb):
+            calls.append(1)
+            if len(calls) == 1:
+                raise exc
+            return process(rgb)
+
+        monkeypatch.setattr(node.runtime.detector, "process", fails_once)
+        node.start()
+        executor.add_node(node)
+        spinner.start()
         masks = probe.collect(Image, f"/fault_{error}/anomaly/mask")
         diag = probe.collect(DiagnosticArray, "/diagnostics")
-        # frames enter exactly as the subscription delivers them
-        node._enqueue(stamped_image(random_frame(seed=1), 1), image_codec.image_to_rgb)
-        probe.spin_until(lambda: node._inference_errors == 1, 30, "the failed frame")
-        node._enqueue(stamped_image(random_frame(seed=2), 2), image_codec.image_to_rgb)
-        probe.spin_until(lambda: [m for _, m in masks if stamp_of(m) == (2, 0)], 30, "the next frame's mask")
+        pub = probe.publisher(Image, topic)
+        probe.wait_for_subscriber(pub)
+
+        def counter(key):
+            return int((diag_values(diag, topic)[0] or {}).get(key, -1))
+
+        pub.publish(stamped_image(random_frame(seed=1), 1))
+        probe.spin_until(lambda: counter("inference_errors") == 1, 30, "the failed frame in /diagnostics")
+        send_until(probe, pub, masks, stamped_image(random_frame(seed=2), 2), timeout=60)
         # the worker counts a frame after publishing its outputs: wait for it, as a loaded machine may be slow
-        probe.spin_until(lambda: node._processed == 1, 30, "the frame counted as processed")
-        assert stub.calls == 2 and node._inference_errors == 1
+        probe.spin_until(lambda: counter("frames_processed") >= 1, 30, "the frame counted as processed")
+        assert len(calls) >= 2 and counter("inference_errors") == 1
         assert not [m for _, m in masks if stamp_of(m) == (1, 0)]
-        assert node._worker.is_alive()
+        assert node.runtime.running
         if error == "oom":
             assert emptied, "torch.cuda.empty_cache() not called after CUDA out of memory"
-        node._publish_diagnostics()  # the counter is in /diagnostics
-        probe.spin_until(lambda: diag_values(diag, topic)[0], 60, "/diagnostics")
-        assert diag_values(diag, topic)[0]["inference_errors"] == "1"
     finally:
+        executor.shutdown()
         node.stop()
         node.destroy_node()
     err = capfd.readouterr().err

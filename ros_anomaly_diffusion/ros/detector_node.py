@@ -37,10 +37,13 @@ volatile, keep last 1), which matches reliable and best-effort publishers alike;
 qos_reliability:=reliable / qos_depth:=N to change it. Outputs are reliable, volatile, keep
 last 5 (what RViz and rosbag expect); /diagnostics is reliable, keep last 10.
 
-Threading: the subscription callback only drops the message into a one-slot mailbox (a
-newer frame replaces an unprocessed one, which is counted as dropped); a dedicated worker
-thread decodes, runs the Detector and publishes. A slow model therefore never builds a
-backlog: results always describe the newest frame available when the worker got free.
+Threading: the subscription callback only hands the message to the runtime (core/runtime.py):
+a one-slot mailbox (a newer frame replaces an unprocessed one, which is counted as dropped)
+served by a worker thread that decodes, runs the Detector and calls back here to publish. A
+slow model therefore never builds a backlog: results always describe the newest frame
+available when the worker got free. The model lifecycle, downscaling, statistics and health
+rules live there too; this node turns parameters into Settings, messages into frames and
+results into messages.
 
 Very large frames: a frame with more than `max_input_pixels` pixels (default 8 MP) is
 downscaled with cv2.INTER_AREA (aspect ratio kept) right after decoding, and everything
@@ -67,23 +70,12 @@ error is logged and the parameters are set back to the running values.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
-import math
 import sys
-import threading
-import time
-from collections import Counter
-from dataclasses import fields
 
-import cv2
-import numpy as np
 import rclpy
-import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, \
-    SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -93,200 +85,111 @@ from std_msgs.msg import Bool, Float32
 from std_srvs.srv import SetBool
 
 from ..core import checkpoint as ckpt
-from ..core.detector import Detector
-from ..core.settings import Settings, check
-from ..core.variants import get_variant
+from ..core.runtime import SETTING_NAMES, BadInput, Runtime
+from ..core.settings import Settings
 from . import image_codec, transport
-from .params import NODE_PARAMETERS, ParamSpec, float_overrides_from_ints, settings_parameters
+from .params import NODE_PARAMETERS, as_declared_type, declare_parameters, settings_parameters
 
 NODE_NAME = "anomaly_detector"
-SETTING_NAMES = tuple(f.name for f in fields(Settings))
 
-_ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+_LEVELS = {"ok": DiagnosticStatus.OK, "warn": DiagnosticStatus.WARN, "error": DiagnosticStatus.ERROR}
+_BAD_INPUT_KINDS = ("encoding", "size", "data", "compressed", "frame")
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 class StartupError(RuntimeError):
     """The node cannot start (bad checkpoint, invalid parameter); message is user-facing."""
 
 
-def descriptor(p: ParamSpec) -> ParameterDescriptor:
-    d = ParameterDescriptor(name=p.name, type=_ROS_TYPES[p.type], description=p.description,
-                            read_only=p.read_only)
-    if p.choices:
-        d.additional_constraints = "one of: " + ", ".join(map(str, p.choices))
-    if p.lo is not None and p.type is int:
-        d.integer_range = [IntegerRange(from_value=int(p.lo), to_value=int(p.hi), step=0)]
-    elif p.lo is not None and p.type is float:
-        d.floating_point_range = [FloatingPointRange(from_value=float(p.lo), to_value=float(p.hi), step=0.0)]
-    if p.name in ("mask_threshold", "frame_threshold"):
-        d.additional_constraints = "-1 (calibrated value from the checkpoint) or a value in [0, 1]"
-    return d
-
-
-class Mailbox:
-    """One slot: put() replaces an unconsumed item (counted in `replaced`)."""
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._item = None
-        self._closed = False
-        self._poked = False
-        self.replaced = 0
-
-    def put(self, item) -> None:
-        with self._cv:
-            if self._item is not None:
-                self.replaced += 1
-            self._item = item
-            self._cv.notify()
-
-    def poke(self) -> None:
-        """Wake the consumer without an item (e.g. to apply new parameters)."""
-        with self._cv:
-            self._poked = True
-            self._cv.notify()
-
-    def take(self, timeout: float):
-        with self._cv:
-            self._cv.wait_for(lambda: self._item is not None or self._closed or self._poked, timeout)
-            item, self._item, self._poked = self._item, None, False
-            return item
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
+def _decoder(msg, decode):
+    """The message's decoding, run later in the worker; unreadable frames become BadInput."""
+    def run():
+        try:
+            return decode(msg)
+        except image_codec.FrameError as err:
+            raise BadInput(err.kind, err) from None
+        except MemoryError as err:
+            raise BadInput("size", f"no memory to decode a {msg.__class__.__name__} of {len(msg.data)} bytes "
+                                   f"({err})") from None
+    return run
 
 
 class DetectorNode(Node):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
         self._specs = {**settings_parameters(), **NODE_PARAMETERS}
-        self._declare_all()
-        values = {n: self.get_parameter(n).value for n in SETTING_NAMES}
-        values = {n: float(v) if self._specs[n].type is float and isinstance(v, int) else v
-                  for n, v in values.items()}
-        for name in SETTING_NAMES:
-            reason = check(name, values[name])
+        try:
+            declare_parameters(self, self._specs.values())
+        except ValueError as err:
+            raise StartupError(str(err)) from None
+        values = {n: self.get_parameter(n).value for n in self._specs}
+        for name in NODE_PARAMETERS:
+            reason = NODE_PARAMETERS[name].check(values[name])
             if reason:
                 raise StartupError(f"invalid parameter: {reason}")
-        for name, p in NODE_PARAMETERS.items():
-            reason = p.check(self.get_parameter(name).value)
-            if reason:
-                raise StartupError(f"invalid parameter: {reason}")
-        self._desired = Settings.from_dict(values)
-        self._node_params = {n: self.get_parameter(n).value for n in NODE_PARAMETERS}
-        self._lock = threading.Lock()  # guards _desired, _node_params, _stats
-        self._detector: Detector | None = None
-        self._mailbox = Mailbox()
-        self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
-        self._bad_loggers: dict[str, object] = {}
-        # statistics (under _lock)
-        self._received = 0
-        self._processed = 0
-        self._inference_errors = 0
-        self._ignored_disabled = 0
-        self._downscaled = 0
-        self._downscale_logged = False
-        self._bad = Counter()
-        self._window_latency: list[float] = []
-        self._window_model: list[float] = []
-        self._last_diag = (time.monotonic(), 0, 0, 0)
-        self._last_input_time: float | None = None
-
-    # ------------------------------------------------------------------ parameters
-
-    def _declare_all(self) -> None:
-        # `-p guidance_scale:=1` arrives as an integer: accept it for double parameters.
-        float_overrides_from_ints(self, [n for n, p in self._specs.items() if p.type is float])
-        for name, p in self._specs.items():
-            try:
-                self.declare_parameter(name, p.default, descriptor(p))
-            except Exception as err:  # InvalidParameterValue/TypeException: out of range, wrong type
-                raise StartupError(f"invalid parameter {name}: {err}") from None
-        if hasattr(self, "add_pre_set_parameters_callback"):
-            self.add_pre_set_parameters_callback(self._coerce_parameters)
+        try:
+            settings = Settings.from_dict({n: values[n] for n in SETTING_NAMES})  # core.settings.check
+        except ValueError as err:
+            raise StartupError(f"invalid parameter: {err}") from None
+        self._node_params = {n: values[n] for n in NODE_PARAMETERS}
+        self._runtime = Runtime(
+            settings, enabled=values["enabled"], max_input_pixels=values["max_input_pixels"],
+            source=self.resolve_topic_name("image"), bad_input_log_period=values["bad_input_log_period"],
+            on_result=self._publish, on_revert=self._revert, on_disabled=self._disabled, log=self.get_logger())
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
-    def _coerce_parameters(self, params: list[Parameter]) -> list[Parameter]:
-        out = []
-        for prm in params:
-            spec = self._specs.get(prm.name)
-            if spec is not None and spec.type is float and prm.type_ == Parameter.Type.INTEGER:
-                prm = Parameter(prm.name, Parameter.Type.DOUBLE, float(prm.value))
-            out.append(prm)
-        return out
+    @property
+    def runtime(self) -> Runtime:
+        """The ROS-free model host behind this node (frames, model lifecycle, statistics)."""
+        return self._runtime
+
+    # ------------------------------------------------------------------ parameters
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         changes, node_changes = {}, {}
         for prm in params:
-            name, value = prm.name, prm.value
-            if name in SETTING_NAMES:
-                if self._specs[name].type is float and isinstance(value, int) and not isinstance(value, bool):
-                    value = float(value)
-                reason = check(name, value)
+            if prm.name not in self._specs:  # rclpy's own, e.g. use_sim_time
+                continue
+            value = as_declared_type(self._specs[prm.name].default, prm.value)
+            if prm.name in NODE_PARAMETERS:
+                reason = NODE_PARAMETERS[prm.name].check(value)
                 if reason:
                     return SetParametersResult(successful=False, reason=reason)
-                changes[name] = value
-            elif name in NODE_PARAMETERS:
-                reason = NODE_PARAMETERS[name].check(value)
-                if reason:
-                    return SetParametersResult(successful=False, reason=reason)
-                node_changes[name] = value
-        with self._lock:
-            try:
-                desired = self._desired.updated(**changes)
-            except ValueError as err:
-                return SetParametersResult(successful=False, reason=str(err))
-            reason = self._quick_reload_check(desired, changes)
-            if reason:
-                return SetParametersResult(successful=False, reason=reason)
-            self._desired = desired
-            self._node_params.update(node_changes)
-        if changes or "enabled" in node_changes:
-            self._mailbox.poke()
+                node_changes[prm.name] = value
+            else:
+                changes[prm.name] = value
+        reason = self._runtime.change(**changes)  # validated by the core (values, checkpoint family)
+        if reason:
+            return SetParametersResult(successful=False, reason=reason)
+        self._node_params.update(node_changes)
+        if "max_input_pixels" in node_changes:
+            self._runtime.max_input_pixels = node_changes["max_input_pixels"]
+        if "enabled" in node_changes:
+            self._runtime.set_enabled(node_changes["enabled"])
         return SetParametersResult(successful=True)
 
-    @staticmethod
-    def _quick_reload_check(desired: Settings, changes: dict) -> str | None:
-        """Cheap checks of a new checkpoint/variant, so obvious mistakes are rejected at once."""
-        if not {"checkpoint", "variant"} & set(changes):
-            return None
-        try:
-            config = ckpt.load_config(desired.checkpoint)
-        except ckpt.CheckpointError as err:
-            return str(err)
-        family = get_variant(desired.variant).family
-        if config.get("family") != family:
-            return (f"checkpoint {desired.checkpoint} holds a {config.get('family')!r} model, variant "
-                    f"{desired.variant!r} needs a {family!r} one")
-        return None
+    def _revert(self, running: Settings, names: list[str]) -> None:
+        """The worker could not apply a change: the parameters show the running values again."""
+        self.set_parameters([Parameter(n, value=getattr(running, n)) for n in names])
+
+    def _disabled(self) -> None:
+        """A load failed in the worker: `enabled` goes back to false."""
+        self.set_parameters([Parameter("enabled", value=False)])
 
     # ------------------------------------------------------------------ start-up
 
     def load_model(self) -> None:
-        s = self._desired
+        s = self._runtime.settings
         if not s.checkpoint:
             raise StartupError("parameter 'checkpoint' is empty: pass the checkpoint folder, e.g. "
                                "--ros-args -p checkpoint:=/path/to/checkpoint")
-        if not self._node_params["enabled"]:
-            reason = self._quick_reload_check(s, {"checkpoint": s.checkpoint})
-            if reason:
-                raise StartupError(f"cannot load the model: {reason}")
-            self.get_logger().info(f"starting disabled (enabled:=false): no model loaded; checkpoint "
-                                   f"{s.checkpoint}, variant {s.variant}")
-            return
-        t0 = time.monotonic()
         try:
-            self._detector = Detector(s.checkpoint, s)
+            self._runtime.load()
         except (ckpt.CheckpointError, ValueError, RuntimeError, OSError) as err:
             raise StartupError(f"cannot load the model: {err}") from None
-        self.get_logger().info(
-            f"model loaded in {time.monotonic() - t0:.1f} s: variant {s.variant} (NFE {self._detector.nfe}) "
-            f"on {self._detector.device}, checkpoint {s.checkpoint}, thresholds mask "
-            f"{self._detector.mask_threshold:.3f} frame {self._detector.frame_threshold:.3f}")
 
     def start(self) -> None:
         """Create the topics, the diagnostics timer and the worker thread."""
@@ -305,45 +208,30 @@ class DetectorNode(Node):
         self._pub_ood_score = self.create_publisher(Float32, "anomaly/ood_score", out_qos)
         self._pub_ood_stamped = self.create_publisher(DiagnosticArray, "anomaly/ood_stamped", out_qos)
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._image_topic = self.resolve_topic_name("image")
         self.create_subscription(Image, "image", self._on_image, in_qos)
-        inputs = [self._image_topic]
+        inputs = [self._runtime.source]
         if np_["subscribe_compressed"]:
-            topic = self._image_topic.rstrip("/") + "/compressed"
+            topic = self._runtime.source.rstrip("/") + "/compressed"
             self.create_subscription(CompressedImage, topic, self._on_compressed, in_qos)
             inputs.append(topic)
-        self.create_timer(float(np_["diagnostics_period"]), self._publish_diagnostics)
+        self.create_timer(float(np_["diagnostics_period"]), self.publish_diagnostics)
         self.create_service(SetBool, "~/enable", self._on_enable)
-        self._worker = threading.Thread(target=self._work, name="anomaly_inference", daemon=True)
-        self._worker.start()
+        self._runtime.start()
         self.get_logger().info(
             f"listening on {', '.join(inputs)} ({np_['qos_reliability']}, depth {np_['qos_depth']}); "
             f"publishing {self.resolve_topic_name('anomaly')}/{{mask,score,overlay,edited,ood,ood_score,"
             f"ood_stamped}}")
 
     def stop(self) -> None:
-        self._stop.set()
-        self._mailbox.close()
-        if self._worker is not None:
-            self._worker.join(timeout=5.0)
+        self._runtime.stop()
 
     # ------------------------------------------------------------------ callbacks (executor thread)
 
     def _on_image(self, msg: Image) -> None:
-        self._enqueue(msg, image_codec.image_to_rgb)
+        self._runtime.submit(_decoder(msg, image_codec.image_to_rgb), msg.header)
 
     def _on_compressed(self, msg: CompressedImage) -> None:
-        self._enqueue(msg, image_codec.compressed_to_rgb)
-
-    def _enqueue(self, msg, decode) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._received += 1
-            self._last_input_time = now
-            if not self._node_params["enabled"]:
-                self._ignored_disabled += 1
-                return
-        self._mailbox.put((msg, decode, now))
+        self._runtime.submit(_decoder(msg, image_codec.compressed_to_rgb), msg.header)
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         want = bool(request.data)
@@ -358,180 +246,17 @@ class DetectorNode(Node):
             response.message = "disabled: the model is released and frames are ignored until enabled"
         return response
 
-    # ------------------------------------------------------------------ worker thread
+    # ------------------------------------------------------------------ results (worker thread)
 
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            item = self._mailbox.take(timeout=0.2)
-            if self._stop.is_set():
-                break
-            try:
-                ready = self._apply_state()
-                if item is not None:
-                    if ready:
-                        self._process(*item)
-                    else:
-                        with self._lock:
-                            self._ignored_disabled += 1
-            except Exception as err:  # never let the worker die
-                if self._stop.is_set() or not rclpy.ok(context=self.context):
-                    break
-                self.get_logger().error(f"unexpected error in the inference thread: {type(err).__name__}: {err}",
-                                        throttle_duration_sec=5.0)
-
-    def _apply_state(self) -> bool:
-        """Bring the model in line with `enabled` and the parameters; True when one is loaded."""
-        with self._lock:
-            enabled = self._node_params["enabled"]
-        if not enabled:
-            if self._detector is not None:
-                self._release_model()
-            return False
-        if self._detector is None:
-            self._load_in_worker()
-            return self._detector is not None
-        self._apply_settings()
-        return True
-
-    def _release_model(self) -> None:
-        det, self._detector = self._detector, None
-        on_cuda = det.device.type == "cuda"
-        desc = f"{det.settings.variant} on {det.device}"
-        del det
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
-        _malloc_trim()
-        self.get_logger().info(f"disabled: model released ({desc}), frames are ignored until enabled")
-
-    def _load_in_worker(self) -> None:
-        with self._lock:
-            desired = self._desired
-        self.get_logger().info(f"enabled: loading the model (variant {desired.variant}, checkpoint "
-                               f"{desired.checkpoint}) ...")
-        t0 = time.monotonic()
+    def _publish(self, header, rgb, result, det) -> None:
         try:
-            new = Detector(desired.checkpoint, desired)
-        except Exception as err:
-            self.get_logger().error(f"cannot load the model, staying disabled: {type(err).__name__}: {err}")
-            with self._lock:
-                self._node_params["enabled"] = False
-            self.set_parameters([Parameter("enabled", value=False)])
-            return
-        self._detector = new
-        self.get_logger().info(f"model loaded in {time.monotonic() - t0:.1f} s: variant {desired.variant} "
-                               f"(NFE {new.nfe}) on {new.device}; processing frames again")
+            self._publish_result(header, rgb, result, det)
+        except Exception:
+            if rclpy.ok(context=self.context):
+                raise
+            # shutting down (Ctrl-C during inference): nothing left to publish to
 
-    def _apply_settings(self) -> None:
-        det = self._detector
-        with self._lock:
-            desired = self._desired
-        if desired == det.settings:
-            return
-        changes = {n: getattr(desired, n) for n in SETTING_NAMES if getattr(desired, n) != getattr(det.settings, n)}
-        try:
-            reload = det.update(**changes)
-        except ValueError as err:
-            self.get_logger().error(f"cannot apply {changes}: {err}")
-            self._revert(det.settings, changes)
-            return
-        if not reload:
-            self.get_logger().info("applied " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
-            return
-        self.get_logger().info(f"rebuilding the model for {', '.join(reload)} ...")
-        t0 = time.monotonic()
-        try:
-            new = Detector(desired.checkpoint, desired)
-        except Exception as err:  # keep serving with the old model
-            self.get_logger().error(f"model reload failed, keeping the running model "
-                                    f"({det.settings.variant} on {det.device}): {type(err).__name__}: {err}")
-            self._revert(det.settings, changes)
-            return
-        self._detector = new
-        self.get_logger().info(f"model reloaded in {time.monotonic() - t0:.1f} s: variant {desired.variant} "
-                               f"(NFE {new.nfe}) on {new.device}")
-
-    def _revert(self, running: Settings, changes: dict) -> None:
-        with self._lock:
-            self._desired = running
-        self.set_parameters([Parameter(n, value=getattr(running, n)) for n in changes])
-
-    def _bad_input(self, kind: str, err: Exception) -> None:
-        with self._lock:
-            self._bad[kind] += 1
-            count = self._bad[kind]
-        # One logger object per kind: rclpy keeps throttle state per logger and call site,
-        # so each kind of bad input gets its own throttle window.
-        logger = self._bad_loggers.get(kind)
-        if logger is None:
-            logger = self._bad_loggers[kind] = rclpy.logging.get_logger(self.get_logger().name)
-        logger.warning(f"bad input frame on {self._image_topic} ({kind}): {err}; frame skipped "
-                       f"({count} {kind} error(s) so far)",
-                       throttle_duration_sec=float(self._node_params["bad_input_log_period"]))
-
-    def _limit_size(self, rgb: np.ndarray) -> np.ndarray:
-        """Downscale (INTER_AREA, aspect ratio kept) a frame above max_input_pixels."""
-        h, w = rgb.shape[:2]
-        limit = int(self._node_params["max_input_pixels"])
-        if h * w <= limit:
-            return rgb
-        scale = math.sqrt(limit / (h * w))
-        # never below 8 pixels a side (the Detector's minimum) because of the downscaling itself
-        nw, nh = max(min(w, 8), int(w * scale)), max(min(h, 8), int(h * scale))
-        small = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
-        with self._lock:
-            self._downscaled += 1
-            first = not self._downscale_logged
-            self._downscale_logged = True
-        if first:
-            self.get_logger().warning(
-                f"frame of {w}x{h} pixels on {self._image_topic} is above max_input_pixels={limit}: "
-                f"downscaled to {nw}x{nh}; the outputs have that resolution (same aspect ratio, input "
-                f"header). Logged once; the count is frames_downscaled in /diagnostics")
-        return small
-
-    def _process(self, msg, decode, received: float) -> None:
-        try:
-            rgb = self._limit_size(decode(msg))
-        except image_codec.FrameError as err:
-            self._bad_input(err.kind, err)
-            return
-        except MemoryError as err:
-            self._bad_input("size", MemoryError(f"no memory to decode a {msg.__class__.__name__} of "
-                                                f"{len(msg.data)} bytes ({err})"))
-            return
-        det = self._detector
-        try:
-            result = det.process(rgb)
-        except ValueError as err:  # frame the model cannot take (e.g. too small)
-            self._bad_input("frame", err)
-            return
-        except torch.cuda.OutOfMemoryError as err:
-            self._inference_failed(err, det, oom=True)
-            return
-        except Exception as err:
-            self._inference_failed(err, det)
-            return
-        if self._stop.is_set():
-            return
-        self._publish(msg.header, rgb, result, det)
-        latency = time.monotonic() - received
-        with self._lock:
-            self._processed += 1
-            self._window_latency.append(latency)
-            self._window_model.append(result.timings_ms.get("model", float("nan")))
-
-    def _inference_failed(self, err: Exception, det: Detector, oom: bool = False) -> None:
-        with self._lock:
-            self._inference_errors += 1
-            count = self._inference_errors
-        if oom or det.device.type == "cuda":
-            torch.cuda.empty_cache()  # give the failed attempt's blocks back before the next frame
-        what = "CUDA out of memory" if oom else "inference failed"
-        self.get_logger().error(f"{what}, frame skipped ({count} inference error(s) so far): "
-                                f"{type(err).__name__}: {err}", throttle_duration_sec=5.0)
-
-    def _publish(self, header, rgb: np.ndarray, result, det: Detector) -> None:
+    def _publish_result(self, header, rgb, result, det) -> None:
         self._pub_mask.publish(image_codec.mask_to_image(result.mask, header))
         self._pub_score.publish(image_codec.score_to_image(result.score, header))
         self._pub_ood.publish(Bool(data=bool(result.is_ood)))
@@ -556,72 +281,41 @@ class DetectorNode(Node):
 
     # ------------------------------------------------------------------ diagnostics (executor thread)
 
-    def _publish_diagnostics(self) -> None:
-        now = time.monotonic()
-        det = self._detector
-        with self._lock:
-            t_prev, rec_prev, proc_prev, err_prev = self._last_diag
-            received, processed = self._received, self._processed
-            lat, model = self._window_latency, self._window_model
-            self._window_latency, self._window_model = [], []
-            bad = dict(self._bad)
-            errors = self._inference_errors
-            self._last_diag = (now, received, processed, errors)
-            last_input = self._last_input_time
-            enabled = bool(self._node_params["enabled"])
-            ignored, downscaled = self._ignored_disabled, self._downscaled
-            desired = self._desired
-        dt = max(now - t_prev, 1e-6)
-        dropped = self._mailbox.replaced
+    def publish_diagnostics(self) -> None:
+        """One /diagnostics message for the statistics window since the previous one."""
+        w = self._runtime.window()
+        s = w.stats
+        det, desired = self._runtime.detector, self._runtime.settings
         values = {
-            "input_rate_hz": f"{(received - rec_prev) / dt:.2f}",
-            "processed_rate_hz": f"{(processed - proc_prev) / dt:.2f}",
-            "latency_p50_ms": f"{np.median(lat) * 1000:.1f}" if lat else "n/a",
-            "latency_max_ms": f"{max(lat) * 1000:.1f}" if lat else "n/a",
-            "model_p50_ms": f"{np.nanmedian(model):.1f}" if model else "n/a",
-            "frames_received": str(received),
-            "frames_processed": str(processed),
-            "frames_dropped": str(dropped),
-            "inference_errors": str(errors),
-            **{f"bad_input_{k}": str(bad.get(k, 0)) for k in ("encoding", "size", "data", "compressed", "frame")},
-            "enabled": str(enabled).lower(),
+            "input_rate_hz": f"{w.input_rate_hz:.2f}",
+            "processed_rate_hz": f"{w.processed_rate_hz:.2f}",
+            "latency_p50_ms": _ms(w.latency_p50_ms),
+            "latency_max_ms": _ms(w.latency_max_ms),
+            "model_p50_ms": _ms(w.model_p50_ms),
+            "frames_received": str(s.received),
+            "frames_processed": str(s.processed),
+            "frames_dropped": str(s.dropped),
+            "inference_errors": str(s.inference_errors),
+            **{f"bad_input_{k}": str(s.bad_input.get(k, 0)) for k in _BAD_INPUT_KINDS},
+            "enabled": str(s.enabled).lower(),
             "model_loaded": str(det is not None).lower(),
-            "ignored_disabled": str(ignored),
-            "frames_downscaled": str(downscaled),
+            "ignored_disabled": str(s.ignored_disabled),
+            "frames_downscaled": str(s.downscaled),
             "variant": det.settings.variant if det else desired.variant,
             "device": str(det.device) if det else "n/a",
             "nfe": str(det.nfe) if det else "n/a",
             "mask_threshold": f"{det.mask_threshold:.4f}" if det else "n/a",
             "frame_threshold": f"{det.frame_threshold:.4f}" if det else "n/a",
             "checkpoint": det.settings.checkpoint if det else desired.checkpoint,
-            "input_topic": self._image_topic,
+            "input_topic": self._runtime.source,
         }
-        if not enabled:
-            level, message = DiagnosticStatus.OK, "disabled (model released)"
-        elif det is None:
-            level, message = DiagnosticStatus.WARN, "loading the model"
-        elif errors > err_prev and not lat:
-            level, message = DiagnosticStatus.ERROR, "inference failing"
-        elif last_input is None or now - last_input > max(5.0, 3 * dt):
-            level, message = DiagnosticStatus.WARN, "no input frames"
-        elif sum(bad.values()) and not lat:
-            level, message = DiagnosticStatus.WARN, "only bad input frames"
-        else:
-            level, message = DiagnosticStatus.OK, "running"
+        health = w.health()
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [DiagnosticStatus(level=level, name=f"{self.get_name()}: anomaly detection", message=message,
-                                       hardware_id=str(det.device) if det else "",
+        arr.status = [DiagnosticStatus(level=_LEVELS[health.level], name=f"{self.get_name()}: anomaly detection",
+                                       message=health.message, hardware_id=str(det.device) if det else "",
                                        values=[KeyValue(key=k, value=v) for k, v in values.items()])]
         self._pub_diag.publish(arr)
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap memory back to the system (glibc); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _RosLogHandler(logging.Handler):

@@ -3,11 +3,14 @@
 One parameter per field of `core.settings.Settings` (description, type and range read
 from the field's metadata, so that table stays the single source of truth), plus the
 node-only parameters below. The launch-file test and the node both read this module.
+`descriptor` is how every node of the package (detector, replay) declares a ParamSpec.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
 from ..core.settings import Settings, spec
 
@@ -21,7 +24,6 @@ class ParamSpec:
     hi: float | int | None = None
     choices: tuple | None = None
     read_only: bool = False
-    is_setting: bool = True  # a core Settings field (else node-only)
 
     @property
     def type(self) -> type:
@@ -44,24 +46,23 @@ MAX_INPUT_PIXELS = 8_000_000  # 8 MP: a 4000x3000 frame is downscaled to about 3
 NODE_PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in (
     ParamSpec("qos_reliability", "best_effort",
               "reliability of the image subscription: best_effort (sensor-data profile, matches every "
-              "publisher) or reliable", choices=("best_effort", "reliable"), read_only=True, is_setting=False),
+              "publisher) or reliable", choices=("best_effort", "reliable"), read_only=True),
     ParamSpec("qos_depth", 1, "history depth of the image subscription (the node keeps only the newest "
-              "frame anyway)", 1, 100, read_only=True, is_setting=False),
+              "frame anyway)", 1, 100, read_only=True),
     ParamSpec("subscribe_compressed", False, "also subscribe to <image>/compressed "
-              "(sensor_msgs/CompressedImage, jpeg or png)", read_only=True, is_setting=False),
-    ParamSpec("publish_overlay", True, "publish anomaly/overlay (computed only while someone subscribes)",
-              is_setting=False),
+              "(sensor_msgs/CompressedImage, jpeg or png)", read_only=True),
+    ParamSpec("publish_overlay", True, "publish anomaly/overlay (computed only while someone subscribes)"),
     ParamSpec("publish_edited", True, "publish anomaly/edited, the frame as edited towards the normal "
-              "model (computed only while someone subscribes)", is_setting=False),
+              "model (computed only while someone subscribes)"),
     ParamSpec("diagnostics_period", 1.0, "seconds between /diagnostics messages", 0.1, 60.0,
-              read_only=True, is_setting=False),
+              read_only=True),
     ParamSpec("bad_input_log_period", 5.0, "at most one log line per kind of bad input frame per this "
-              "many seconds", 0.0, 3600.0, read_only=True, is_setting=False),
+              "many seconds", 0.0, 3600.0, read_only=True),
     ParamSpec("max_input_pixels", MAX_INPUT_PIXELS, "frames with more pixels than this are downscaled "
               "(INTER_AREA, aspect ratio kept) before the detector; the outputs then have the downscaled "
-              "resolution (same aspect ratio, input header)", 4096, 1_000_000_000, is_setting=False),
+              "resolution (same aspect ratio, input header)", 4096, 1_000_000_000),
     ParamSpec("enabled", True, "false: release the model (its memory is freed) and ignore frames; true: "
-              "load it again (also the ~/enable std_srvs/SetBool service)", is_setting=False),
+              "load it again (also the ~/enable std_srvs/SetBool service)"),
 )}
 
 
@@ -77,14 +78,49 @@ def settings_parameters() -> dict[str, ParamSpec]:
     return out
 
 
-def all_parameters() -> dict[str, ParamSpec]:
-    return {**settings_parameters(), **NODE_PARAMETERS}
+def as_declared_type(default: Any, value: Any) -> Any:
+    """The one int -> float rule: an integer (not a bool) given for a double parameter is that
+    double (`-p guidance_scale:=1`, `steps: 3000` in YAML, `ros2 param set ... 1`)."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def declare_parameters(node, specs) -> None:
+    """Declare the ParamSpecs on `node` (descriptor() below), accepting integers for double
+    parameters at start-up and later, with rclpy's public API only: static typing would refuse
+    an integer override before any callback sees it, so a double parameter is declared
+    dynamically typed and then given its descriptor with the value as a double (set_descriptor);
+    later integer sets are converted by a pre-set callback (rclpy >= Iron; Humble refuses them).
+    ValueError naming the parameter for a start-up value of the wrong type or out of range."""
+    from rcl_interfaces.msg import ParameterValue
+    from rclpy.parameter import Parameter
+
+    doubles = {}
+    for p in specs:
+        try:
+            if p.type is not float:
+                node.declare_parameter(p.name, p.default, descriptor(p))
+                continue
+            doubles[p.name] = p.default
+            value = as_declared_type(p.default, node.declare_parameter(
+                p.name, p.default, ParameterDescriptor(dynamic_typing=True)).value)
+            node.set_descriptor(p.name, descriptor(p), ParameterValue(
+                type=ParameterType.PARAMETER_DOUBLE, double_value=value) if isinstance(value, float) else None)
+        except Exception as err:  # rclpy's InvalidParameterValue/TypeException
+            raise ValueError(f"invalid parameter {p.name}: {err}") from None
+
+    def as_doubles(params: list) -> list:
+        return [Parameter(p.name, Parameter.Type.DOUBLE, as_declared_type(doubles[p.name], p.value))
+                if p.name in doubles and p.type_ == Parameter.Type.INTEGER else p for p in params]
+
+    if hasattr(node, "add_pre_set_parameters_callback"):
+        node.add_pre_set_parameters_callback(as_doubles)
 
 
 def float_overrides_from_ints(node, names) -> None:
-    """Turn integer start-up overrides (`-p rate_hz:=10`, `steps: 3000` in YAML) of double
-    parameters into doubles before they are declared; rclpy would refuse them as the wrong
-    type. Uses rclpy's override table; does nothing if that is not there."""
+    """Kept for replay_node until it declares through declare_parameters (its own parameter
+    scheme is being rewritten): rewrites rclpy's private override table."""
     overrides = getattr(node, "_parameter_overrides", None)
     if not isinstance(overrides, dict):
         return
@@ -92,6 +128,25 @@ def float_overrides_from_ints(node, names) -> None:
 
     for name in names:
         if name in overrides:
-            v = overrides[name].value
-            if isinstance(v, int) and not isinstance(v, bool):
-                overrides[name] = Parameter(name, Parameter.Type.DOUBLE, float(v))
+            overrides[name] = Parameter(name, value=as_declared_type(0.0, overrides[name].value))
+
+
+# ---- declaring a ParamSpec (detector and replay node) ----
+
+_ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+
+
+def descriptor(p: ParamSpec) -> ParameterDescriptor:
+    """What `ros2 param describe` shows and rclpy enforces: type, description, read-only, range."""
+    d = ParameterDescriptor(name=p.name, type=_ROS_TYPES[p.type], description=p.description,
+                            read_only=p.read_only)
+    if p.choices:
+        d.additional_constraints = "one of: " + ", ".join(map(str, p.choices))
+    if p.lo is not None and p.type is int:
+        d.integer_range = [IntegerRange(from_value=int(p.lo), to_value=int(p.hi), step=0)]
+    elif p.lo is not None and p.type is float:
+        d.floating_point_range = [FloatingPointRange(from_value=float(p.lo), to_value=float(p.hi), step=0.0)]
+    if p.name in ("mask_threshold", "frame_threshold"):
+        d.additional_constraints = "-1 (calibrated value from the checkpoint) or a value in [0, 1]"
+    return d

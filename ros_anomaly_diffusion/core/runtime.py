@@ -1,0 +1,518 @@
+"""The detector at run time, without ROS: what a node (or any frame source) needs around a Detector.
+
+- **Mailbox**: one slot. `submit()` drops a frame in and returns at once; a newer frame
+  replaces an unprocessed one (counted as dropped), so a slow model never builds a backlog
+  and results always describe the newest frame available when the model got free.
+- **Model host**: `step()` (called in a loop by the worker thread of `start()`, or by the
+  caller itself) brings the model in line with the requested state first: `set_enabled(False)`
+  releases the Detector (its CPU/GPU memory goes back to the system), `set_enabled(True)`
+  loads it again, `change(**settings)` applies live settings on the next frame or rebuilds the
+  Detector; a failed rebuild keeps the old model and reports the settings set back.
+- **Downscaling**: frames above `max_input_pixels` are shrunk (INTER_AREA, aspect kept), which
+  bounds memory and output size whatever the camera sends; the outputs keep that size.
+- **Statistics and health**: `stats()` (totals), `window()` (what happened since the previous
+  window: rates, latencies) and `Window.health()` (the verdict a diagnostics message carries).
+
+Frames are RGB uint8 arrays, or zero-argument callables returning one (decoded in the worker,
+not in the caller's thread); a decoder raises `BadInput` for a frame it cannot read. Each
+result goes to `on_result(token, rgb, result, detector)` with the token given to `submit()`.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .detector import Detector
+from .settings import Settings
+from .variants import get_variant
+
+SETTING_NAMES = tuple(f.name for f in fields(Settings))
+
+
+class BadInput(Exception):
+    """A frame that cannot be used; `kind` groups the causes for counting (encoding, size, ...)."""
+
+    def __init__(self, kind: str, error: Exception | str):
+        super().__init__(str(error))
+        self.kind = kind
+
+
+class Mailbox:
+    """One slot: put() replaces an unconsumed item (counted in `replaced`)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._item = None
+        self._closed = False
+        self._poked = False
+        self.replaced = 0
+
+    def put(self, item) -> None:
+        with self._cv:
+            if self._item is not None:
+                self.replaced += 1
+            self._item = item
+            self._cv.notify()
+
+    def poke(self) -> None:
+        """Wake the consumer without an item (e.g. to apply new settings)."""
+        with self._cv:
+            self._poked = True
+            self._cv.notify()
+
+    def take(self, timeout: float):
+        with self._cv:
+            self._cv.wait_for(lambda: self._item is not None or self._closed or self._poked, timeout)
+            item, self._item, self._poked = self._item, None, False
+            return item
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) a frame above `max_pixels` is shrunk to (aspect ratio kept), else None."""
+    if width * height <= max_pixels:
+        return None
+    scale = math.sqrt(max_pixels / (width * height))
+    # never below 8 pixels a side (the Detector's minimum) because of the downscaling itself
+    return max(min(width, 8), int(width * scale)), max(min(height, 8), int(height * scale))
+
+
+def checkpoint_problem(settings: Settings) -> str | None:
+    """Why `settings.checkpoint` cannot serve `settings.variant` (missing, pickled, wrong family),
+    read from config.json alone: a cheap check before an expensive model build."""
+    try:
+        config = ckpt.load_config(settings.checkpoint)
+    except ckpt.CheckpointError as err:
+        return str(err)
+    family = get_variant(settings.variant).family
+    if config.get("family") != family:
+        return (f"checkpoint {settings.checkpoint} holds a {config.get('family')!r} model, variant "
+                f"{settings.variant!r} needs a {family!r} one")
+    return None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Totals since start. received = processed + dropped + bad input + inference errors +
+    ignored (+ the frame in the worker)."""
+    received: int
+    processed: int
+    dropped: int  # replaced in the mailbox by a newer frame
+    inference_errors: int
+    ignored_disabled: int
+    downscaled: int
+    bad_input: dict[str, int]
+    enabled: bool
+    model_loaded: bool
+    last_input: float | None  # time.monotonic() of the last submit()
+
+
+@dataclass(frozen=True)
+class Health:
+    level: str  # "ok", "warn" or "error"
+    message: str
+
+
+@dataclass(frozen=True)
+class Window:
+    """What happened between two calls of Runtime.window()."""
+    stats: Stats  # totals at the end of the window
+    seconds: float
+    received: int
+    processed: int
+    inference_errors: int
+    latency_s: tuple[float, ...]  # submit() to result delivered, per processed frame
+    model_ms: tuple[float, ...]  # the Detector's own model time, per processed frame
+    end: float  # time.monotonic() at the end
+
+    @property
+    def input_rate_hz(self) -> float:
+        return self.received / self.seconds
+
+    @property
+    def processed_rate_hz(self) -> float:
+        return self.processed / self.seconds
+
+    @property
+    def latency_p50_ms(self) -> float | None:
+        return float(np.median(self.latency_s)) * 1000 if self.latency_s else None
+
+    @property
+    def latency_max_ms(self) -> float | None:
+        return max(self.latency_s) * 1000 if self.latency_s else None
+
+    @property
+    def model_p50_ms(self) -> float | None:
+        return float(np.nanmedian(self.model_ms)) if self.model_ms else None
+
+    def health(self) -> Health:
+        s = self.stats
+        if not s.enabled:
+            return Health("ok", "disabled (model released)")
+        if not s.model_loaded:
+            return Health("warn", "loading the model")
+        if self.inference_errors and not self.latency_s:
+            return Health("error", "inference failing")
+        if s.last_input is None or self.end - s.last_input > max(5.0, 3 * self.seconds):
+            return Health("warn", "no input frames")
+        if sum(s.bad_input.values()) and not self.latency_s:
+            return Health("warn", "only bad input frames")
+        return Health("ok", "running")
+
+
+class _Throttle:
+    """At most one log line per key and period (the first one passes)."""
+
+    def __init__(self):
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str, period: float) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < period:
+            return False
+        self._last[key] = now
+        return True
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the system (glibc); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Runtime:
+    """Mailbox, model host, downscaling, statistics and health around one Detector.
+
+    settings: what to load; enabled: False starts without a model; max_input_pixels: None never
+    downscales (may be changed at any time, like bad_input_log_period); source: the input's name in
+    log lines; on_result(token, rgb, result, detector): called in the worker for every result;
+    on_revert(running, names): settings were set back to the running ones (a change could not be
+    applied); on_disabled(): a load failed, the runtime is disabled again; build(checkpoint,
+    settings) -> Detector; log: any object with info/warning/error(str).
+    """
+
+    def __init__(self, settings: Settings, *, enabled: bool = True, max_input_pixels: int | None = None,
+                 source: str = "input", bad_input_log_period: float = 5.0,
+                 on_result: Callable[[Any, np.ndarray, Any, Any], None] = lambda *a: None,
+                 on_revert: Callable[[Settings, list[str]], None] = lambda running, names: None,
+                 on_disabled: Callable[[], None] = lambda: None,
+                 build: Callable[[str, Settings], Any] = Detector, log=None):
+        self.max_input_pixels = max_input_pixels
+        self.source = source
+        self.bad_input_log_period = float(bad_input_log_period)
+        self._on_result, self._on_revert, self._on_disabled = on_result, on_revert, on_disabled
+        self._build = build
+        self._log = log or logging.getLogger(__name__)
+        self._lock = threading.Lock()  # guards what both threads touch: requested state, counters
+        self._desired = settings
+        self._enabled = bool(enabled)
+        self._detector = None
+        self._mailbox = Mailbox()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._throttle = _Throttle()
+        self._received = self._processed = self._inference_errors = 0
+        self._ignored_disabled = self._downscaled = 0
+        self._bad: Counter = Counter()
+        self._latency: list[float] = []
+        self._model_ms: list[float] = []
+        self._last_input: float | None = None
+        self._window_start = (time.monotonic(), 0, 0, 0)
+
+    # ------------------------------------------------------------------ state (any thread)
+
+    @property
+    def detector(self):
+        """The Detector serving frames now; None while disabled or not loaded yet."""
+        return self._detector
+
+    @property
+    def settings(self) -> Settings:
+        """The requested settings (the running Detector's once the worker has applied them)."""
+        with self._lock:
+            return self._desired
+
+    @property
+    def enabled(self) -> bool:
+        with self._lock:
+            return self._enabled
+
+    def change(self, **changes: Any) -> str | None:
+        """Request new settings; the reason they are refused (nothing changes then), or None.
+        Validated at once (values, and config.json when checkpoint or variant change), applied
+        by the worker before the next frame."""
+        with self._lock:
+            try:
+                desired = self._desired.updated(**changes)
+            except ValueError as err:
+                return str(err)
+            if {"checkpoint", "variant"} & set(changes):
+                reason = checkpoint_problem(desired)
+                if reason:
+                    return reason
+            self._desired = desired
+        if changes:
+            self._mailbox.poke()
+        return None
+
+    def set_enabled(self, enabled: bool) -> None:
+        """False: the worker releases the model and frames are ignored; True: it loads it again."""
+        with self._lock:
+            changed, self._enabled = self._enabled != bool(enabled), bool(enabled)
+        if changed:
+            self._mailbox.poke()
+
+    def load(self) -> None:
+        """Load the model now, in the caller's thread (start-up); errors propagate. With enabled
+        false only the checkpoint is checked (ValueError)."""
+        s = self.settings
+        if not self.enabled:
+            reason = checkpoint_problem(s)
+            if reason:
+                raise ValueError(reason)
+            self._log.info(f"starting disabled (enabled:=false): no model loaded; checkpoint {s.checkpoint}, "
+                           f"variant {s.variant}")
+            return
+        t0 = time.monotonic()
+        det = self._detector = self._build(s.checkpoint, s)
+        self._log.info(f"model loaded in {time.monotonic() - t0:.1f} s: variant {s.variant} (NFE {det.nfe}) on "
+                       f"{det.device}, checkpoint {s.checkpoint}, thresholds mask {det.mask_threshold:.3f} "
+                       f"frame {det.frame_threshold:.3f}")
+
+    # ------------------------------------------------------------------ frames in (any thread)
+
+    def submit(self, frame: np.ndarray | Callable[[], np.ndarray], token: Any = None) -> None:
+        """Hand over the newest frame (or its decoder); returns at once."""
+        now = time.monotonic()
+        with self._lock:
+            self._received += 1
+            self._last_input = now
+            if not self._enabled:
+                self._ignored_disabled += 1
+                return
+        self._mailbox.put((frame, token, now))
+
+    # ------------------------------------------------------------------ worker
+
+    def start(self) -> None:
+        """Run step() in a worker thread until stop()."""
+        self._worker = threading.Thread(target=self._work, name="anomaly_inference", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._mailbox.close()
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step(timeout=0.2)
+            except Exception as err:  # never let the worker die
+                if self._stop.is_set():
+                    break
+                if self._throttle("unexpected", 5.0):
+                    self._log.error(f"unexpected error in the inference thread: {type(err).__name__}: {err}")
+
+    def step(self, timeout: float = 0.0) -> None:
+        """Wait up to `timeout` s for a frame or a state change, bring the model in line with the
+        requested state, then process the frame (if any)."""
+        item = self._mailbox.take(timeout)
+        if self._stop.is_set():
+            return
+        ready = self._sync_model()
+        if item is None:
+            return
+        if ready:
+            self._process(*item)
+        else:
+            with self._lock:
+                self._ignored_disabled += 1
+
+    def _sync_model(self) -> bool:
+        """Release, load or update the model as requested; True when one is loaded."""
+        with self._lock:
+            enabled = self._enabled
+        if not enabled:
+            if self._detector is not None:
+                self._release()
+            return False
+        if self._detector is None:
+            self._load_in_worker()
+            return self._detector is not None
+        self._apply_settings()
+        return True
+
+    def _release(self) -> None:
+        det, self._detector = self._detector, None
+        on_cuda = det.device.type == "cuda"
+        desc = f"{det.settings.variant} on {det.device}"
+        del det
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+        _malloc_trim()
+        self._log.info(f"disabled: model released ({desc}), frames are ignored until enabled")
+
+    def _load_in_worker(self) -> None:
+        desired = self.settings
+        self._log.info(f"enabled: loading the model (variant {desired.variant}, checkpoint "
+                       f"{desired.checkpoint}) ...")
+        t0 = time.monotonic()
+        try:
+            new = self._build(desired.checkpoint, desired)
+        except Exception as err:
+            self._log.error(f"cannot load the model, staying disabled: {type(err).__name__}: {err}")
+            with self._lock:
+                self._enabled = False
+            self._on_disabled()
+            return
+        self._detector = new
+        self._log.info(f"model loaded in {time.monotonic() - t0:.1f} s: variant {desired.variant} "
+                       f"(NFE {new.nfe}) on {new.device}; processing frames again")
+
+    def _apply_settings(self) -> None:
+        det = self._detector
+        desired = self.settings
+        if desired == det.settings:
+            return
+        changes = {n: getattr(desired, n) for n in SETTING_NAMES if getattr(desired, n) != getattr(det.settings, n)}
+        try:
+            reload = det.update(**changes)
+        except ValueError as err:
+            self._log.error(f"cannot apply {changes}: {err}")
+            self._revert(det.settings, changes)
+            return
+        if not reload:
+            self._log.info("applied " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+            return
+        self._log.info(f"rebuilding the model for {', '.join(reload)} ...")
+        t0 = time.monotonic()
+        try:
+            new = self._build(desired.checkpoint, desired)
+        except Exception as err:  # keep serving with the old model
+            self._log.error(f"model reload failed, keeping the running model ({det.settings.variant} on "
+                            f"{det.device}): {type(err).__name__}: {err}")
+            self._revert(det.settings, changes)
+            return
+        self._detector = new
+        self._log.info(f"model reloaded in {time.monotonic() - t0:.1f} s: variant {desired.variant} "
+                       f"(NFE {new.nfe}) on {new.device}")
+
+    def _revert(self, running: Settings, changes: dict) -> None:
+        with self._lock:
+            self._desired = running
+        self._on_revert(running, list(changes))
+
+    def _downscale(self, rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        limit = self.max_input_pixels
+        size = None if limit is None else downscaled_size(w, h, limit)
+        if size is None:
+            return rgb
+        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        with self._lock:
+            self._downscaled += 1
+        if self._throttle("downscaled", math.inf):
+            self._log.warning(
+                f"frame of {w}x{h} pixels on {self.source} is above max_input_pixels={limit}: downscaled to "
+                f"{size[0]}x{size[1]}; the outputs have that resolution (same aspect ratio, input header). "
+                f"Logged once; the count is frames_downscaled in /diagnostics")
+        return small
+
+    def _process(self, frame, token, received: float) -> None:
+        try:
+            rgb = self._downscale(frame() if callable(frame) else frame)
+        except BadInput as err:
+            self._bad_input(err.kind, err)
+            return
+        det = self._detector
+        try:
+            result = det.process(rgb)
+        except ValueError as err:  # a frame the model cannot take (e.g. too small)
+            self._bad_input("frame", err)
+            return
+        except torch.cuda.OutOfMemoryError as err:
+            self._inference_failed(err, det, oom=True)
+            return
+        except Exception as err:
+            self._inference_failed(err, det)
+            return
+        if self._stop.is_set():
+            return
+        self._on_result(token, rgb, result, det)
+        latency = time.monotonic() - received
+        with self._lock:  # counted once delivered: a processed frame's results are out
+            self._processed += 1
+            self._latency.append(latency)
+            self._model_ms.append(result.timings_ms.get("model", float("nan")))
+
+    def _bad_input(self, kind: str, err: Exception) -> None:
+        with self._lock:
+            self._bad[kind] += 1
+            count = self._bad[kind]
+        if self._throttle(f"bad_input_{kind}", self.bad_input_log_period):
+            self._log.warning(f"bad input frame on {self.source} ({kind}): {err}; frame skipped "
+                              f"({count} {kind} error(s) so far)")
+
+    def _inference_failed(self, err: Exception, det, oom: bool = False) -> None:
+        with self._lock:
+            self._inference_errors += 1
+            count = self._inference_errors
+        if oom or det.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the failed attempt's blocks back before the next frame
+        if self._throttle("inference", 5.0):
+            what = "CUDA out of memory" if oom else "inference failed"
+            self._log.error(f"{what}, frame skipped ({count} inference error(s) so far): "
+                            f"{type(err).__name__}: {err}")
+
+    # ------------------------------------------------------------------ statistics (any thread)
+
+    def stats(self) -> Stats:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> Stats:
+        return Stats(received=self._received, processed=self._processed, dropped=self._mailbox.replaced,
+                     inference_errors=self._inference_errors, ignored_disabled=self._ignored_disabled,
+                     downscaled=self._downscaled, bad_input=dict(self._bad), enabled=self._enabled,
+                     model_loaded=self._detector is not None, last_input=self._last_input)
+
+    def window(self) -> Window:
+        """Close the current statistics window (and start the next): what happened since the
+        previous call (or the start)."""
+        now = time.monotonic()
+        with self._lock:
+            stats = self._stats()
+            t0, received, processed, errors = self._window_start
+            latency, model = tuple(self._latency), tuple(self._model_ms)
+            self._latency, self._model_ms = [], []
+            self._window_start = (now, stats.received, stats.processed, stats.inference_errors)
+        return Window(stats=stats, seconds=max(now - t0, 1e-6), received=stats.received - received,
+                      processed=stats.processed - processed, inference_errors=stats.inference_errors - errors,
+                      latency_s=latency, model_ms=model, end=now)

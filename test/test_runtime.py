@@ -1,0 +1,280 @@
+"""The ROS-free runtime (core/runtime.py) through its public interface: the one-slot mailbox,
+the model lifecycle (live change, rebuild, failed rebuild, release, load), downscaling,
+statistics that add up and the health verdict. No ROS here: the worker is driven with
+step(), except in the thread test."""
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_frame
+from ros_anomaly_diffusion.core.detector import Detector, FrameResult, validate_frame
+from ros_anomaly_diffusion.core.runtime import BadInput, Runtime, downscaled_size
+from ros_anomaly_diffusion.core.settings import Settings
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class StubDetector:
+    """Stands in for a Detector where only the runtime's bookkeeping is under test."""
+
+    device = torch.device("cpu")
+    nfe = 0
+    mask_threshold = frame_threshold = 0.5
+
+    def __init__(self, checkpoint, settings: Settings):
+        self.settings = settings
+        self.shapes: list[tuple] = []
+        self.fail: Exception | None = None  # raised by the next process()
+
+    def update(self, **changes) -> list[str]:
+        self.settings = self.settings.updated(**changes)
+        return []
+
+    def process(self, rgb: np.ndarray) -> FrameResult:
+        validate_frame(rgb)
+        if self.fail is not None:
+            err, self.fail = self.fail, None
+            raise err
+        self.shapes.append(rgb.shape[:2])
+        score = np.zeros(rgb.shape[:2], np.float32)
+        return FrameResult(score, score > 0.5, 0.0, False, timings_ms={"model": 1.0})
+
+
+class Log:
+    """A logger that keeps its lines: (level, text)."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, text):
+        self.lines.append(("info", text))
+
+    def warning(self, text):
+        self.lines.append(("warning", text))
+
+    def error(self, text):
+        self.lines.append(("error", text))
+
+    def count(self, needle: str) -> int:
+        return sum(needle in text for _, text in self.lines)
+
+
+class Harness:
+    """A Runtime whose results, reverts and disables are recorded; build() makes `kind`
+    detectors (StubDetector or the real Detector) and fails while `failing` is set."""
+
+    def __init__(self, settings: Settings, kind=StubDetector, **kwargs):
+        self.kind, self.failing, self.builds = kind, False, 0
+        self.results: list = []
+        self.reverts: list = []
+        self.disabled = 0
+        self.served = threading.Event()
+        self.log = Log()
+        self.rt = Runtime(settings, build=self.build, log=self.log, on_result=self.on_result,
+                          on_revert=lambda running, names: self.reverts.append((running, names)),
+                          on_disabled=self.on_disabled, **kwargs)
+
+    def build(self, checkpoint, settings):
+        if self.failing:
+            raise RuntimeError("no memory for the model")
+        self.builds += 1
+        return self.kind(checkpoint, settings)
+
+    def on_result(self, token, rgb, result, det):
+        self.results.append((token, rgb.shape[:2]))
+        self.served.set()
+
+    def on_disabled(self):
+        self.disabled += 1
+
+
+def tiny_settings(checkpoint, **changes) -> Settings:
+    return Settings(checkpoint=str(checkpoint), steps=2, segments="none", **changes)
+
+
+def test_the_mailbox_keeps_only_the_newest_frame():
+    h = Harness(Settings())
+    h.rt.load()
+    for i in range(5):
+        h.rt.submit(random_frame(seed=i), i)
+    h.rt.step()
+    h.rt.step()  # nothing left
+    assert h.results == [(4, (48, 64))]
+    s = h.rt.stats()
+    assert (s.received, s.processed, s.dropped) == (5, 1, 4)
+
+
+def test_live_change_rebuild_and_a_failed_rebuild_keeps_the_old_model(tiny_checkpoint):
+    h = Harness(tiny_settings(tiny_checkpoint), kind=Detector)
+    h.rt.load()
+    first = h.rt.detector
+    assert h.builds == 1 and first.mask_threshold == pytest.approx(0.3)  # calibrated
+
+    assert h.rt.change(mask_threshold=0.7) is None  # live: same model, new threshold
+    h.rt.step()
+    assert h.rt.detector is first and first.mask_threshold == 0.7 and h.builds == 1
+    assert h.log.count("applied mask_threshold=0.7") == 1
+
+    assert h.rt.change(segments="superpixel") is None  # needs a new model
+    h.rt.step()
+    second = h.rt.detector
+    assert second is not first and second.settings.segments == "superpixel" and h.builds == 2
+    assert h.log.count("model reloaded in") == 1
+
+    h.failing = True
+    assert h.rt.change(segments="none") is None
+    h.rt.step()
+    assert h.rt.detector is second and h.rt.settings.segments == "superpixel"  # set back
+    assert h.reverts == [(second.settings, ["segments"])]
+    assert h.log.count("model reload failed, keeping the running model (ddim on cpu)") == 1
+    h.rt.submit(random_frame(seed=1), "after")  # the old model still serves
+    h.rt.step()
+    assert h.results == [("after", (48, 64))]
+
+    # refused at once, nothing changes: a value out of range, a checkpoint of another family
+    assert "steps" in h.rt.change(steps=0)
+    assert "variant 'knn' needs a 'knn' one" in h.rt.change(variant="knn")
+    assert "config.json: missing" in h.rt.change(checkpoint="/nonexistent/ckpt")
+    assert h.rt.settings == second.settings
+
+
+def test_release_frees_the_detector_and_enable_loads_it_again():
+    h = Harness(Settings())
+    h.rt.load()
+    released = weakref.ref(h.rt.detector)
+    h.rt.set_enabled(False)
+    h.rt.step()
+    gc.collect()
+    assert h.rt.detector is None and released() is None  # nothing holds the model any more
+    assert h.log.count("disabled: model released (ddim on cpu)") == 1
+    h.rt.submit(random_frame(), "ignored")
+    h.rt.step()
+    assert h.results == [] and h.rt.stats().ignored_disabled == 1
+
+    h.rt.set_enabled(True)
+    h.rt.step()
+    assert h.rt.detector is not None and h.builds == 2
+    assert h.log.count("processing frames again") == 1
+
+    h.rt.set_enabled(False)
+    h.rt.step()
+    h.failing = True
+    h.rt.set_enabled(True)
+    h.rt.step()  # the load fails: disabled again, and told so
+    assert h.rt.detector is None and not h.rt.enabled and h.disabled == 1
+    assert h.log.count("cannot load the model, staying disabled: RuntimeError: no memory for the model") == 1
+
+
+def test_starting_disabled_checks_the_checkpoint_and_loads_nothing(tiny_checkpoint, tmp_path):
+    h = Harness(tiny_settings(tiny_checkpoint), enabled=False)
+    h.rt.load()
+    assert h.rt.detector is None and h.builds == 0
+    with pytest.raises(ValueError, match="config.json: missing"):
+        Harness(tiny_settings(tmp_path), enabled=False).rt.load()
+
+
+def test_frames_above_max_input_pixels_are_downscaled_and_logged_once():
+    h = Harness(Settings(), max_input_pixels=10_000, source="/cam/image")
+    h.rt.load()
+    big = np.zeros((200, 300, 3), np.uint8)
+    for i in range(2):
+        h.rt.submit(big, i)
+        h.rt.step()
+    h.rt.submit(random_frame(), "small")
+    h.rt.step()
+    scale = (10_000 / 60_000) ** 0.5
+    expected = (int(200 * scale), int(300 * scale))
+    assert h.results == [(0, expected), (1, expected), ("small", (48, 64))]
+    assert expected[0] * expected[1] <= 10_000
+    assert h.rt.stats().downscaled == 2
+    assert h.log.count(f"frame of 300x200 pixels on /cam/image is above max_input_pixels=10000: downscaled to "
+                       f"{expected[1]}x{expected[0]}") == 1
+    assert downscaled_size(4000, 10, 4096)[1] == 8  # never below 8 pixels a side
+    assert downscaled_size(64, 64, 4096) is None
+
+
+def test_statistics_add_up_and_the_window_rates_them():
+    h = Harness(Settings(), source="cam", bad_input_log_period=0.0)
+    h.rt.load()
+
+    def unreadable():
+        raise BadInput("encoding", "unsupported image encoding 'yuv422_weird'")
+
+    h.rt.submit(random_frame(seed=1), "dropped")
+    h.rt.submit(random_frame(seed=2), "processed")  # replaces the first
+    h.rt.step()
+    h.rt.submit(unreadable, "bad")
+    h.rt.step()
+    h.rt.submit(random_frame(4, 4), "small")  # the model's minimum is 8x8
+    h.rt.step()
+    h.rt.detector.fail = RuntimeError("cuDNN error")
+    h.rt.submit(random_frame(seed=3), "failing")
+    h.rt.step()
+    h.rt.set_enabled(False)
+    h.rt.submit(random_frame(seed=4), "ignored")
+    h.rt.step()
+
+    s = h.rt.stats()
+    assert (s.received, s.processed, s.dropped, s.inference_errors, s.ignored_disabled) == (6, 1, 1, 1, 1)
+    assert s.bad_input == {"encoding": 1, "frame": 1}
+    assert s.received == s.processed + s.dropped + sum(s.bad_input.values()) + s.inference_errors + \
+        s.ignored_disabled
+    assert [t for t, _ in h.results] == ["processed"]
+    assert h.log.count("bad input frame on cam (encoding): unsupported image encoding 'yuv422_weird'; "
+                       "frame skipped (1 encoding error(s) so far)") == 1
+    assert h.log.count("bad input frame on cam (frame): frame of 4x4 pixels is too small") == 1
+    assert h.log.count("inference failed, frame skipped (1 inference error(s) so far): RuntimeError: cuDNN") == 1
+
+    w = h.rt.window()
+    assert (w.received, w.processed, w.inference_errors, len(w.latency_s)) == (6, 1, 1, 1)
+    assert w.input_rate_hz == pytest.approx(6 / w.seconds) and w.model_p50_ms == 1.0
+    assert w.latency_p50_ms == w.latency_max_ms >= 0
+    w2 = h.rt.window()  # a new window: nothing happened in it
+    assert (w2.received, w2.processed, w2.latency_s, w2.latency_p50_ms) == (0, 0, (), None)
+    assert w2.stats.received == 6
+
+
+def test_health_rules():
+    h = Harness(Settings(), enabled=False)
+    assert (h.rt.window().health().level, h.rt.window().health().message) == ("ok", "disabled (model released)")
+
+    h = Harness(Settings())
+    assert h.rt.window().health().message == "loading the model"
+    h.rt.load()
+    verdict = h.rt.window().health()
+    assert (verdict.level, verdict.message) == ("warn", "no input frames")
+
+    h.rt.submit(random_frame(4, 4), "too small")
+    h.rt.step()
+    verdict = h.rt.window().health()
+    assert (verdict.level, verdict.message) == ("warn", "only bad input frames")
+
+    h.rt.detector.fail = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    h.rt.submit(random_frame(), "failing")
+    h.rt.step()
+    verdict = h.rt.window().health()
+    assert (verdict.level, verdict.message) == ("error", "inference failing")
+
+    h.rt.submit(random_frame(), "served")
+    h.rt.step()
+    verdict = h.rt.window().health()
+    assert (verdict.level, verdict.message) == ("ok", "running")
+
+
+def test_the_worker_thread_serves_frames_until_stopped():
+    h = Harness(Settings())
+    h.rt.load()
+    h.rt.start()
+    try:
+        assert h.rt.running
+        h.rt.submit(random_frame(), "threaded")
+        assert h.served.wait(30) and h.results == [("threaded", (48, 64))]
+    finally:
+        h.rt.stop()
+    assert not h.rt.running
