@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .core.settings import variant_settings
+from .config import variant_settings
 
 
 def _settings(args):

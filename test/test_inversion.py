@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_legacy_feature_checkpoint, random_frame
+
+from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core import inversion as inv
 from ros_anomaly_diffusion.core.data import OOD
 from ros_anomaly_diffusion.core.detector import Detector
 from ros_anomaly_diffusion.core.schedule import NoiseSchedule
-from ros_anomaly_diffusion.core.settings import Settings, variant_settings
+from ros_anomaly_diffusion.core.settings import Settings
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 from ros_anomaly_diffusion.core.training import TrainOptions
 

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_legacy_feature_checkpoint
+
+from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core import inversion as inv
 from ros_anomaly_diffusion.core import knn
 from ros_anomaly_diffusion.core.data import OOD, open_dataset
 from ros_anomaly_diffusion.core.detector import Detector
-from ros_anomaly_diffusion.core.settings import variant_settings
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 from ros_anomaly_diffusion.core.training import TrainOptions
 

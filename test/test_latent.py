@@ -8,14 +8,14 @@ import pytest
 import torch
 from diffusers import AutoencoderDC
 
+from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core import latent as L
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.core.denoiser import build_denoiser
 from ros_anomaly_diffusion.core.detector import Detector
-from ros_anomaly_diffusion.core.settings import variant_settings
+from ros_anomaly_diffusion.core.fitting import STATE, DenoiserTrainer, TrainOptions
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
-from ros_anomaly_diffusion.core.training import STATE, DenoiserTrainer, TrainOptions
 from ros_anomaly_diffusion.core.variants import get_variant
 
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core import quantization as Q
 from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
-from ros_anomaly_diffusion.core.training import init_checkpoint
+from ros_anomaly_diffusion.core.pixel import init_checkpoint
 
 SIZE = (32, 40)
 
@@ -350,9 +350,9 @@ def test_bench_quantization_row_runs_quantized(family, family_checkpoint, tmp_pa
     """`<variant>:quantization=fp16` in `bench` (its checkpoint_for, then the Detector as run_row builds it)."""
     import shutil
 
+    from ros_anomaly_diffusion.config import variant_settings
     from ros_anomaly_diffusion.core.bench import checkpoint_for
     from ros_anomaly_diffusion.core.detector import Detector
-    from ros_anomaly_diffusion.core.settings import variant_settings
 
     shutil.copytree(family_checkpoint(family), tmp_path / family)
     variant = DENOISER_FAMILIES[family]
@@ -374,8 +374,9 @@ def test_a_rule_that_selects_nothing_is_refused_naming_the_family(family_checkpo
 
 
 def test_knn_has_no_denoiser_and_refuses_quantization(family_checkpoint, tmp_path):
+    from ros_anomaly_diffusion.config import variant_settings
     from ros_anomaly_diffusion.core.detector import Detector
-    from ros_anomaly_diffusion.core.settings import Settings, variant_settings
+    from ros_anomaly_diffusion.core.settings import Settings
 
     src = family_checkpoint("knn")
     for precision in Q.PRECISIONS:

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from ros_anomaly_diffusion.cli import main as cli
+from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
 from ros_anomaly_diffusion.core.detector import Detector
+from ros_anomaly_diffusion.core.fitting import STATE, DenoiserTrainer, TrainOptions, augment, load_frames
 from ros_anomaly_diffusion.core.schedule import NoiseSchedule, ScheduleConfig
-from ros_anomaly_diffusion.core.settings import variant_settings
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
-from ros_anomaly_diffusion.core.training import STATE, DenoiserTrainer, TrainOptions, augment, load_frames, train
+from ros_anomaly_diffusion.core.training import train
 
 
 @pytest.fixture(scope="module")

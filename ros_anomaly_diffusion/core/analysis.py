@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from .features import FeatureExtractor
-from .segments import aggregate
 
 
 class FeatureDistance:
@@ -45,6 +44,3 @@ def frame_score(score: np.ndarray, top_fraction: float = 0.005, min_pixels: int 
     k = min(flat.size, max(min_pixels, int(top_fraction * flat.size)))
     return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
 
-
-def segment_mean(score: np.ndarray, segments: np.ndarray | None) -> np.ndarray:
-    return score if segments is None else aggregate(score, segments)

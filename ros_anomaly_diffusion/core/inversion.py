@@ -43,8 +43,10 @@ from . import checkpoint as ckpt
 from .data import OOD, Frame
 from .denoiser import build_denoiser
 from .features import STAGE_BLOCKS, FeatureExtractor
+from .fitting import DenoiserTrainer
 from .quantization import load_denoiser
 from .schedule import NoiseSchedule, ScheduleConfig
+from .scorer import ScoreOutput
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -368,9 +370,7 @@ class InversionScorer:
         return ddim_invert(self.net, self.schedule, z, self.timesteps)
 
     @torch.inference_mode()
-    def __call__(self, batch01: torch.Tensor):
-        from .variants import ScoreOutput
-
+    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         norm, rng, nll = latent_scores(self.latents(batch01))
         up = F.interpolate(norm.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
         maps = to_unit((up - self._pix["mean"]) / self._pix["std"])
@@ -469,8 +469,6 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True) -> tu
     (DenoiserTrainer: EMA, resume), then measure the ID score statistics on the ID cells of
     frames held out of that training (`split_statistics`, opts.calib_fraction of them).
     The noise schedule is always the notes' (SCHEDULE); opts.schedule is the pixel family's."""
-    from .training import DenoiserTrainer
-
     size = input_size(opts)
     features = shared_features(device=opts.device)
     feats, weights, origin = extract_features(train_frames, size, features, flips=True, progress=progress)

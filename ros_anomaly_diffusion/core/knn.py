@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .data import Frame
 from .inversion import (StackedFeatures, channel_stats, checkpoint_features, extract_features, features_config,
                         input_size, load_feature_stats, shared_features, to_unit)
+from .scorer import ScoreOutput
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,7 @@ class KnnScorer:
         return d.reshape(b, h, w)
 
     @torch.inference_mode()
-    def __call__(self, batch01: torch.Tensor):
-        from .variants import ScoreOutput
-
+    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         d = self.distances(batch01)
         up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
         return ScoreOutput(to_unit((up - self.stats["mean"]) / self.stats["std"]), None)

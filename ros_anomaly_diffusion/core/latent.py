@@ -30,23 +30,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderDC, Transformer2DModel
+from diffusers import AutoencoderDC
 from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .analysis import FeatureDistance
 from .data import Frame
+from .denoiser import DiTDenoiser, dit_config, pad_to
 from .editing import GuidedDDIM, _seeded_noise, ddim_timesteps
 from .features import FeatureExtractor
+from .fitting import DenoiserTrainer, TrainOptions, augment, load_frames
 from .quantization import load_denoiser
 from .schedule import NoiseSchedule, ScheduleConfig
+from .scorer import ScoreOutput
 from .settings import Settings
-from .training import DenoiserTrainer, TrainOptions, augment, load_frames
-from .variants import ScoreOutput
 
 log = logging.getLogger(__name__)
 
+FAMILY = "latent"
 AE_STATE = "autoencoder_state"  # the trained autoencoder, kept so that a resumed run reuses it
 AE_LR = 1e-3
 
@@ -60,14 +62,7 @@ AE_PRESETS = {
     "medium": dict(channels=(32, 64, 128, 128), layers=(1, 1, 2, 2), latent_channels=16),
     "reference": dict(channels=(64, 128, 256, 256), layers=(2, 2, 2, 2), latent_channels=32),
 }
-
-# Diffusion-transformer sizes (hidden width = heads * head_dim); "reference" is DiT-S.
-DIT_PRESETS = {
-    "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16),
-    "small": dict(num_layers=4, num_attention_heads=4, attention_head_dim=32),
-    "medium": dict(num_layers=8, num_attention_heads=6, attention_head_dim=64),
-    "reference": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
-}
+# The DiT denoiser (DiTDenoiser, dit_config, DIT_PRESETS) lives with the other networks in denoiser.py.
 
 
 def _preset(table: dict, name: str, what: str) -> dict:
@@ -170,13 +165,6 @@ def latent_size(image_size, factor: int) -> tuple[int, int]:
     return math.ceil(image_size[0] / factor), math.ceil(image_size[1] / factor)
 
 
-def pad_to(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Replicate-pad (bottom, right) to a multiple of `factor` (DC-AE halves the size per level)."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % factor, (-w) % factor
-    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
-
-
 def latent_weights(wgt: torch.Tensor, factor: int) -> torch.Tensor:
     """Pixel loss weights (B, 1, H, W) -> latent grid: a cell is 0 if any OOD pixel is inside."""
     return -F.max_pool2d(-pad_to(wgt, factor), factor, factor)
@@ -198,72 +186,6 @@ class LatentCodec:
     def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = self.ae.decode(z / self.scale + self.shift).sample[..., :size[0], :size[1]]
         return ((x + 1) / 2).clamp(0, 1)
-
-
-# --------------------------------------------------------------------------- denoiser
-
-
-def dit_config(preset: str, latent_channels: int, grid: tuple[int, int], patch_size: int = 1) -> dict:
-    """diffusers Transformer2DModel kwargs: a DiT with adaLN-single, timestep-only conditioning."""
-    p = _preset(DIT_PRESETS, preset, "DiT")
-    return dict(
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        num_layers=p["num_layers"],
-        num_attention_heads=p["num_attention_heads"],
-        attention_head_dim=p["attention_head_dim"],
-        patch_size=patch_size,
-        sample_size=max(grid),
-        norm_type="ada_norm_single",
-        use_additional_conditions=False,
-        cross_attention_dim=None,
-        caption_channels=None,
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        interpolation_scale=1,
-        num_embeds_ada_norm=1000,
-    )
-
-
-class DiTDenoiser(nn.Module):
-    """Unconditional latent denoiser: net(z_t, t) -> model output (v or eps), same shape.
-
-    Why diffusers' `Transformer2DModel` with norm_type "ada_norm_single" and not
-    `DiTTransformer2DModel`: the latter is class-conditional (AdaLN-Zero needs class
-    labels, so unconditional use would mean a dummy constant label) and, worse, it
-    un-patchifies with height = width = sqrt(tokens), i.e. only square latent grids,
-    while camera frames give e.g. 8x10. Transformer2DModel with adaLN-single is the same
-    DiT block stack (patch embedding + fixed 2-D sin-cos positions, self-attention,
-    MLP, adaptive LayerNorm modulation from one shared timestep MLP, as in PixArt-alpha)
-    conditioned on the timestep only, and it un-patchifies with the true (h, w). With
-    cross_attention_dim=None the blocks have no cross-attention, so nothing but x_t and
-    t goes in. Grids that are not a multiple of patch_size are replicate-padded and the
-    output cropped back.
-    """
-
-    kind = "dit"
-
-    def __init__(self, config: dict):
-        super().__init__()
-        self.config = dict(config)
-        self.net = Transformer2DModel(**self.config)
-        self.patch_size = int(self.config["patch_size"])
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.patch_size
-
-    def forward(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(t):
-            t = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        elif t.ndim == 0:
-            t = t.expand(x.shape[0])
-        h, w = x.shape[-2:]
-        # return_dict=False: the output dataclass of this legacy model warns on every call
-        out = self.net(pad_to(x, self.patch_size), timestep=t.to(x.device), return_dict=False)[0]
-        return out[..., :h, :w]
 
 
 # --------------------------------------------------------------------------- scorer
@@ -353,7 +275,7 @@ def build_latent_scorer(directory: Path, config: dict, settings: Settings, devic
 def latent_config(opts: TrainOptions, ae: AutoencoderDC, source: str, shift: float, scale: float) -> dict:
     factor = compression(ae)
     grid = latent_size(opts.image_size, factor)
-    return {"family": "latent", "image_size": list(opts.image_size),
+    return {"family": FAMILY, "image_size": list(opts.image_size),
             "autoencoder": {"config": _diffusers_config(ae), "source": source, "compression": factor,
                             "latent_shift": shift, "latent_scale": scale},
             "latent_size": list(grid),

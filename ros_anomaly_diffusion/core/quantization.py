@@ -36,6 +36,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -73,10 +76,6 @@ def selected_layer_names(net: nn.Module, layers: str = "selected") -> list[str]:
     left out because they are not inside such a block. Already-quantized layers
     count as their float counterparts, so the answer is the same before and after.
     """
-    from diffusers.models.attention import FeedForward
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-
     if layers not in LAYERS:
         raise ValueError(f"layers must be one of {list(LAYERS)}, got {layers!r}")
     if layers == "all":

@@ -1,15 +1,16 @@
 """Run-time settings of the detector: one table that the CLI, the config files and the
-ROS node (parameter declarations, descriptions, ranges, validation) all read."""
+ROS node (parameter declarations, descriptions, ranges, validation) all read.
+Reading the config files (ROS parameter-file layout) is ros_anomaly_diffusion/config.py's."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-PACKAGE = "ros_anomaly_diffusion"
+# The variant names the registry (core/variants.py) implements, and those without a
+# denoiser for `quantization` to act on. The registry sits above this module and checks
+# on import that it matches; knowing them here lets Settings validate without importing it.
+VARIANT_NAMES = ("ddpm", "ddim", "inversion", "knn", "dcae")
+WITHOUT_DENOISER = frozenset({"knn"})
 
 # Settings that take effect on the next frame without rebuilding the model.
 LIVE = {"mask_threshold", "frame_threshold", "steps", "start_timestep", "guidance_scale",
@@ -62,11 +63,8 @@ class Settings:
             problem = check(f.name, getattr(self, f.name))
             if problem:
                 raise ValueError(problem)
-        if self.quantization != "none":
-            from .variants import VARIANTS
-
-            if not VARIANTS[self.variant].has_denoiser:  # refused rather than silently ignored
-                raise ValueError(f"quantization={self.quantization!r}: variant {self.variant!r} has no denoiser "
+        if self.quantization != "none" and self.variant in WITHOUT_DENOISER:  # refused, not silently ignored
+            raise ValueError(f"quantization={self.quantization!r}: variant {self.variant!r} has no denoiser "
                                  "to quantize (set quantization to 'none')")
 
     @classmethod
@@ -98,10 +96,8 @@ def check(name: str, value: Any) -> str | None:
             isinstance(default, float) and isinstance(value, int)):
         return f"{name} must be a {type(default).__name__}, got {value!r}"
     if name == "variant":
-        from .variants import VARIANTS
-
-        if value not in VARIANTS:
-            return f"unknown variant {value!r}; registered: {sorted(VARIANTS)}"
+        if value not in VARIANT_NAMES:
+            return f"unknown variant {value!r}; registered: {sorted(VARIANT_NAMES)}"
         return None
     if meta["choices"] and value not in meta["choices"]:
         return f"{name} must be one of {list(meta['choices'])}, got {value!r}"
@@ -112,31 +108,3 @@ def check(name: str, value: Any) -> str | None:
         return f"{name} must be in [0, 1] (or -1 for the calibrated value), got {value!r}"
     return None
 
-
-def config_dir() -> Path:
-    """The folder holding config/<variant>.yaml: installed share/ (pip or colcon) or the source tree."""
-    candidates = [Path(sys.prefix) / "share" / PACKAGE / "config", Path(__file__).resolve().parents[2] / "config"]
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.insert(0, Path(get_package_share_directory(PACKAGE)) / "config")
-    except (ImportError, LookupError, ValueError, OSError):
-        pass  # no ament index: not a colcon install
-    for c in candidates:
-        if c.is_dir():
-            return c
-    raise FileNotFoundError(f"no config folder for {PACKAGE}; looked in {[str(c) for c in candidates]}")
-
-
-def variant_settings(variant: str, **overrides: Any) -> Settings:
-    """Settings of config/<variant>.yaml (the launch file's parameter file), then overrides."""
-    path = config_dir() / f"{variant}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no parameter file for variant {variant!r}")
-    doc = yaml.safe_load(path.read_text()) or {}
-    params = doc.get("/**", {}).get("ros__parameters", {})
-    known = {f.name for f in fields(Settings)}
-    values = {k: v for k, v in params.items() if k in known}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["variant"] = variant
-    return Settings.from_dict(values)

@@ -1,175 +1,32 @@
-"""Training of the ID model and calibration of the thresholds.
+"""Training of a variant's model and calibration of its thresholds (orchestration,
+above the registry and the Detector).
 
-`train()` fits the denoiser of a variant's family on ID pixels only (OOD pixels of
-labelled frames are masked out of the loss), with flip/crop/brightness augmentation,
-an EMA of the weights, resumable state and a progress bar; it then calibrates the
-mask and flag thresholds on held-out ID frames and writes a checkpoint folder.
+`train()` runs the fit of the variant's family (Variant.fit in the registry: the
+denoiser on ID pixels only, OOD pixels of labelled frames masked out of the loss,
+augmentation, EMA, resumable state; see fitting.py), writes a checkpoint folder, then
+calibrates the mask and flag thresholds on held-out ID frames.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
+from ..config import variant_settings
 from . import checkpoint as ckpt
-from .data import OOD, Frame, open_dataset
-from .denoiser import build_denoiser, unet_config
+from .data import Frame, open_dataset
+from .detector import Detector
+from .fitting import TrainOptions, jsonable
 from .metrics import calibrate_threshold
-from .schedule import NoiseSchedule, ScheduleConfig
 from .splits import select
+from .variants import get_variant
 
 log = logging.getLogger(__name__)
-STATE = "train_state"
-
-
-@dataclass
-class TrainOptions:
-    variant: str = "ddim"
-    image_size: tuple[int, int] = (64, 80)  # (H, W) the model sees; the reference used 176x216
-    preset: str = "small"
-    steps: int = 3000
-    batch_size: int = 8
-    lr: float = 3e-4
-    ema_decay: float = 0.995
-    seed: int = 0
-    frames: str = "all"  # all | id (frames with OOD objects left out entirely)
-    scenes: str = "all"  # all | train | val | test (RUGD scene split)
-    calib_fraction: float = 0.2  # ID frames held out for threshold calibration
-    mask_fpr: float = 0.01  # pixel false-positive rate on ID calibration pixels
-    frame_fpr: float = 0.05  # false-alarm rate of the OOD flag on ID calibration frames
-    save_every: int = 500
-    device: str = "cpu"
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    autoencoder: str = ""  # latent family: local diffusers AutoencoderDC folder; empty: train one on the frames
-
-
-def load_frames(frames: list[Frame], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames at `size` as (N, 3, H, W) in [0, 1] and loss weights (N, 1, H, W): 0 on OOD pixels."""
-    h, w = size
-    images, weights = [], []
-    for f in tqdm(frames, desc="loading frames", leave=False):
-        images.append(cv2.resize(f.rgb(), (w, h), interpolation=cv2.INTER_AREA))
-        label = f.label()
-        weights.append(np.ones((h, w), np.float32) if label is None else
-                       (cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST) != OOD).astype(np.float32))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return x, torch.from_numpy(np.stack(weights)).unsqueeze(1)
-
-
-def augment(x: torch.Tensor, wgt: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Horizontal flip, a random crop of 85-100 % resized back, brightness +-10 %."""
-    b, _, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    x, wgt = torch.where(flip[:, None, None, None], x.flip(-1), x), torch.where(
-        flip[:, None, None, None], wgt.flip(-1), wgt)
-    scale = float(0.85 + 0.15 * torch.rand(1, generator=gen))
-    ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
-    top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-    left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-    x = F.interpolate(x[..., top:top + ch, left:left + cw], size=(h, w), mode="bilinear", align_corners=False)
-    wgt = F.interpolate(wgt[..., top:top + ch, left:left + cw], size=(h, w), mode="nearest")
-    x = (x * (0.9 + 0.2 * torch.rand(b, 1, 1, 1, generator=gen))).clamp(0, 1)
-    return x, wgt
-
-
-class DenoiserTrainer:
-    """Masked denoising loss on samples in [-1, 1]; any family's denoiser and data."""
-
-    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, opts: TrainOptions, out: Path):
-        self.net, self.schedule, self.opts, self.out = net, schedule, opts, out
-        self.device = torch.device(opts.device)
-        self.net.to(self.device).train()
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=opts.lr)
-        self.ema = EMAModel(self.net.parameters(), decay=opts.ema_decay)
-        self.step = 0
-
-    def loss(self, x0: torch.Tensor, wgt: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
-        t = torch.randint(0, self.schedule.T, (x0.shape[0],), generator=gen).to(self.device)
-        x0, wgt = x0.to(self.device), wgt.to(self.device)
-        pred = self.net(self.schedule.add_noise(x0, noise, t), t)
-        err = (pred - self.schedule.training_target(x0, noise, t)) ** 2
-        return (err * wgt).sum() / (wgt.sum() * x0.shape[1]).clamp_min(1.0)
-
-    def fit(self, sample_batch, total_steps: int, progress: bool = True) -> None:
-        gen = torch.Generator().manual_seed(self.opts.seed + self.step)
-        bar = tqdm(total=total_steps, initial=self.step, desc="training", disable=not progress)
-        while self.step < total_steps:
-            x0, wgt = sample_batch(gen)
-            loss = self.loss(x0, wgt, gen)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-            self.opt.step()
-            self.ema.step(self.net.parameters())
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % self.opts.save_every == 0 or self.step == total_steps:
-                self.save_state()
-        bar.close()
-
-    def ema_state(self) -> dict[str, torch.Tensor]:
-        """The network's state dict with the EMA weights in place of the raw ones."""
-        self.ema.store(self.net.parameters())
-        self.ema.copy_to(self.net.parameters())
-        state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self.ema.restore(self.net.parameters())
-        return state
-
-    # Resumable state: raw and EMA weights, Adam moments, step; all safetensors + JSON.
-    def save_state(self) -> None:
-        opt_state = self.opt.state_dict()
-        moments = {f"{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
-        ckpt.save(self.out / STATE, {"step": self.step, "options": _jsonable(asdict(self.opts))},
-                  {"model": self.net.state_dict(), "ema": self.ema_state(), "optimizer": moments})
-
-    def load_state(self) -> bool:
-        if not (self.out / STATE / ckpt.CONFIG).is_file():
-            return False
-        config = ckpt.load_config(self.out / STATE)
-        self.step = int(config["step"])
-        ckpt.load_into(self.net, self.out / STATE, "ema")
-        self.ema = EMAModel(self.net.parameters(), decay=self.opts.ema_decay)
-        # The EMA's decay warms up with its step count (decay 0 at its first step): restarted at
-        # 0, the first resumed step would replace the saved EMA with the raw weights.
-        self.ema.optimization_step = self.step
-        ckpt.load_into(self.net, self.out / STATE, "model")
-        moments = ckpt.load_tensors(self.out / STATE, "optimizer")
-        opt_state = self.opt.state_dict()
-        for key, value in moments.items():
-            i, name = key.split(".", 1)
-            opt_state["state"].setdefault(int(i), {})[name] = value
-        self.opt.load_state_dict(opt_state)
-        log.info("resumed %s at step %d", self.out / STATE, self.step)
-        return True
-
-
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else list(o)))
-
-
-def pixel_config(opts: TrainOptions) -> dict:
-    return {"family": "pixel", "image_size": list(opts.image_size),
-            "denoiser": {"kind": "unet", "config": unet_config(opts.preset, sample_size=opts.image_size)},
-            "schedule": opts.schedule.to_dict()}
-
-
-def init_checkpoint(directory: str | Path, preset: str = "tiny", image_size=(32, 40), seed: int = 0) -> Path:
-    """An untrained pixel-family checkpoint (tests, smoke runs)."""
-    torch.manual_seed(seed)
-    config = pixel_config(TrainOptions(preset=preset, image_size=tuple(image_size)))
-    net = build_denoiser("unet", config["denoiser"]["config"])
-    return ckpt.save(directory, config, {"denoiser": net.state_dict()})
 
 
 def split_calibration(frames: list[Frame], fraction: float, seed: int) -> tuple[list[Frame], list[Frame]]:
@@ -180,32 +37,12 @@ def split_calibration(frames: list[Frame], fraction: float, seed: int) -> tuple[
     return [f for f in frames if f.name not in held], [f for f in id_frames if f.name in held]
 
 
-def fit_pixel(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool) -> tuple[dict, dict]:
-    """Pixel family (ddpm, ddim): the UNet on augmented frames, OOD pixels masked out."""
-    config = pixel_config(opts)
-    net = build_denoiser("unet", config["denoiser"]["config"])
-    trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out)
-    trainer.load_state()
-    x, wgt = load_frames(train_frames, opts.image_size)
-
-    def sample_batch(gen):
-        idx = torch.randint(0, len(x), (opts.batch_size,), generator=gen)
-        xb, wb = augment(x[idx], wgt[idx], gen)
-        return xb * 2 - 1, wb
-
-    trainer.fit(sample_batch, opts.steps, progress)
-    config["training"] = {"steps": trainer.step}
-    return config, {"denoiser": trainer.ema_state()}
-
-
 def train(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progress: bool = True) -> Path:
     """Fit the model of `opts.variant`'s family, write the checkpoint, calibrate the thresholds.
 
     Each family's fit function (Variant.fit in the registry) takes the training frames
     and returns (config, {file name: state dict}); this function does the rest.
     """
-    from .variants import get_variant
-
     variant = get_variant(opts.variant)
     out = Path(out_dir)
     frames = select(open_dataset(data_dir), opts.frames, opts.scenes)
@@ -215,7 +52,7 @@ def train(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progres
     torch.manual_seed(opts.seed)
     config, tensors = variant.fit(train_frames, out, opts, progress)
     config.setdefault("training", {}).update(frames=[f.name for f in train_frames],
-                                             options=_jsonable(asdict(opts)))
+                                             options=jsonable(asdict(opts)))
     ckpt.save(out, config, tensors)
     if calib_frames:
         calibrate(out, calib_frames, opts.variant, opts.mask_fpr, opts.frame_fpr, opts.device, progress)
@@ -227,9 +64,6 @@ def train(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progres
 def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str, mask_fpr: float = 0.01,
               frame_fpr: float = 0.05, device: str = "cpu", progress: bool = True) -> dict:
     """Set the mask and flag thresholds from ID frames; stored in the checkpoint per variant."""
-    from .detector import Detector
-    from .settings import variant_settings
-
     settings = variant_settings(variant, checkpoint=str(checkpoint_dir), device=device)
     det = Detector(checkpoint_dir, settings)
     pixel_scores, frame_scores = [], []

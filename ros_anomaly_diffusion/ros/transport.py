@@ -21,6 +21,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..config import config_dir as find_config_dir
+
 FASTDDS_PROFILE = "fastdds_large_frames.xml"
 CYCLONEDDS_CONFIG = "cyclonedds_large_frames.xml"
 # Any of these means the user chose Fast DDS transports themselves.
@@ -32,8 +34,6 @@ def large_frame_env(environ: Mapping[str, str], config_dir: str | Path | None = 
     """Variables to add to `environ` so that large frames arrive; {} when the middleware is
     neither Fast DDS nor Cyclone DDS, or when the user already configured it."""
     if config_dir is None:
-        from ..core.settings import config_dir as find_config_dir
-
         config_dir = find_config_dir()
     rmw = environ.get("RMW_IMPLEMENTATION", "") or "rmw_fastrtps_cpp"  # ROS 2's default middleware
     if rmw.startswith("rmw_fastrtps"):

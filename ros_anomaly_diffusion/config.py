@@ -1,0 +1,47 @@
+"""The package's parameter files: config/<variant>.yaml, read as Settings.
+
+They are ROS 2 parameter files (the launch files pass them to the node), so reading
+them means knowing the `/**: ros__parameters:` layout and, in a colcon install, the
+ament index: both stay out of the ROS-free core, which only takes Settings.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .core.settings import Settings
+
+PACKAGE = "ros_anomaly_diffusion"
+
+
+def config_dir() -> Path:
+    """The folder holding config/<variant>.yaml: installed share/ (pip or colcon) or the source tree."""
+    candidates = [Path(sys.prefix) / "share" / PACKAGE / "config", Path(__file__).resolve().parents[1] / "config"]
+    try:  # optional: only a colcon install has an ament index
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.insert(0, Path(get_package_share_directory(PACKAGE)) / "config")
+    except (ImportError, LookupError, ValueError, OSError):
+        pass  # no ament index: not a colcon install
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise FileNotFoundError(f"no config folder for {PACKAGE}; looked in {[str(c) for c in candidates]}")
+
+
+def variant_settings(variant: str, **overrides: Any) -> Settings:
+    """Settings of config/<variant>.yaml (the launch file's parameter file), then overrides."""
+    path = config_dir() / f"{variant}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no parameter file for variant {variant!r}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    params = doc.get("/**", {}).get("ros__parameters", {})
+    known = {f.name for f in fields(Settings)}
+    values = {k: v for k, v in params.items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["variant"] = variant
+    return Settings.from_dict(values)

@@ -1,0 +1,111 @@
+"""The pixel family (variants ddpm and ddim): a UNet on the frames themselves, edited
+towards the ID model by guided DDPM or DDIM, scored by the feature change.
+
+Checkpoint: config.json {"family": "pixel", "image_size", "denoiser": {"kind": "unet",
+"config"}, "schedule"} and denoiser.safetensors.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .analysis import FeatureDistance
+from .data import Frame
+from .denoiser import build_denoiser, unet_config
+from .deploy import accelerate
+from .editing import GuidedDDIM, GuidedDDPM
+from .features import FeatureExtractor
+from .fitting import DenoiserTrainer, TrainOptions, augment, load_frames
+from .quantization import load_denoiser
+from .schedule import NoiseSchedule, ScheduleConfig
+from .scorer import ScoreOutput
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+FAMILY = "pixel"
+
+
+class EditingScorer:
+    """Analysis by synthesis: edit the frame towards the ID model, measure the change."""
+
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, model_size: tuple[int, int],
+                 settings: Settings, sampler: str, device: torch.device):
+        self.net, self.schedule, self.model_size, self.sampler = net, schedule, tuple(model_size), sampler
+        self.distance = FeatureDistance(FeatureExtractor().to(device),
+                                        (settings.analysis_height, settings.analysis_width))
+        self.editor = GuidedDDPM(net, schedule) if sampler == "ddpm" else GuidedDDIM(net, schedule)
+        self.settings = settings
+        self.apply(settings)
+
+    def apply(self, s: Settings) -> None:
+        """Take new live settings (sampler parameters) for the next frame."""
+        if isinstance(self.editor, GuidedDDIM):
+            self.editor.steps, self.editor.start_timestep = s.steps, s.start_timestep
+            self.editor.guidance_scale = s.guidance_scale
+        else:
+            self.editor.guidance_scale = s.ddpm_guidance_scale
+        self.settings = s
+
+    @property
+    def nfe(self) -> int:
+        return self.editor.nfe
+
+    def edit(self, batch01: torch.Tensor) -> torch.Tensor:
+        return (self.editor.edit(batch01 * 2 - 1, seed=self.settings.seed) + 1) / 2
+
+    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+        edited = self.edit(batch01)
+        return ScoreOutput(self.distance(batch01, edited), edited)
+
+
+def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
+    """(denoiser, schedule); quantized as the checkpoint was written or as settings.quantization asks."""
+    net = load_denoiser(directory, config, device, settings)
+    return net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
+
+
+def builder(sampler: str):
+    """The registry's build function of the variant that edits with `sampler` (ddpm or ddim)."""
+    def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> EditingScorer:
+        net, schedule = load_pixel_denoiser(directory, config, device, settings)
+        net, how = accelerate(net, (1, net.config["in_channels"], *config["image_size"]), device)
+        log.info("denoiser runs %s", how if how.startswith("tensorrt") else f"eager: {how}")
+        return EditingScorer(net, schedule, config["image_size"], settings, sampler, device)
+
+    return build
+
+
+def pixel_config(opts: TrainOptions) -> dict:
+    return {"family": FAMILY, "image_size": list(opts.image_size),
+            "denoiser": {"kind": "unet", "config": unet_config(opts.preset, sample_size=opts.image_size)},
+            "schedule": opts.schedule.to_dict()}
+
+
+def init_checkpoint(directory: str | Path, preset: str = "tiny", image_size=(32, 40), seed: int = 0) -> Path:
+    """An untrained pixel-family checkpoint (tests, smoke runs)."""
+    torch.manual_seed(seed)
+    config = pixel_config(TrainOptions(preset=preset, image_size=tuple(image_size)))
+    net = build_denoiser("unet", config["denoiser"]["config"])
+    return ckpt.save(directory, config, {"denoiser": net.state_dict()})
+
+
+def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool) -> tuple[dict, dict]:
+    """Pixel family (ddpm, ddim): the UNet on augmented frames, OOD pixels masked out."""
+    config = pixel_config(opts)
+    net = build_denoiser("unet", config["denoiser"]["config"])
+    trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out)
+    trainer.load_state()
+    x, wgt = load_frames(train_frames, opts.image_size)
+
+    def sample_batch(gen):
+        idx = torch.randint(0, len(x), (opts.batch_size,), generator=gen)
+        xb, wb = augment(x[idx], wgt[idx], gen)
+        return xb * 2 - 1, wb
+
+    trainer.fit(sample_batch, opts.steps, progress)
+    config["training"] = {"steps": trainer.step}
+    return config, {"denoiser": trainer.ema_state()}
