@@ -237,7 +237,7 @@ def test_checkpoint_switch_reloads_in_the_same_process(field, tmp_path, tiny_che
 
 
 def test_disable_releases_the_model_memory_and_enable_brings_it_back(spawn, probe, tmp_path):
-    from ros_anomaly_diffusion.core.training import init_checkpoint
+    from ros_anomaly_diffusion.core.pixel import init_checkpoint
 
     # The "reference" UNet (~36M parameters, ~140 MB of weights): large enough that releasing
     # it stands out from what malloc_trim alone gives back after inference (~60 MB here; with
