@@ -1,10 +1,14 @@
 """The benchmark runs its rows on two real RUGD frames and writes the table with all columns."""
 import csv
+import math
+import os
 
+import numpy as np
 import pytest
 
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
+from ros_anomaly_diffusion.core import procmem
 from ros_anomaly_diffusion.core.bench import COLUMNS, parse_row
 
 
@@ -13,6 +17,17 @@ def test_row_specs_parse():
     assert parse_row("ddim:steps=10,quantization=int8") == ("ddim", {"steps": 10, "quantization": "int8"})
     with pytest.raises(ValueError):
         parse_row("ddim:steps")
+
+
+def test_process_memory_from_proc():
+    rss = procmem.rss_mb()
+    assert rss > 10 and procmem.rss_mb(os.getpid()) == pytest.approx(rss, rel=0.5)
+    assert math.isnan(procmem.status_mb("NoSuchField"))
+    ballast = np.ones(50 * 2**20, np.uint8)  # 50 MB, resident once written
+    assert procmem.status_mb("VmHWM") >= procmem.rss_mb() > rss + 40
+    del ballast
+    # the high-water mark falls back to the RSS now (the bench's baseline of a row)
+    assert procmem.reset_peak_rss() == pytest.approx(procmem.status_mb("VmHWM"), abs=5)
 
 
 def test_bench_writes_every_column_for_every_row(tmp_path, rugd_sample):

@@ -1,11 +1,14 @@
 """The soak command: a 30 Hz camera of full-size frames against a slower model, accounted from
 both ends; and its backlog judge on synthetic latency series."""
 import json
+import sys
+import time
 
 import numpy as np
 
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
+from ros_anomaly_diffusion.ros.processes import spawn, stop
 from ros_anomaly_diffusion.ros.soak import backlog_failures
 
 
@@ -57,3 +60,29 @@ def test_backlog_judge_catches_results_older_than_the_bound():
     t, lat = _series(lambda t: np.full_like(t, 3.0))
     fails = backlog_failures(t, lat, max_latency=2.5 * 0.5 + 0.5, max_growth=0.5)
     assert len(fails) == 1 and "exceeds" in fails[0]
+
+
+def _child(tmp_path, on_sigint: str) -> list[str]:
+    """A python child that handles SIGINT with `on_sigint`, says so and touches `ready` once it has."""
+    return [sys.executable, "-c", f"import signal, sys, time; signal.signal(signal.SIGINT, {on_sigint}); "
+            f"print('up', flush=True); open({str(tmp_path / 'ready')!r}, 'w'); time.sleep(60)"]
+
+
+def _wait_ready(tmp_path):
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.05)
+
+
+def test_stop_interrupts_a_node_and_kills_one_that_ignores_it(tmp_path):
+    """How the demo and the soak end their nodes: SIGINT (a node's clean shutdown), then SIGKILL."""
+    log = tmp_path / "logs" / "child.log"
+    polite = spawn(_child(tmp_path, "lambda *a: sys.exit(3)"), log)
+    _wait_ready(tmp_path)
+    assert stop(polite) == "" and polite.returncode == 3
+    assert log.read_text() == "up\n"
+    (tmp_path / "ready").unlink()
+    stubborn = spawn(_child(tmp_path, "signal.SIG_IGN"))
+    _wait_ready(tmp_path)
+    assert stop(stubborn, timeout=1.0) == "up\n" and stubborn.returncode == -9

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .procmem import reset_peak_rss, status_mb
+
 COLUMNS = ("variant", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "f1_smiyc", "frame_auroc", "latency_ms",
            "peak_mem_mb", "infer_mem_mb", "model_mb", "nfe")
 
@@ -56,30 +58,12 @@ def checkpoint_for(root: Path, variant: str, overrides: dict) -> Path:
     return out
 
 
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return math.nan
-
-
 def peak_memory_mb(device) -> float:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _proc_status_mb("VmHWM")  # peak resident set size of this process
-
-
-def reset_peak_rss() -> float:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); return the RSS now (MB)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return math.nan  # no /proc (not Linux): infer_mem_mb is n/a
-    return _proc_status_mb("VmRSS")
+    return status_mb("VmHWM")  # peak resident set size of this process
 
 
 def _preload_libraries() -> None:
@@ -91,10 +75,10 @@ def _preload_libraries() -> None:
 
 def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_frames: int) -> dict:
     """One row, in this process (called in a fresh subprocess by `bench`)."""
-    from ..config import variant_settings
     from .data import open_dataset
     from .detector import Detector
     from .evaluation import summarize
+    from .settings import variant_settings
     from .splits import select
 
     name, overrides = parse_row(spec)
@@ -103,7 +87,7 @@ def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_
     chosen = select(open_dataset(data), frames)[: max_frames or None]
     frames_in = [(f.rgb(), f.label()) for f in chosen]
     _preload_libraries()
-    baseline_mb = reset_peak_rss()
+    baseline_mb = reset_peak_rss()  # nan without /proc (not Linux): infer_mem_mb is n/a
     det = Detector(checkpoint, variant_settings(name, checkpoint=str(checkpoint), device=device, **overrides))
     # Warm-up: lazy initialisation, the allocator and oneDNN's kernel cache take a few calls
     # to settle (the first ones run up to 1.5x slower); at least one call, up to 5 within ~2 s.

@@ -13,8 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,12 +20,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..config import config_dir
 from ..core import checkpoint as ckpt
 from ..core.data import open_dataset
+from ..core.evaluation import label_metrics, write_metrics
+from ..core.settings import config_dir
 from ..core.synthetic import make_synthetic_dataset
 from ..core.training import TrainOptions, train
 from . import transport
+from .processes import spawn, stop
 
 NS = "/demo"
 CAMERA = f"{NS}/camera/image_raw"
@@ -68,21 +68,6 @@ def ensure_model(args, train_dir: Path) -> Path:
         return model
     print(f"training a small model on the ID pixels of {train_dir} ({args.train_steps} steps) ...", flush=True)
     return train(train_dir, model, TrainOptions(variant=args.variant, steps=args.train_steps, save_every=200))
-
-
-def spawn(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 class Collector:
@@ -133,7 +118,6 @@ class Collector:
 
 
 def report(args, frames, collector, model: Path) -> dict:
-    from ..core.metrics import f_star, frame_metrics, pixel_metrics, smiyc_metrics
     from ..core.analysis import frame_score
     from ..core.visualize import overlay, panel, save_rgb, save_sheet
 
@@ -151,11 +135,8 @@ def report(args, frames, collector, model: Path) -> dict:
     save_sheet(rows[:12], args.out / "sheet.png")
     metrics = {"frames_replayed": len(frames), "frames_with_results": len(done), "checkpoint": str(model)}
     if labels:
-        is_ood = [bool((y == 1).sum() >= 100) for y in labels]
-        metrics.update(pixel_metrics(scores, labels), f_star=f_star(scores, labels), **smiyc_metrics(scores, labels),
-                       **frame_metrics(fscores, is_ood))
-    (args.out / "metrics.json").write_text(json.dumps(
-        {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}, indent=2))
+        metrics.update(label_metrics(scores, fscores, labels))
+    write_metrics(args.out / "metrics.json", metrics)
     return metrics
 
 

@@ -15,22 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from ..core.procmem import rss_mb
+from .processes import spawn, stop
 
 
 def frames(data: Path | None, n: int = 8) -> list[np.ndarray]:
@@ -77,16 +69,14 @@ def soak_main(argv: list[str] | None = None) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from ..config import config_dir
+    from ..core.settings import config_dir
     from .image_codec import rgb_to_image
 
     params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
-    node = subprocess.Popen(
-        [str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", "image:=/soak/image",
-         "-r", "__ns:=/soak", "--params-file", str(config_dir() / f"{args.variant}.yaml"),
-         "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"variant:={args.variant}",
-         "-p", "diagnostics_period:=1.0", *params],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    node = spawn([str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", "image:=/soak/image",
+                  "-r", "__ns:=/soak", "--params-file", str(config_dir() / f"{args.variant}.yaml"),
+                  "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"variant:={args.variant}",
+                  "-p", "diagnostics_period:=1.0", *params])
     # A context of its own: callers (tests, tools) may have initialised rclpy already.
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -135,13 +125,7 @@ def soak_main(argv: list[str] | None = None) -> int:
         executor.shutdown()
         client.destroy_node()
         rclpy.try_shutdown(context=context)
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGINT)
-        try:
-            out, _ = node.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-            out, _ = node.communicate()
+        out = stop(node, timeout=20)
         report["node_exit_code"] = node.returncode
         report["node_traceback"] = "Traceback" in out
     failures = _judge(report, args)
