@@ -75,10 +75,10 @@ def _preload_libraries() -> None:
 
 def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_frames: int) -> dict:
     """One row, in this process (called in a fresh subprocess by `bench`)."""
+    from ..config import variant_settings
     from .data import open_dataset
     from .detector import Detector
     from .evaluation import summarize
-    from .settings import variant_settings
     from .splits import select
 
     name, overrides = parse_row(spec)

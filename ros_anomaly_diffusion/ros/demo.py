@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..config import config_dir
 from ..core import checkpoint as ckpt
 from ..core.data import open_dataset
 from ..core.evaluation import label_metrics, write_metrics
-from ..core.settings import config_dir
 from ..core.synthetic import make_synthetic_dataset
 from ..core.training import TrainOptions, train
 from . import transport

@@ -69,7 +69,7 @@ def soak_main(argv: list[str] | None = None) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from ..core.settings import config_dir
+    from ..config import config_dir
     from .image_codec import rgb_to_image
 
     params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
