@@ -11,6 +11,9 @@ import yaml
 
 from .config import variant_settings
 
+# Each command imports what it runs (torch and diffusers, rclpy for the ROS commands) inside
+# its function: `--help` starts at once and a command pays only for its own imports.
+
 
 def _settings(args):
     """The variant's config/<variant>.yaml, then --set overrides, then the checkpoint."""
