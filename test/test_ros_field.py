@@ -11,7 +11,6 @@ import math
 import pickle
 import re
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,6 +23,7 @@ from std_srvs.srv import SetBool
 
 from conftest import (ROOT, as_array, by_stamp, detector_args, make_checkpoint, random_frame, send_until,
                       stamp_of, stamped_image)
+from ros_anomaly_diffusion.core.procmem import rss_mb
 from ros_anomaly_diffusion.ros.params import MAX_INPUT_PIXELS
 
 pytestmark = pytest.mark.timeout(300)
@@ -75,13 +75,6 @@ def set_params(probe, node=NODE, **values):
 def get_param(probe, name, node=NODE):
     v = probe.call(GetParameters, f"{node}/get_parameters", GetParameters.Request(names=[name])).values[0]
     return parameter_value_to_python(v)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 # --------------------------------------------------------------------------- one node for the graph tests
