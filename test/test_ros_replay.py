@@ -8,12 +8,14 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from rcl_interfaces.msg import ParameterType
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 
 from conftest import NodeProcess, random_frame, stamp_of
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.ros import bag, image_codec
-from ros_anomaly_diffusion.ros.replay_node import ReplaySource
+from ros_anomaly_diffusion.ros.replay_node import PARAMETERS, ReplayNode, ReplaySource
 
 # The graph tests wait for conditions, never for fixed times: long limits cost nothing on an
 # idle machine and keep them correct on a loaded one (processes start and discover slowly).
@@ -118,6 +120,24 @@ def test_pick_image_topic():
         bag.pick_image_topic("b", [])
     with pytest.raises(ValueError, match=r"no Image/CompressedImage topic '/side'; image topics: \['/front'\]"):
         bag.pick_image_topic("b", ["/front"], "side")
+
+
+def test_replay_parameters_are_declared_with_descriptors(ros, rugd_sample):
+    """The replay node declares its parameters like the detector (ros/params.py: ParamSpec,
+    descriptor): typed, described, read-only, choices named and checked; integer rates accepted."""
+    node = ReplayNode(parameter_overrides=[Parameter("source", value=str(rugd_sample)),
+                                           Parameter("rate_hz", value=2)])
+    try:
+        assert node.rate_hz == 2.0
+        d = {x.name: x for x in node.describe_parameters(list(PARAMETERS))}
+        assert all(x.read_only and x.description for x in d.values())
+        assert d["rate_hz"].type == ParameterType.PARAMETER_DOUBLE and d["loop"].type == ParameterType.PARAMETER_BOOL
+        assert d["stamp_source"].additional_constraints == "one of: clock, bag"
+    finally:
+        node.destroy_node()
+    with pytest.raises(ValueError, match=r"stamp_source must be one of \['clock', 'bag'\], got 'gps'"):
+        ReplayNode(parameter_overrides=[Parameter("source", value=str(rugd_sample)),
+                                        Parameter("stamp_source", value="gps")])
 
 
 def test_bag_main_cli(tmp_path, capsys, rugd_sample):

@@ -118,19 +118,6 @@ def declare_parameters(node, specs) -> None:
         node.add_pre_set_parameters_callback(as_doubles)
 
 
-def float_overrides_from_ints(node, names) -> None:
-    """Kept for replay_node until it declares through declare_parameters (its own parameter
-    scheme is being rewritten): rewrites rclpy's private override table."""
-    overrides = getattr(node, "_parameter_overrides", None)
-    if not isinstance(overrides, dict):
-        return
-    from rclpy.parameter import Parameter
-
-    for name in names:
-        if name in overrides:
-            overrides[name] = Parameter(name, value=as_declared_type(0.0, overrides[name].value))
-
-
 # ---- declaring a ParamSpec (detector and replay node) ----
 
 _ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
@@ -44,24 +43,26 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from . import bag, image_codec, transport
-from .params import float_overrides_from_ints
+from .params import ParamSpec, declare_parameters
 
 NODE_NAME = "image_replay"
 # How long the end of a replay waits for reliable subscribers to acknowledge the last frames.
 ACK_TIMEOUT_S = 10.0
 
-# name: (default, description); all read-only (read once at start)
-PARAMETERS = {
-    "source": ("", "dataset folder (RUGD format or plain images) or rosbag2 to publish"),
-    "topic": ("camera/image", "output sensor_msgs/Image topic"),
-    "rate_hz": (5.0, "frames per second"),
-    "loop": (False, "start again after the last frame"),
-    "frame_id": ("", "header frame_id; empty: the bag's, or 'camera' for folders"),
-    "count": (0, "stop after this many frames (0: all, or forever with loop)"),
-    "stamp_source": ("clock", "header stamps: clock (now) or bag (recorded stamps)"),
-    "bag_topic": ("", "image topic to read from a bag; empty: its only image topic"),
-    "wait_for_subscribers": (0.0, "seconds to wait for a subscriber before the first frame"),
-}
+# Declared like the detector's (ros/params.py); all read once at start.
+PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in (
+    ParamSpec("source", "", "dataset folder (RUGD format or plain images) or rosbag2 to publish", read_only=True),
+    ParamSpec("topic", "camera/image", "output sensor_msgs/Image topic", read_only=True),
+    ParamSpec("rate_hz", 5.0, "frames per second", read_only=True),
+    ParamSpec("loop", False, "start again after the last frame", read_only=True),
+    ParamSpec("frame_id", "", "header frame_id; empty: the bag's, or 'camera' for folders", read_only=True),
+    ParamSpec("count", 0, "stop after this many frames (0: all, or forever with loop)", read_only=True),
+    ParamSpec("stamp_source", "clock", "header stamps: clock (now) or bag (recorded stamps)",
+              choices=("clock", "bag"), read_only=True),
+    ParamSpec("bag_topic", "", "image topic to read from a bag; empty: its only image topic", read_only=True),
+    ParamSpec("wait_for_subscribers", 0.0, "seconds to wait for a subscriber before the first frame",
+              read_only=True),
+)}
 
 
 class ReplaySource:
@@ -103,12 +104,11 @@ class ReplaySource:
 class ReplayNode(Node):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
-        float_overrides_from_ints(self, [n for n, (d, _) in PARAMETERS.items() if isinstance(d, float)])
-        for name, (default, desc) in PARAMETERS.items():
-            try:
-                self.declare_parameter(name, default, ParameterDescriptor(description=desc, read_only=True))
-            except Exception as err:  # wrong type or value on the command line
-                raise ValueError(f"invalid parameter {name}: {err}") from None
+        declare_parameters(self, PARAMETERS.values())  # ValueError for a wrong type on the command line
+        for p in PARAMETERS.values():
+            reason = p.check(self.get_parameter(p.name).value)
+            if reason:
+                raise ValueError(f"invalid parameter: {reason}")
         g = lambda n: self.get_parameter(n).value  # noqa: E731
         self.rate_hz = float(g("rate_hz"))
         self.loop, self.count = bool(g("loop")), int(g("count"))
@@ -119,8 +119,6 @@ class ReplayNode(Node):
                              "e.g. --ros-args -p source:=/data/rugd")
         if not self.rate_hz > 0:
             raise ValueError(f"rate_hz must be > 0, got {self.rate_hz}")
-        if self.stamp_source not in ("clock", "bag"):
-            raise ValueError(f"stamp_source must be clock or bag, got {self.stamp_source!r}")
         self.source = ReplaySource(g("source"), g("bag_topic") or None)
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
