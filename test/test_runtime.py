@@ -278,3 +278,17 @@ def test_the_worker_thread_serves_frames_until_stopped():
     finally:
         h.rt.stop()
     assert not h.rt.running
+
+
+def test_one_family_rule_for_the_detector_and_the_runtime(tiny_checkpoint):
+    """A pixel checkpoint cannot serve knn: the Detector refuses it naming its config.json, and
+    the runtime's cheap pre-build check gives the same reason before building anything."""
+    from ros_anomaly_diffusion.core.checkpoint import CheckpointError
+    from ros_anomaly_diffusion.core.runtime import checkpoint_problem
+
+    knn = Settings(checkpoint=str(tiny_checkpoint), variant="knn")
+    with pytest.raises(CheckpointError, match=r"config\.json holds a 'pixel' model, variant 'knn' needs a 'knn' one"):
+        Detector(tiny_checkpoint, knn)
+    assert checkpoint_problem(knn) == (f"checkpoint {tiny_checkpoint} holds a 'pixel' model, "
+                                       f"variant 'knn' needs a 'knn' one")
+    assert checkpoint_problem(Settings(checkpoint=str(tiny_checkpoint), variant="ddim")) is None

@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from .analysis import frame_score
 from .segments import aggregate, build_segmenter
 from .settings import LIVE, Settings
-from .variants import get_variant
+from .variants import family_mismatch, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,9 @@ class Detector:
         self.directory = Path(checkpoint_dir)
         self.config = ckpt.load_config(self.directory)
         self.variant = get_variant(settings.variant)
-        if self.config.get("family") != self.variant.family:
-            raise ckpt.CheckpointError(
-                f"{self.directory / ckpt.CONFIG}: holds a {self.config.get('family')!r} model, but variant "
-                f"{settings.variant!r} needs a {self.variant.family!r} one")
+        mismatch = family_mismatch(settings.variant, self.config, str(self.directory / ckpt.CONFIG))
+        if mismatch:
+            raise ckpt.CheckpointError(mismatch)
         self.device = resolve_device(settings.device, settings.cuda_fallback)
         self.model_size = tuple(self.config["image_size"])
         self.scorer = self.variant.build(self.directory, self.config, settings, self.device)

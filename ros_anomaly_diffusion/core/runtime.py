@@ -37,7 +37,7 @@ import torch
 from . import checkpoint as ckpt
 from .detector import Detector
 from .settings import Settings
-from .variants import get_variant
+from .variants import family_mismatch
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 
@@ -101,11 +101,7 @@ def checkpoint_problem(settings: Settings) -> str | None:
         config = ckpt.load_config(settings.checkpoint)
     except ckpt.CheckpointError as err:
         return str(err)
-    family = get_variant(settings.variant).family
-    if config.get("family") != family:
-        return (f"checkpoint {settings.checkpoint} holds a {config.get('family')!r} model, variant "
-                f"{settings.variant!r} needs a {family!r} one")
-    return None
+    return family_mismatch(settings.variant, config, f"checkpoint {settings.checkpoint}")
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,12 @@ def get_variant(name: str) -> Variant:
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; registered: {sorted(VARIANTS)}")
     return VARIANTS[name]
+
+
+def family_mismatch(variant: str, config: dict, where: str) -> str | None:
+    """Why the checkpoint whose config.json is `config` (at `where`) cannot serve `variant`:
+    it holds another family's model. None when it fits."""
+    family = get_variant(variant).family
+    if config.get("family") != family:
+        return f"{where} holds a {config.get('family')!r} model, variant {variant!r} needs a {family!r} one"
+    return None
