@@ -92,6 +92,7 @@ def soak_main(argv: list[str] | None = None) -> int:
     spin = lambda seconds: executor.spin_once(timeout_sec=seconds)  # noqa: E731
     images = frames(args.data)
     report = {}
+    arrivals = latencies = np.zeros(0)
     try:
         # Wait for the node to load its model and answer a first frame.
         deadline = time.monotonic() + 120
@@ -117,7 +118,8 @@ def soak_main(argv: list[str] | None = None) -> int:
                 spin(max(0.0, next_t - time.monotonic()))
         after = diagnostics.settled(spin, timeout=30.0)
         rss_end = rss_mb(node.pid)
-        report = _report(args, sent, start, results, before, after, diagnostics.model_ms, rss_start, rss_end)
+        arrivals, latencies = _series(results, start)
+        report = _report(args, sent, arrivals, latencies, before, after, diagnostics.model_ms, rss_start, rss_end)
         report["node_alive"] = node.poll() is None
     except (KeyboardInterrupt, RuntimeError) as err:
         report["error"] = str(err) or "interrupted"
@@ -128,11 +130,12 @@ def soak_main(argv: list[str] | None = None) -> int:
         out = stop(node, timeout=20)
         report["node_exit_code"] = node.returncode
         report["node_traceback"] = "Traceback" in out
-    failures = _judge(report, args)
+    failures = _judge(report, args, arrivals, latencies)
     report["failures"] = failures
-    print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
     if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
+        args.json.write_text(text)
     return 1 if failures else 0
 
 
@@ -174,22 +177,26 @@ class NodeCounters:
                            f"(last: {self.latest})")
 
 
-def _report(args, sent: int, start: float, results, before: dict, after: dict, model_ms: list[float],
-            rss_start: float, rss_end: float) -> dict:
+def _series(results: list[tuple[float, float]], start: float) -> tuple[np.ndarray, np.ndarray]:
+    """(arrival time since the run began, latency) of each mask, as arrays."""
+    if not results:
+        return np.zeros(0), np.array([np.nan])
+    return np.array([t - start for t, _ in results]), np.array([lat for _, lat in results])
+
+
+def _report(args, sent: int, arrivals: np.ndarray, lat: np.ndarray, before: dict, after: dict,
+            model_ms: list[float], rss_start: float, rss_end: float) -> dict:
     delta = {k: after[k] - before[k] for k in after}
-    arrivals = np.array([t - start for t, _ in results]) if results else np.zeros(0)
-    lat = np.array([lat for _, lat in results]) if results else np.array([np.nan])
     bad = sum(v for k, v in delta.items() if k.startswith("bad_input_"))
     return {"duration_s": args.duration, "rate_hz": args.rate, "frames_in": sent,
             "frames_received": delta["frames_received"], "lost_in_transport": sent - delta["frames_received"],
             "dropped_by_design": delta["frames_dropped"], "frames_processed": delta["frames_processed"],
-            "results_received": len(results), "bad_input": bad, "inference_errors": delta["inference_errors"],
+            "results_received": len(arrivals), "bad_input": bad, "inference_errors": delta["inference_errors"],
             "latency_p50_ms": float(np.percentile(lat, 50) * 1000),
             "latency_p99_ms": float(np.percentile(lat, 99) * 1000),
             "latency_max_ms": float(np.max(lat) * 1000),
             "model_p50_ms": float(np.median(model_ms)) if model_ms else float("nan"),
-            "rss_start_mb": rss_start, "rss_end_mb": rss_end,
-            "_arrivals": arrivals, "_latencies": lat}
+            "rss_start_mb": rss_start, "rss_end_mb": rss_end}
 
 
 def backlog_failures(arrivals: np.ndarray, latencies: np.ndarray, max_latency: float,
@@ -214,7 +221,7 @@ def backlog_failures(arrivals: np.ndarray, latencies: np.ndarray, max_latency: f
     return fails
 
 
-def _judge(r: dict, args) -> list[str]:
+def _judge(r: dict, args, arrivals: np.ndarray, latencies: np.ndarray) -> list[str]:
     if "error" in r:
         return [r["error"]]
     fails = []
@@ -227,7 +234,7 @@ def _judge(r: dict, args) -> list[str]:
                      f"(lost in transport; allowed {args.max_loss:.0%})")
     if r["frames_processed"]:
         limit = args.max_latency or 2.5 * r["model_p50_ms"] / 1000 + 0.5
-        fails += backlog_failures(r["_arrivals"], r["_latencies"], limit, args.max_latency_growth)
+        fails += backlog_failures(arrivals, latencies, limit, args.max_latency_growth)
     if r["rss_end_mb"] > r["rss_start_mb"] * (1 + args.max_growth):
         fails.append(f"RSS grew from {r['rss_start_mb']:.0f} to {r['rss_end_mb']:.0f} MB")
     if r["node_traceback"]:
