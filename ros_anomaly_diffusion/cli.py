@@ -37,7 +37,7 @@ def _common_run(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
-    from .core.training import TrainOptions, train
+    from .engine.training import TrainOptions, train
 
     opts = TrainOptions(variant=args.variant, image_size=tuple(args.image_size), preset=args.preset,
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -50,8 +50,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from .core.data import open_dataset
     from .core.detector import Detector
-    from .core.evaluation import evaluate
     from .core.splits import select
+    from .engine.evaluation import evaluate
 
     det = Detector(args.checkpoint, _settings(args))
     metrics = evaluate(det, select(open_dataset(args.data), args.frames, args.scenes), args.out,
@@ -64,7 +64,7 @@ def cmd_eval(args) -> None:
 def cmd_calibrate(args) -> None:
     from .core.data import open_dataset
     from .core.splits import select
-    from .core.training import calibrate
+    from .engine.training import calibrate
 
     frames = select(open_dataset(args.data), "id" if args.frames == "all" else args.frames, args.scenes)
     result = calibrate(args.checkpoint, frames, args.variant, args.mask_fpr, args.frame_fpr,
@@ -80,7 +80,7 @@ def cmd_synth(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .core.bench import bench, train_all
+    from .engine.bench import bench, train_all
 
     if args.train:
         train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
@@ -92,7 +92,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from .core.quantization import quantize_checkpoint
+    from .core.networks.quantization import quantize_checkpoint
 
     before = args.checkpoint / "denoiser.safetensors"
     out = quantize_checkpoint(args.checkpoint, args.out, args.precision, args.layers)
@@ -106,8 +106,8 @@ def cmd_quantize(args) -> None:
 def cmd_export(args) -> None:
     import numpy as np
 
-    from .core.deploy import export_onnx
     from .core.detector import Detector
+    from .core.networks.deploy import export_onnx
 
     args.set = (args.set or []) + ["steps=1", "inversion_steps=2", "segments=none"]
     det = Detector(args.checkpoint, _settings(args))

@@ -3,8 +3,8 @@
 They are ROS 2 parameter files (the launch files pass them to the node), so reading
 them means knowing the `/**: ros__parameters:` layout and, in a colcon install, the
 ament index: both stay out of the core's model code (what the Detector runs takes
-Settings). Its readers: the CLI, the ROS tools, and the orchestration on top of the
-core (core/training.py calibrates, core/bench.py evaluates, each with the variant's file).
+Settings). Its readers: the CLI, the ROS tools, and the orchestration above the core
+(engine/training.py calibrates, engine/bench.py evaluates, each with the variant's file).
 """
 from __future__ import annotations
 

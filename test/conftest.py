@@ -47,11 +47,11 @@ def make_checkpoint(directory: Path, num_train_timesteps: int = 1000, mask_thres
     import torch
 
     from ros_anomaly_diffusion.core import checkpoint as ckpt
-    from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
-    from ros_anomaly_diffusion.core.schedule import ScheduleConfig
+    from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
+    from ros_anomaly_diffusion.core.samplers import ScheduleConfig
 
     torch.manual_seed(0)
-    cfg = unet_config("tiny", sample_size=(32, 40))
+    cfg = unet_config("pixel", "tiny", 3, (32, 40))
     net = build_denoiser("unet", cfg)
     calib = {"mask_threshold": mask_threshold, "frame_threshold": frame_threshold}
     ckpt.save(directory, {"family": "pixel", "image_size": [32, 40],
@@ -75,31 +75,31 @@ def short_checkpoint(tmp_path_factory) -> Path:
 
 def make_family_checkpoint(directory: Path, family: str, mask_threshold: float = 0.3,
                            frame_threshold: float = 0.5) -> Path:
-    """Tiny checkpoint of the "features" (inversion), "knn" (64x96 input) or "latent" (dcae: untrained
-    tiny DC-AE + DiT, 32x40 input) family, calibrated."""
-    from ros_anomaly_diffusion.core import inversion, knn, latent
+    """Tiny checkpoint of the "feature_diffusion" (inversion), "knn" (64x96 input) or "latent" (dcae:
+    untrained tiny DC-AE + DiT, 32x40 input) family, calibrated."""
+    from ros_anomaly_diffusion.core.variants import get_variant
 
-    make, variant = {"features": (inversion.init_checkpoint, "inversion"), "knn": (knn.init_checkpoint, "knn"),
-                     "latent": (latent.init_latent_checkpoint, "dcae")}[family]
-    return make(directory, calibration={variant: {"mask_threshold": mask_threshold,
-                                                  "frame_threshold": frame_threshold}})
+    variant = {"feature_diffusion": "inversion", "knn": "knn", "latent": "dcae"}[family]
+    return get_variant(variant).init_checkpoint(directory, calibration={variant: {
+        "mask_threshold": mask_threshold, "frame_threshold": frame_threshold}})
 
 
 def make_legacy_feature_checkpoint(directory: Path, family: str, monkeypatch) -> Path:
-    """A "features" or "knn" checkpoint as written before the config recorded its feature
-    blocks: the taps of inversion.LEGACY_BLOCKS (the "stride 2" one is block 1, at stride 4),
-    200 channels, and "strides": [2, 4, 8, 16] only as their names."""
+    """A "feature_diffusion" or "knn" checkpoint as written before the config recorded its feature
+    blocks: the taps of feature_space.LEGACY_BLOCKS (the "stride 2" one is block 1, at stride 4),
+    200 channels, and "strides": [2, 4, 8, 16] only as their names. The inversion family then
+    was called "features": the config says so."""
     from ros_anomaly_diffusion.core import checkpoint as ckpt
-    from ros_anomaly_diffusion.core import inversion, knn
+    from ros_anomaly_diffusion.core.families import feature_space
 
-    real, legacy = inversion.shared_features, tuple(inversion.LEGACY_BLOCKS.values())
+    real, legacy = feature_space.shared_features, tuple(feature_space.LEGACY_BLOCKS.values())
     with monkeypatch.context() as m:
-        for module in (inversion, knn):
-            m.setattr(module, "shared_features", lambda *a, **k: real(legacy, *a[1:], **k))
+        m.setattr(feature_space, "shared_features", lambda *a, **k: real(legacy, *a[1:], **k))
         make_family_checkpoint(directory, family)
     features = ckpt.load_config(directory)["features"]
     del features["blocks"]
-    ckpt.update_config(directory, features=features)
+    old_name = {"feature_diffusion": "features"}.get(family, family)
+    ckpt.update_config(directory, features=features, family=old_name)
     return directory
 
 

@@ -5,7 +5,7 @@ import torch
 
 from ros_anomaly_diffusion.core.analysis import FeatureDistance, frame_score
 from ros_anomaly_diffusion.core.data import open_dataset
-from ros_anomaly_diffusion.core.features import FeatureExtractor
+from ros_anomaly_diffusion.core.networks.backbone import FeatureExtractor
 from ros_anomaly_diffusion.core.segments import (UNCOVERED, SamSegmenter, SuperpixelSegmenter, aggregate,
                                                  build_segmenter)
 

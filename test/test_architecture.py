@@ -66,7 +66,7 @@ def test_the_graph_sees_the_package():
     assert f"{PACKAGE}.core.detector" in graph
     assert f"{PACKAGE}.core.settings" in graph[f"{PACKAGE}.core.detector"]
     # function-level imports count: the CLI imports the core's modules inside its commands
-    assert f"{PACKAGE}.core.evaluation" in graph[f"{PACKAGE}.cli"]
+    assert f"{PACKAGE}.engine.evaluation" in graph[f"{PACKAGE}.cli"]
 
 
 def _in_cycles(graph: dict[str, set[str]]) -> set[str]:
@@ -105,8 +105,56 @@ def test_core_imports_no_ros():
     assert not bad, "ROS imports inside the ROS-free core:\n" + "\n".join(bad)
 
 
+def test_layers_import_only_downwards():
+    """core (models) <- engine (orchestration, parameter files) <- ros (adapters) and the CLI; inside
+    the core, the variant registry on top of the families and networks, the Detector on top of it."""
+    core = f"{PACKAGE}.core"
+    below = {  # module prefix -> package modules it must not import
+        core: (f"{PACKAGE}.engine", f"{PACKAGE}.ros", f"{PACKAGE}.config", f"{PACKAGE}.cli"),
+        f"{PACKAGE}.engine": (f"{PACKAGE}.ros", f"{PACKAGE}.cli"),
+        f"{core}.families": (f"{core}.variants", f"{core}.detector", f"{core}.runtime"),
+        f"{core}.networks": (f"{core}.families", f"{core}.variants", f"{core}.detector", f"{core}.samplers"),
+        f"{core}.samplers": (f"{core}.networks", f"{core}.families", f"{core}.variants"),
+    }
+    bad = [f"{module} imports {name}" for module, deps in _graph().items() for prefix, banned in below.items()
+           if module.startswith(prefix) for name in deps if name.startswith(banned)]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_family_module_implements_the_family_interface():
+    from ros_anomaly_diffusion.core.scorer import Family
+    from ros_anomaly_diffusion.core.variants import VARIANTS
+
+    wanted = [n for n in vars(Family) if not n.startswith("_")] + ["FAMILY"]
+    for variant in VARIANTS.values():
+        missing = [n for n in wanted if not hasattr(variant.module, n)]
+        assert not missing, f"{variant.module.__name__} lacks {missing}"
+        assert variant.module.__name__.startswith(f"{PACKAGE}.core.families.")
+
+
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", PACKAGE, "--help"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr
     assert "usage: ros-anomaly-diffusion" in out.stdout
+
+
+@pytest.mark.parametrize("variant", ["ddpm", "ddim", "inversion", "knn", "dcae"])
+def test_every_variant_builds_a_scorer_that_maps_frames_to_maps(variant, short_checkpoint, family_checkpoint):
+    import torch
+
+    from ros_anomaly_diffusion.config import variant_settings
+    from ros_anomaly_diffusion.core import checkpoint as ckpt
+    from ros_anomaly_diffusion.core.scorer import Scorer, ScoreOutput
+    from ros_anomaly_diffusion.core.variants import get_variant
+
+    v = get_variant(variant)
+    directory = short_checkpoint if v.family == "pixel" else family_checkpoint(v.family)
+    config = ckpt.load_config(directory)
+    settings = variant_settings(variant, checkpoint=str(directory), analysis_height=48, analysis_width=64)
+    scorer = v.build(directory, config, settings, torch.device("cpu"))
+    assert isinstance(scorer, Scorer) and scorer.nfe >= 0
+    out = scorer(torch.rand(2, 3, *config["image_size"], generator=torch.Generator().manual_seed(0)))
+    assert isinstance(out, ScoreOutput) and out.maps.shape == (2, 48, 64)
+    assert float(out.maps.min()) >= 0 and float(out.maps.max()) <= 1
+    assert (out.edited01 is not None) == (variant in ("ddpm", "ddim", "dcae"))

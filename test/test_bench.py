@@ -9,7 +9,7 @@ import pytest
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core import procmem
-from ros_anomaly_diffusion.core.bench import COLUMNS, parse_row
+from ros_anomaly_diffusion.engine.bench import COLUMNS, checkpoint_for, parse_row
 
 
 def test_row_specs_parse():
@@ -17,6 +17,16 @@ def test_row_specs_parse():
     assert parse_row("ddim:steps=10,quantization=int8") == ("ddim", {"steps": 10, "quantization": "int8"})
     with pytest.raises(ValueError):
         parse_row("ddim:steps")
+
+
+def test_a_benchmark_root_finds_each_family_under_its_current_or_old_name(tmp_path):
+    (tmp_path / "pixel").mkdir()
+    (tmp_path / "features").mkdir()  # the inversion family's folder before it was renamed
+    assert checkpoint_for(tmp_path, "ddim", {}) == tmp_path / "pixel"
+    assert checkpoint_for(tmp_path, "inversion", {}) == tmp_path / "features"
+    (tmp_path / "feature_diffusion").mkdir()
+    assert checkpoint_for(tmp_path, "inversion", {}) == tmp_path / "feature_diffusion"
+    assert checkpoint_for(tmp_path, "knn", {}) == tmp_path / "knn"  # not there: where `bench --train` writes it
 
 
 def test_process_memory_from_proc():

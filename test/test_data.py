@@ -16,8 +16,8 @@ from ros_anomaly_diffusion.core.data import (
     load_label,
     open_dataset,
     parse_colormap,
-    split_id_ood,
 )
+from ros_anomaly_diffusion.core.splits import select
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 
 
@@ -88,11 +88,12 @@ def test_sample_labels_match_annotation_colours(rugd_sample):
 
 
 def test_sample_id_ood_split(rugd_sample):
-    id_frames, ood_frames = split_id_ood(open_dataset(rugd_sample))
+    ds = open_dataset(rugd_sample)
+    id_frames, ood_frames = select(ds, "id"), select(ds, "ood")
     assert {f.name for f in ood_frames} == set(SAMPLE_OOD)
     assert {f.name for f in id_frames} == SAMPLE_ID
     # A higher bar moves the frames with few OOD pixels (171, 188) to the ID side.
-    id200, ood200 = split_id_ood(open_dataset(rugd_sample), min_pixels=200)
+    id200 = [f for f in ds if not f.is_ood(min_pixels=200)]
     assert {f.name for f in id200} == SAMPLE_ID | {"trail-13_00001", "trail-14_01001"}
 
 
@@ -148,8 +149,8 @@ def test_plain_image_folder(tmp_path: Path):
     frame = ds[1]
     np.testing.assert_array_equal(frame.rgb()[0, 0], [255, 0, 0])  # RGB order, not BGR
     assert frame.label() is None and frame.is_ood() is None
-    with pytest.raises(ValueError, match="unlabelled"):
-        split_id_ood(ds)
+    with pytest.raises(ValueError, match="needs labels"):
+        select(ds, "ood")
 
 
 def test_bad_paths_give_clear_errors(tmp_path: Path):
@@ -192,7 +193,7 @@ def test_synthetic_round_trip(tmp_path: Path):
     ds = open_dataset(root)
     assert [f.name for f in ds] == [f"synthetic_{i:05d}" for i in range(1, 11)]
     assert ds.labelled and ds.colormap == RUGD_COLORMAP
-    id_frames, ood_frames = split_id_ood(ds)
+    id_frames, ood_frames = select(ds, "id"), select(ds, "ood")
     assert len(id_frames) == 6 and len(ood_frames) == 4
     for f in ds:
         rgb, label = f.rgb(), f.label()

@@ -3,18 +3,18 @@ import torch
 
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
-from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
-from ros_anomaly_diffusion.core.deploy import accelerate, cache_key
+from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
+from ros_anomaly_diffusion.core.networks.deploy import accelerate, cache_key
 
 
 def test_cpu_runs_eager_and_says_why():
-    net = build_denoiser("unet", unet_config("tiny"))
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3))
     out, reason = accelerate(net, (1, 3, 32, 40), torch.device("cpu"))
     assert out is net and "not CUDA" in reason
 
 
 def test_engine_cache_key_follows_weights_shape_and_precision():
-    net = build_denoiser("unet", unet_config("tiny"))
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3))
     k = cache_key(net, (1, 3, 32, 40), "fp16")
     assert k == cache_key(net, (1, 3, 32, 40), "fp16")
     assert k != cache_key(net, (1, 3, 64, 80), "fp16") and k != cache_key(net, (1, 3, 32, 40), "int8")
@@ -60,9 +60,9 @@ class _FakeTensorRT:
 
 
 def test_tensorrt_engine_is_compiled_once_then_loaded_from_the_cache(tmp_path):
-    from ros_anomaly_diffusion.core.deploy import compile_cached
+    from ros_anomaly_diffusion.core.networks.deploy import compile_cached
 
-    net = build_denoiser("unet", unet_config("tiny"))
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3))
     x = torch.randn(1, 3, 32, 40)
     with torch.no_grad():
         want = net(x, 500)
@@ -79,9 +79,9 @@ def test_tensorrt_engine_is_compiled_once_then_loaded_from_the_cache(tmp_path):
 
 
 def test_failed_tensorrt_compilation_falls_back_to_the_eager_fp32_model(tmp_path):
-    from ros_anomaly_diffusion.core.deploy import compile_cached
+    from ros_anomaly_diffusion.core.networks.deploy import compile_cached
 
-    net = build_denoiser("unet", unet_config("tiny"))
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3))
     out, how = compile_cached(net, (1, 3, 32, 40), torch.device("cpu"), _FakeTensorRT(fail=True), tmp_path)
     assert out is net and next(net.parameters()).dtype == torch.float32
     assert how == "TensorRT compilation failed (RuntimeError: unsupported operator)"

@@ -2,15 +2,14 @@
 import pytest
 import torch
 
-from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
-from ros_anomaly_diffusion.core.editing import GuidedDDIM, GuidedDDPM, ddim_timesteps
-from ros_anomaly_diffusion.core.schedule import NoiseSchedule, ScheduleConfig
+from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
+from ros_anomaly_diffusion.core.samplers import GuidedDDIM, GuidedDDPM, NoiseSchedule, ScheduleConfig, ddim_timesteps
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    net = build_denoiser("unet", unet_config("tiny", sample_size=(16, 20))).eval()
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3, (16, 20))).eval()
     return net, NoiseSchedule(ScheduleConfig())
 
 
@@ -24,6 +23,15 @@ def test_timesteps_even_from_start_to_zero():
     assert ddim_timesteps(3, 10) == [3, 2, 1, 0]  # never more steps than timesteps
     with pytest.raises(ValueError):
         ddim_timesteps(999, 0)
+
+
+def test_a_start_beyond_a_short_chain_starts_at_its_end(model):
+    net, _ = model
+    short = NoiseSchedule(ScheduleConfig(num_train_timesteps=50))
+    editor = GuidedDDIM(net, short, steps=5, start_timestep=999)  # the config files' default start
+    assert editor.timesteps == [49, 37, 24, 12, 0] and editor.nfe == 5
+    out = editor.edit(frames(1), seed=0)
+    assert out.shape == (2, 3, 16, 20) and bool(torch.isfinite(out).all())
 
 
 def test_very_strong_guidance_returns_the_input(model):

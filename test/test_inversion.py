@@ -11,13 +11,27 @@ from conftest import make_legacy_feature_checkpoint, random_frame
 
 from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
-from ros_anomaly_diffusion.core import inversion as inv
+from ros_anomaly_diffusion.core import samplers
+from ros_anomaly_diffusion.core.families import feature_space as fs
+from ros_anomaly_diffusion.core.families import inversion as inv
+from ros_anomaly_diffusion.core.networks import backbone
 from ros_anomaly_diffusion.core.data import OOD
 from ros_anomaly_diffusion.core.detector import Detector
-from ros_anomaly_diffusion.core.schedule import NoiseSchedule
+from ros_anomaly_diffusion.core.samplers import NoiseSchedule
 from ros_anomaly_diffusion.core.settings import Settings
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
-from ros_anomaly_diffusion.core.training import TrainOptions
+from ros_anomaly_diffusion.engine.training import TrainOptions
+
+
+def ddim_sample(net, schedule, x: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
+    """The DDIM sampler (eta = 0) back down the same timesteps: the inverse of ddim_invert."""
+    down = timesteps[::-1]
+    for t, t_prev in zip(down[:-1], down[1:]):
+        a, a_prev = schedule.abar(t), schedule.abar(t_prev)
+        eps = schedule.eps_from_output(net(x, t), x, t)
+        x0 = (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
+    return x
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +47,12 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("blocks", [None, (1, 2, 4, 10)])
 def test_folded_features_match_the_feature_extractor(blocks):
-    from ros_anomaly_diffusion.core.features import FeatureExtractor
+    from ros_anomaly_diffusion.core.networks.backbone import FeatureExtractor
 
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    fe = FeatureExtractor(inv.FEATURE_STRIDES) if blocks is None else FeatureExtractor(blocks=blocks)
-    ref = fe.stacked(x, stride=inv.GRID_STRIDE)
-    got = (inv.StackedFeatures() if blocks is None else inv.StackedFeatures(blocks))(x)
+    fe = FeatureExtractor(backbone.FEATURE_STRIDES) if blocks is None else FeatureExtractor(blocks=blocks)
+    ref = fe.stacked(x, stride=backbone.GRID_STRIDE)
+    got = (backbone.StackedFeatures() if blocks is None else backbone.StackedFeatures(blocks))(x)
     assert got.shape == ref.shape == (1, fe.channels, 4, 6)
     assert fe.channels == (192 if blocks is None else 200)
     assert torch.allclose(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
@@ -48,7 +62,7 @@ def test_checkpoints_record_their_taps_and_old_ones_load_with_theirs(tiny, tmp_p
     assert ckpt.load_config(tiny)["features"] == {"blocks": [0, 2, 4, 10], "strides": [2, 4, 8, 16],
                                                   "channels": 192, "grid": [4, 6], "grid_stride": 16}
     assert Detector(tiny, variant_settings("inversion", checkpoint=str(tiny))).scorer.features.taps == [0, 2, 4, 10]
-    old = make_legacy_feature_checkpoint(tmp_path / "old", "features", monkeypatch)
+    old = make_legacy_feature_checkpoint(tmp_path / "old", "feature_diffusion", monkeypatch)
     assert ckpt.load_config(old)["features"] == {"channels": 200, "grid": [4, 6], "grid_stride": 16,
                                                  "strides": [2, 4, 8, 16]}
     det = Detector(old, variant_settings("inversion", checkpoint=str(old)))
@@ -75,9 +89,9 @@ def test_a_config_whose_taps_do_not_match_is_refused(tiny, tmp_path, features, m
 
 
 def test_timesteps_are_evenly_spaced_from_0_to_999():
-    assert inv.inversion_timesteps(3) == [0, 500, 999]
-    assert inv.inversion_timesteps(2) == inv.inversion_timesteps(1) == [0, 999]
-    ts = inv.inversion_timesteps(5)
+    assert samplers.inversion_timesteps(3) == [0, 500, 999]
+    assert samplers.inversion_timesteps(2) == samplers.inversion_timesteps(1) == [0, 999]
+    ts = samplers.inversion_timesteps(5)
     assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 5 and max(np.diff(ts)) - min(np.diff(ts)) <= 1
 
 
@@ -97,7 +111,7 @@ def test_inversion_formula_against_a_hand_computation(schedule):
     x = torch.tensor([[[[0.5, -1.0]]]], dtype=torch.float64)
     c = 0.3
     net = Constant(c)
-    got = inv.ddim_invert(net, schedule, x, [0, 500, 999])
+    got = samplers.ddim_invert(net, schedule, x, [0, 500, 999])
     assert net.calls == [0, 500]  # eps at the current timestep, S - 1 calls
     expected = x.clone()
     for t, t_next in ((0, 500), (500, 999)):
@@ -122,21 +136,21 @@ def test_inversion_is_deterministic_and_undone_by_the_sampler(schedule):
     gen = torch.Generator().manual_seed(0)
     z = 0.3 + 0.7 * torch.randn(2, 8, 4, 6, generator=gen, dtype=torch.float64)
     for steps in (2, 3):
-        ts = inv.inversion_timesteps(steps)
+        ts = samplers.inversion_timesteps(steps)
         # constant eps, and the (input-dependent) exact model of a point mass: DDIM steps are
         # exact bijections there, so the sampler undoes the inversion for any S
         for net in (Constant(0.7), _gaussian_eps(schedule, 0.3, 0.0)):
-            latent = inv.ddim_invert(net, schedule, z, ts)
-            assert torch.equal(latent, inv.ddim_invert(net, schedule, z, ts))
-            assert torch.allclose(inv.ddim_sample(net, schedule, latent, ts), z, atol=1e-9)
+            latent = samplers.ddim_invert(net, schedule, z, ts)
+            assert torch.equal(latent, samplers.ddim_invert(net, schedule, z, ts))
+            assert torch.allclose(ddim_sample(net, schedule, latent, ts), z, atol=1e-9)
     # the exact model of Gaussian ID data: few steps only approximate the ODE (the first step
     # sees eps(z, 0) ~ 0), so the reconstruction error and the latent's spread approach
     # their limits (0 and N(0, I)) as S grows
     net = _gaussian_eps(schedule, 0.3, 0.49)
     errors, spreads = [], []
     for steps in (3, 10, 50):
-        latent = inv.ddim_invert(net, schedule, z, inv.inversion_timesteps(steps))
-        back = inv.ddim_sample(net, schedule, latent, inv.inversion_timesteps(steps))
+        latent = samplers.ddim_invert(net, schedule, z, samplers.inversion_timesteps(steps))
+        back = ddim_sample(net, schedule, latent, samplers.inversion_timesteps(steps))
         errors.append(float((back - z).abs().max()))
         spreads.append(float(latent.std()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.1 * float(z.abs().max())
@@ -145,25 +159,25 @@ def test_inversion_is_deterministic_and_undone_by_the_sampler(schedule):
 
 def test_to_unit_is_monotone_in_range_and_does_not_saturate():
     u = torch.tensor([-1e4, -10.0, 0.0, 3.0, 6.0, 100.0, 1000.0])
-    s = inv.to_unit(u)
+    s = fs.to_unit(u)
     assert bool((s >= 0).all() and (s <= 1).all() and (s[1:] > s[:-1]).all())
     assert float(s[3]) == pytest.approx(0.5) and float(s[2]) < 0.1 and float(s[-1]) < 1.0
-    assert inv.from_unit(float(s[4])) == pytest.approx(6.0, rel=1e-4)
+    assert float(s[4]) == pytest.approx(0.5 + 0.5 * 1.5 / (1 + 1.5**2) ** 0.5, rel=1e-6)  # +6 sd: 0.92
 
 
 def test_cell_weights_exclude_every_cell_an_ood_pixel_falls_into():
     label = np.zeros((64, 96), np.uint8)
     label[17, 40] = OOD  # one pixel, cell (1, 2) of the 16-pixel grid
-    w = inv.cell_weights(label, (4, 6))[0, 0]
+    w = fs.cell_weights(label, (4, 6))[0, 0]
     assert w[1, 2] == 0 and int(w.sum()) == 23
-    assert bool((inv.cell_weights(None, (4, 6)) == 1).all())
+    assert bool((fs.cell_weights(None, (4, 6)) == 1).all())
 
 
 def test_input_size_defaults_to_256x320_for_the_feature_family():
-    assert inv.input_size(TrainOptions()) == (256, 320)
-    assert inv.input_size(TrainOptions(image_size=(128, 160))) == (128, 160)
+    assert fs.input_size(TrainOptions()) == (256, 320)
+    assert fs.input_size(TrainOptions(image_size=(128, 160))) == (128, 160)
     with pytest.raises(ValueError, match="multiple of 32"):
-        inv.input_size(TrainOptions(image_size=(100, 100)))
+        fs.input_size(TrainOptions(image_size=(100, 100)))
 
 
 def test_scores_in_unit_interval_with_the_right_shapes(tiny):
@@ -194,7 +208,7 @@ def test_training_and_eval_cli_write_a_loadable_checkpoint(tmp_path):
     assert main(["-q", "train", "--variant", "inversion", "--data", str(data), "--out", str(out), "--steps", "3",
                  "--preset", "tiny", "--batch-size", "4", "--image-size", "64", "96"]) == 0
     config = ckpt.load_config(out)
-    assert config["family"] == "features" and config["image_size"] == [64, 96]
+    assert config["family"] == "feature_diffusion" and config["image_size"] == [64, 96]
     assert config["training"]["steps"] == 3 and (out / "train_state").is_dir()
     # the ID score statistics come from training frames the diffusion model never saw
     held = config["training"]["statistics_frames"]

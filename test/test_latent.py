@@ -10,11 +10,11 @@ from diffusers import AutoencoderDC
 
 from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
-from ros_anomaly_diffusion.core import latent as L
+from ros_anomaly_diffusion.core.families import latent as L
 from ros_anomaly_diffusion.core.data import open_dataset
-from ros_anomaly_diffusion.core.denoiser import build_denoiser
+from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser
 from ros_anomaly_diffusion.core.detector import Detector
-from ros_anomaly_diffusion.core.fitting import STATE, DenoiserTrainer, TrainOptions
+from ros_anomaly_diffusion.core.families.fitting import STATE, DenoiserTrainer, TrainOptions
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 from ros_anomaly_diffusion.core.variants import get_variant
 
@@ -26,7 +26,7 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
-    return L.init_latent_checkpoint(tmp_path_factory.mktemp("lat") / "ck", image_size=(32, 40))
+    return L.init_checkpoint(tmp_path_factory.mktemp("lat") / "ck", image_size=(32, 40))
 
 
 def test_dcae_is_registered_in_the_latent_family():
@@ -83,7 +83,7 @@ def test_pretrained_autoencoder_round_trip(tmp_path, synthetic):
     frames = open_dataset(synthetic)[:3]
     opts = TrainOptions(variant="dcae", preset="tiny", image_size=(32, 40), steps=1, batch_size=2,
                         autoencoder=str(tmp_path / "dcae"))
-    config, tensors = L.fit_latent(frames, tmp_path / "out", opts, False)
+    config, tensors = L.fit(frames, tmp_path / "out", opts, False)
     assert config["autoencoder"]["source"] == str((tmp_path / "dcae").resolve())
     assert config["latent_size"] == [4, 5] and config["denoiser"]["config"]["in_channels"] == 8
     for k, v in ae.state_dict().items():
@@ -178,7 +178,7 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
 def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
     config = ckpt.load_config(untrained)
     settings = variant_settings("dcae", checkpoint=str(untrained), steps=4)
-    scorer = L.build_latent_scorer(untrained, config, settings, torch.device("cpu"))
+    scorer = L.build(untrained, config, settings, torch.device("cpu"))
     # Settings cap w at 1000; at t = 0 the input's weight is w (1 - abar_0) ~ 0.15 for that,
     # so go past it on the editor itself (as test_editing does for pixels).
     scorer.editor.guidance_scale = 1e6
@@ -204,7 +204,7 @@ def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
 def test_resumed_training_reuses_the_autoencoder_and_continues_the_dit(tmp_path, synthetic, monkeypatch):
     frames = open_dataset(synthetic)[:4]
     opts = TrainOptions(variant="dcae", preset="tiny", image_size=(32, 40), steps=2, batch_size=2)
-    first_config, first = L.fit_latent(frames, tmp_path, opts, False)
+    first_config, first = L.fit(frames, tmp_path, opts, False)
     assert (tmp_path / L.AE_STATE / "autoencoder.safetensors").is_file()
     saved = {part: ckpt.load_tensors(tmp_path / STATE, part) for part in ("model", "ema")}
     starts, fit = [], DenoiserTrainer.fit
@@ -217,7 +217,7 @@ def test_resumed_training_reuses_the_autoencoder_and_continues_the_dit(tmp_path,
 
     monkeypatch.setattr(DenoiserTrainer, "fit", recording_fit)
     opts.steps = 3  # resume: the autoencoder is not trained again, the DiT goes on from step 2
-    config, second = L.fit_latent(frames, tmp_path, opts, False)
+    config, second = L.fit(frames, tmp_path, opts, False)
     for k, v in first["autoencoder"].items():
         assert torch.equal(second["autoencoder"][k], v), k
     # same autoencoder, same latent normalisation: the DiT goes on with the data it was trained on

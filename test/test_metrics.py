@@ -9,7 +9,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ros_anomaly_diffusion.core import metrics
 from ros_anomaly_diffusion.core.data import IGNORE, OOD
-from ros_anomaly_diffusion.core.evaluation import label_metrics, write_metrics
+from ros_anomaly_diffusion.engine.evaluation import label_metrics, write_metrics
 from ros_anomaly_diffusion.core.metrics import calibrate_threshold, f_star, frame_metrics, pixel_metrics, smiyc_metrics
 
 

@@ -11,16 +11,16 @@ import torch
 from safetensors import safe_open
 
 from ros_anomaly_diffusion.core import checkpoint as ckpt
-from ros_anomaly_diffusion.core import quantization as Q
-from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
-from ros_anomaly_diffusion.core.pixel import init_checkpoint
+from ros_anomaly_diffusion.core.networks import quantization as Q
+from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
+from ros_anomaly_diffusion.core.families.pixel import init_checkpoint
 
 SIZE = (32, 40)
 
 
 def _unet(preset: str = "tiny"):
     torch.manual_seed(0)
-    return build_denoiser("unet", unet_config(preset, sample_size=SIZE)).eval()
+    return build_denoiser("unet", unet_config("pixel", preset, 3, SIZE)).eval()
 
 
 def _file_bytes(directory) -> int:
@@ -261,7 +261,7 @@ def test_quantize_cli(small, tmp_path, capsys):
 # --------------------------------------------------------------------------- every family with a denoiser
 
 # family -> the variant that loads it; knn has no denoiser
-DENOISER_FAMILIES = {"latent": "dcae", "features": "inversion"}
+DENOISER_FAMILIES = {"latent": "dcae", "feature_diffusion": "inversion"}
 TOLERANCE = {"int8": 0.05, "fp16": 5e-3}  # relative L2 error of one denoiser call vs fp32
 
 
@@ -351,7 +351,7 @@ def test_bench_quantization_row_runs_quantized(family, family_checkpoint, tmp_pa
     import shutil
 
     from ros_anomaly_diffusion.config import variant_settings
-    from ros_anomaly_diffusion.core.bench import checkpoint_for
+    from ros_anomaly_diffusion.engine.bench import checkpoint_for
     from ros_anomaly_diffusion.core.detector import Detector
 
     shutil.copytree(family_checkpoint(family), tmp_path / family)

@@ -230,7 +230,7 @@ def test_checkpoint_switch_reloads_in_the_same_process(field, tmp_path, tiny_che
 
 
 def test_disable_releases_the_model_memory_and_enable_brings_it_back(spawn, probe, tmp_path):
-    from ros_anomaly_diffusion.core.pixel import init_checkpoint
+    from ros_anomaly_diffusion.core.families.pixel import init_checkpoint
 
     # The "reference" UNet (~36M parameters, ~140 MB of weights): large enough that releasing
     # it stands out from what malloc_trim alone gives back after inference (~60 MB here; with
@@ -487,7 +487,7 @@ def test_package_source_never_unpickles():
                 if not (isinstance(s, ast.Constant) and s.value is True):
                     problems.append(f"{rel}:{node.lineno}: from_pretrained without use_safetensors=True")
     assert not problems, "\n".join(problems)
-    assert torch_loads == ["ros_anomaly_diffusion/core/features.py"], torch_loads
+    assert torch_loads == ["ros_anomaly_diffusion/core/networks/backbone.py"], torch_loads
     # and the source text agrees (catches getattr tricks the AST walk would miss)
     text = "\n".join(p.read_text() for p in package.rglob("*.py"))
     assert not re.search(r"\byaml\.(?!safe_load\b|safe_dump\b|dump\b|YAMLError\b)\w+\(", text)

@@ -10,12 +10,12 @@ from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core.data import open_dataset
-from ros_anomaly_diffusion.core.denoiser import build_denoiser, unet_config
+from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
 from ros_anomaly_diffusion.core.detector import Detector
-from ros_anomaly_diffusion.core.fitting import STATE, DenoiserTrainer, TrainOptions, augment, load_frames
-from ros_anomaly_diffusion.core.schedule import NoiseSchedule, ScheduleConfig
+from ros_anomaly_diffusion.core.families.fitting import STATE, DenoiserTrainer, TrainOptions, augment, load_frames
+from ros_anomaly_diffusion.core.samplers import NoiseSchedule, ScheduleConfig
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
-from ros_anomaly_diffusion.core.training import train
+from ros_anomaly_diffusion.engine.training import train
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_running_the_same_command_again_resumes(trained, scenes, tmp_path, monke
 
 def _tiny_trainer(out, seed: int) -> DenoiserTrainer:
     torch.manual_seed(seed)  # a different seed, a different initialisation
-    net = build_denoiser("unet", unet_config("tiny", sample_size=(16, 20)))
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3, (16, 20)))
     return DenoiserTrainer(net, NoiseSchedule(ScheduleConfig()), TrainOptions(save_every=1000), out)
 
 

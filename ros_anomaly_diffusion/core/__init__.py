@@ -1,1 +1,2 @@
-"""ROS-free core: models, editing, analysis, data, metrics, training."""
+"""ROS-free core: data, networks, samplers, variant families behind one Scorer interface,
+the registry, the Detector and the runtime that hosts it."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .features import FeatureExtractor
+from .networks.backbone import FeatureExtractor
 
 
 class FeatureDistance:

@@ -251,14 +251,3 @@ def open_dataset(path: str | Path) -> Dataset:
         )
     return Dataset(root, [Frame(p.stem, p, None) for p in files], None)
 
-
-def split_id_ood(dataset: Sequence[Frame], min_pixels: int = MIN_OOD_PIXELS) -> tuple[list[Frame], list[Frame]]:
-    """(ID frames, OOD frames) by the frames' labels; every frame must be labelled."""
-    unlabelled = [f.name for f in dataset if f.label_path is None]
-    if unlabelled:
-        raise ValueError(f"cannot split by labels: {len(unlabelled)} unlabelled frames, e.g. {unlabelled[:3]}")
-    id_frames: list[Frame] = []
-    ood_frames: list[Frame] = []
-    for frame in dataset:
-        (ood_frames if frame.is_ood(min_pixels) else id_frames).append(frame)
-    return id_frames, ood_frames

@@ -1,10 +1,19 @@
-"""What every variant family's scorer returns (below the families and the registry, so
-that they all import it without importing each other)."""
+"""The interfaces between the Detector, the registry and the variant families (below all
+of them, so that each imports it without importing the others).
+
+* Scorer: what a family's `build` returns and the Detector calls. It maps a batch of
+  frames at the model's resolution, (B, 3, h, w) in [0, 1], to a ScoreOutput.
+* Family: what a family module (core/families/<name>.py) provides to the registry.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
+
+from .settings import Settings
 
 
 @dataclass
@@ -13,3 +22,34 @@ class ScoreOutput:
     edited01: torch.Tensor | None  # (B, 3, h, w) in [0, 1], editing variants only
     # (B,) in [0, 1]: the variant's own frame score (inversion); None: the Detector's top-k mean of the map
     frame_scores: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    nfe: int  # network evaluations per frame (backbone calls not counted)
+
+    def apply(self, settings: Settings) -> None:
+        """Take new live settings (sampler parameters, analysis size) for the next frame."""
+
+    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+        """(B, 3, h, w) in [0, 1] at the model's size -> anomaly maps (and edits, frame scores)."""
+
+
+class Family(Protocol):
+    """A family module: one checkpoint layout, its scorer, its training and a test fixture.
+
+    FAMILY is the name its checkpoints record in config.json ("family"); build takes the
+    registry's per-variant options as keywords (the pixel family's sampler, say)."""
+
+    FAMILY: str
+
+    def build(self, directory: Path, config: dict, settings: Settings, device: torch.device,
+              **options) -> Scorer: ...
+
+    def fit(self, train_frames: list, out: Path, opts, progress: bool) -> tuple[dict, dict]:
+        """Train on the frames -> (config, {file name: state dict}) of a checkpoint."""
+
+    def init_checkpoint(self, directory: str | Path, *, preset: str = "tiny",
+                        image_size: tuple[int, int] | None = None, seed: int = 0,
+                        calibration: dict | None = None) -> Path:
+        """An untrained (or two-random-frame) checkpoint for tests and smoke runs."""

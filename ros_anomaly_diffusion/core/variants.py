@@ -1,47 +1,57 @@
-"""The variant registry: every optimization variant the launch file, the CLI and the
-benchmark can name, and how each turns a checkpoint into a scorer.
+"""The variant registry: every variant the launch files, the CLI and the benchmark can
+name, and the family module (core/families/) that builds, trains and stores it.
 
-A scorer maps a batch of frames at the model's resolution, (B, 3, h, w) in [0, 1], to
-a ScoreOutput (core/scorer.py): anomaly maps in [0, 1] at the analysis resolution,
-(B, H, W), plus the edited frames for the editing variants. Variants of one *family*
-share a checkpoint layout and a family module: ddpm and ddim run the same pixel-space
-denoiser (pixel.py) with different samplers.
+Variants of one family share a checkpoint layout and a module: ddpm and ddim run the
+same pixel-space denoiser with different samplers (the family's build option). A new
+variant family is one module implementing scorer.Family plus one line here (and its
+name in settings.VARIANT_NAMES and a config/<variant>.yaml).
 
 The registry sits on top of the family modules; nothing below it imports it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from . import inversion, knn, latent, pixel
+from .families import inversion, knn, latent, pixel
+from .scorer import Family, Scorer
 from .settings import VARIANT_NAMES, Settings
+
+# Checkpoints written before a family was renamed record its old name.
+FAMILY_ALIASES = {"features": inversion.FAMILY}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    family: str  # checkpoint layout this variant loads
+    module: Family
     description: str
-    build: Callable[[Path, dict, Settings, torch.device], object]  # checkpoint -> scorer
-    fit: Callable  # (train frames, out dir, TrainOptions, progress) -> (config, {file: state dict})
+    options: dict = field(default_factory=dict)  # keyword options of the family's build
+
+    @property
+    def family(self) -> str:
+        """The checkpoint layout this variant loads (config.json "family")."""
+        return self.module.FAMILY
+
+    def build(self, directory: Path, config: dict, settings: Settings, device: torch.device) -> Scorer:
+        return self.module.build(directory, config, settings, device, **self.options)
+
+    def fit(self, train_frames: list, out: Path, opts, progress: bool) -> tuple[dict, dict]:
+        return self.module.fit(train_frames, out, opts, progress)
+
+    def init_checkpoint(self, directory: str | Path, **kwargs) -> Path:
+        return self.module.init_checkpoint(directory, **kwargs)
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v for v in (
-        Variant("ddpm", pixel.FAMILY, "guided DDPM, all T ancestral steps (baseline)", pixel.builder("ddpm"),
-                pixel.fit),
-        Variant("ddim", pixel.FAMILY, "guided DDIM (timestep matching), few steps", pixel.builder("ddim"),
-                pixel.fit),
-        Variant("inversion", inversion.FAMILY, "DDIM inversion of backbone features, reconstruction-free (few steps)",
-                inversion.build, inversion.fit),
-        Variant("knn", knn.FAMILY, "nearest-neighbour distance to ID backbone features (baseline)",
-                knn.build, knn.fit),
-        Variant("dcae", latent.FAMILY, "guided DDIM on DC-AE latents with a DiT denoiser (low memory)",
-                latent.build_latent_scorer, latent.fit_latent),
+        Variant("ddpm", pixel, "guided DDPM, all T ancestral steps (baseline)", {"sampler": "ddpm"}),
+        Variant("ddim", pixel, "guided DDIM (timestep matching), few steps", {"sampler": "ddim"}),
+        Variant("inversion", inversion, "DDIM inversion of backbone features, reconstruction-free (few steps)"),
+        Variant("knn", knn, "nearest-neighbour distance to ID backbone features (baseline)"),
+        Variant("dcae", latent, "guided DDIM on DC-AE latents with a DiT denoiser (low memory)"),
     )
 }
 # Settings validates variant names against its own list (it sits below this registry).
@@ -55,10 +65,16 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
+def checkpoint_family(config: dict) -> str | None:
+    """The family a checkpoint's config.json records, old names mapped to current ones."""
+    family = config.get("family")
+    return FAMILY_ALIASES.get(family, family)
+
+
 def family_mismatch(variant: str, config: dict, where: str) -> str | None:
     """Why the checkpoint whose config.json is `config` (at `where`) cannot serve `variant`:
     it holds another family's model. None when it fits."""
     family = get_variant(variant).family
-    if config.get("family") != family:
+    if checkpoint_family(config) != family:
         return f"{where} holds a {config.get('family')!r} model, variant {variant!r} needs a {family!r} one"
     return None

@@ -23,9 +23,9 @@ from tqdm import tqdm
 from ..config import config_dir
 from ..core import checkpoint as ckpt
 from ..core.data import open_dataset
-from ..core.evaluation import label_metrics, write_metrics
 from ..core.synthetic import make_synthetic_dataset
-from ..core.training import TrainOptions, train
+from ..engine.evaluation import label_metrics, write_metrics
+from ..engine.training import TrainOptions, train
 from . import transport
 from .processes import spawn, stop
 

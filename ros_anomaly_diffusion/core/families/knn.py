@@ -1,6 +1,6 @@
 """The `knn` baseline (family "knn"): distance to the nearest ID feature vector.
 
-Same features as the inversion variant (inversion.py, which also documents the taps of older
+Same features as the inversion variant (feature_space.py, which also documents the taps of older
 checkpoints): EfficientNet-Lite0 taps at strides 2/4/8/16 (192 channels) stacked on the
 stride-16 grid (16x20 cells at the 256x320 input), standardised per channel with the ID
 training statistics -- so the two variants differ only in how they model the ID features
@@ -10,7 +10,7 @@ queries a frame against at most MAX_BANK vectors.
 Memory bank: the standardised feature vectors of the ID cells of the training frames and
 their mirror images (a cell with any OOD pixel is left out), randomly subsampled (seeded)
 to at most MAX_BANK vectors. Pixel score: Euclidean distance to the nearest bank vector,
-upsampled bilinearly to the analysis size and mapped into [0, 1] by `inversion.to_unit`
+upsampled bilinearly to the analysis size and mapped into [0, 1] by `feature_space.to_unit`
 with the mean/std of leave-one-frame-out ID distances (each training cell against the
 bank without its own frame: what an unseen ID frame looks like). Frame score: the
 Detector's default top-k mean of the map.
@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .data import Frame
-from .inversion import (StackedFeatures, channel_stats, checkpoint_features, extract_features, features_config,
-                        input_size, load_feature_stats, shared_features, to_unit)
-from .scorer import ScoreOutput
-from .settings import Settings
+from .. import checkpoint as ckpt
+from ..data import Frame
+from ..networks.backbone import StackedFeatures, shared_features
+from ..scorer import ScoreOutput
+from ..settings import Settings
+from .feature_space import (channel_stats, checkpoint_features, extract_features, features_config, input_size,
+                            load_feature_stats, random_frame_features, standardise, to_unit)
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True) -> tu
     features = shared_features(device=opts.device)
     feats, weights, origin = extract_features(train_frames, size, features, flips=True, progress=progress)
     mean, std = channel_stats(feats, weights)
-    z = (feats - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
+    z = standardise(feats, mean, std)
     bank = make_bank(z, weights, origin, MAX_BANK, opts.seed)
     config = _config(size, feats.shape[1], bank, opts.seed)
     log.info("knn bank: %d of %d ID cells; leave-one-frame-out distance %.3f +- %.3f", len(bank["vectors"]),
@@ -155,15 +156,12 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True) -> tu
                     "features": {"mean": mean, "std": std}}
 
 
-def init_checkpoint(directory: str | Path, image_size: tuple[int, int] = (64, 96), seed: int = 0,
-                    calibration: dict | None = None) -> Path:
-    """A knn checkpoint from two random frames (tests, smoke runs)."""
-    features = shared_features()
-    frames = torch.rand(2, 3, *image_size, generator=torch.Generator().manual_seed(seed))
-    feats = torch.cat([features(f[None]) for f in frames])
-    weights = torch.ones(feats.shape[0], 1, *feats.shape[-2:])
-    mean, std = channel_stats(feats, weights)
-    z = (feats - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
+def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
+                    seed: int = 0, calibration: dict | None = None) -> Path:
+    """A knn checkpoint from two random frames (tests, smoke runs), 64x96 unless image_size is
+    given; `preset` is accepted for the family interface (knn has no network to size)."""
+    image_size = tuple(image_size or (64, 96))
+    feats, weights, mean, std, z = random_frame_features(image_size, seed)
     origin = torch.tensor([[0, 0], [1, 0]])
     bank = make_bank(z, weights, origin, MAX_BANK, seed)
     config = _config(tuple(image_size), feats.shape[1], bank, seed)

@@ -11,18 +11,17 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .analysis import FeatureDistance
-from .data import Frame
-from .denoiser import build_denoiser, unet_config
-from .deploy import accelerate
-from .editing import GuidedDDIM, GuidedDDPM
-from .features import FeatureExtractor
+from .. import checkpoint as ckpt
+from ..analysis import FeatureDistance
+from ..data import Frame
+from ..networks.backbone import FeatureExtractor
+from ..networks.denoisers import build_denoiser, unet_config
+from ..networks.deploy import accelerate
+from ..networks.quantization import load_denoiser
+from ..samplers import GuidedDDIM, GuidedDDPM, NoiseSchedule, ScheduleConfig
+from ..scorer import ScoreOutput
+from ..settings import Settings
 from .fitting import DenoiserTrainer, TrainOptions, augment, load_frames
-from .quantization import load_denoiser
-from .schedule import NoiseSchedule, ScheduleConfig
-from .scorer import ScoreOutput
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +31,11 @@ FAMILY = "pixel"
 class EditingScorer:
     """Analysis by synthesis: edit the frame towards the ID model, measure the change."""
 
-    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, model_size: tuple[int, int],
-                 settings: Settings, sampler: str, device: torch.device):
-        self.net, self.schedule, self.model_size, self.sampler = net, schedule, tuple(model_size), sampler
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, settings: Settings, sampler: str,
+                 device: torch.device):
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        self.net = net  # the denoiser as loaded (quantized or not)
         self.distance = FeatureDistance(FeatureExtractor().to(device),
                                         (settings.analysis_height, settings.analysis_width))
         self.editor = GuidedDDPM(net, schedule) if sampler == "ddpm" else GuidedDDIM(net, schedule)
@@ -68,27 +69,28 @@ def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, set
     return net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
 
 
-def builder(sampler: str):
-    """The registry's build function of the variant that edits with `sampler` (ddpm or ddim)."""
-    def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> EditingScorer:
-        net, schedule = load_pixel_denoiser(directory, config, device, settings)
-        net, how = accelerate(net, (1, net.config["in_channels"], *config["image_size"]), device)
-        log.info("denoiser runs %s", how if how.startswith("tensorrt") else f"eager: {how}")
-        return EditingScorer(net, schedule, config["image_size"], settings, sampler, device)
-
-    return build
+def build(directory: Path, config: dict, settings: Settings, device: torch.device,
+          sampler: str = "ddim") -> EditingScorer:
+    """The scorer of the variant that edits with `sampler` (ddpm or ddim)."""
+    net, schedule = load_pixel_denoiser(directory, config, device, settings)
+    net, how = accelerate(net, (1, net.config["in_channels"], *config["image_size"]), device)
+    log.info("denoiser runs %s", how if how.startswith("tensorrt") else f"eager: {how}")
+    return EditingScorer(net, schedule, settings, sampler, device)
 
 
 def pixel_config(opts: TrainOptions) -> dict:
     return {"family": FAMILY, "image_size": list(opts.image_size),
-            "denoiser": {"kind": "unet", "config": unet_config(opts.preset, sample_size=opts.image_size)},
+            "denoiser": {"kind": "unet", "config": unet_config("pixel", opts.preset, 3, opts.image_size)},
             "schedule": opts.schedule.to_dict()}
 
 
-def init_checkpoint(directory: str | Path, preset: str = "tiny", image_size=(32, 40), seed: int = 0) -> Path:
-    """An untrained pixel-family checkpoint (tests, smoke runs)."""
+def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
+                    seed: int = 0, calibration: dict | None = None) -> Path:
+    """An untrained pixel-family checkpoint (tests, smoke runs), 32x40 unless image_size is given."""
     torch.manual_seed(seed)
-    config = pixel_config(TrainOptions(preset=preset, image_size=tuple(image_size)))
+    config = pixel_config(TrainOptions(preset=preset, image_size=tuple(image_size or (32, 40))))
+    if calibration:
+        config["calibration"] = calibration
     net = build_denoiser("unet", config["denoiser"]["config"])
     return ckpt.save(directory, config, {"denoiser": net.state_dict()})
 

@@ -3,7 +3,7 @@ above the registry and the Detector).
 
 `train()` runs the fit of the variant's family (Variant.fit in the registry: the
 denoiser on ID pixels only, OOD pixels of labelled frames masked out of the loss,
-augmentation, EMA, resumable state; see fitting.py), writes a checkpoint folder, then
+augmentation, EMA, resumable state; see core/families/fitting.py), writes a checkpoint folder, then
 calibrates the mask and flag thresholds on held-out ID frames.
 """
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch
 from tqdm import tqdm
 
 from ..config import variant_settings
-from . import checkpoint as ckpt
-from .data import Frame, open_dataset
-from .detector import Detector
-from .fitting import TrainOptions, jsonable
-from .metrics import calibrate_threshold
-from .splits import select
-from .variants import get_variant
+from ..core import checkpoint as ckpt
+from ..core.data import Frame, open_dataset
+from ..core.detector import Detector
+from ..core.families.fitting import TrainOptions, jsonable
+from ..core.metrics import calibrate_threshold
+from ..core.splits import select
+from ..core.variants import get_variant
 
 log = logging.getLogger(__name__)
 

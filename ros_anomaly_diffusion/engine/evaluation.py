@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .data import OOD, Frame, is_ood_label
-from .detector import Detector, FrameResult
-from .metrics import f_star, frame_metrics, pixel_metrics, smiyc_metrics
-from .visualize import overlay, panel, save_rgb, save_sheet
+from ..core.data import OOD, Frame, is_ood_label
+from ..core.detector import Detector, FrameResult
+from ..core.metrics import f_star, frame_metrics, pixel_metrics, smiyc_metrics
+from ..core.visualize import overlay, panel, save_rgb, save_sheet
 
 
 def label_metrics(scores: list[np.ndarray], frame_scores: list[float], labels: list[np.ndarray],

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .data import OOD, Frame
-from .schedule import NoiseSchedule, ScheduleConfig
+from .. import checkpoint as ckpt
+from ..data import OOD, Frame
+from ..samplers import NoiseSchedule, ScheduleConfig
 
 log = logging.getLogger(__name__)
 STATE = "train_state"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .procmem import reset_peak_rss, status_mb
+from ..core.procmem import reset_peak_rss, status_mb
 
 COLUMNS = ("variant", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "f1_smiyc", "frame_auroc", "latency_ms",
            "peak_mem_mb", "infer_mem_mb", "model_mb", "nfe")
@@ -42,17 +42,22 @@ def parse_row(spec: str) -> tuple[str, dict]:
 
 
 def checkpoint_for(root: Path, variant: str, overrides: dict) -> Path:
-    """CKPT_ROOT/<family>, or its quantized copy for a quantization row (written once)."""
-    from .variants import get_variant
+    """CKPT_ROOT/<family> (or the family's old name, for a root trained before a rename), or its
+    quantized copy for a quantization row (written once)."""
+    from ..core.variants import FAMILY_ALIASES, get_variant
 
-    base = root / get_variant(variant).family
+    family = get_variant(variant).family
+    base = root / family
+    if not base.exists():
+        base = next((root / old for old, new in FAMILY_ALIASES.items() if new == family and (root / old).exists()),
+                    base)
     precision = overrides.pop("quantization", "none")
     if precision == "none":
         return base
     layers = overrides.pop("quantize_layers", "selected")
     out = root / f"{base.name}-{precision}-{layers}"
     if not (out / "config.json").is_file():
-        from .quantization import quantize_checkpoint
+        from ..core.networks.quantization import quantize_checkpoint
 
         quantize_checkpoint(base, out, precision, layers)
     return out
@@ -76,10 +81,10 @@ def _preload_libraries() -> None:
 def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_frames: int) -> dict:
     """One row, in this process (called in a fresh subprocess by `bench`)."""
     from ..config import variant_settings
-    from .data import open_dataset
-    from .detector import Detector
+    from ..core.data import open_dataset
+    from ..core.detector import Detector
+    from ..core.splits import select
     from .evaluation import summarize
-    from .splits import select
 
     name, overrides = parse_row(spec)
     checkpoint = checkpoint_for(Path(ckpt_root), name, dict(overrides))
@@ -118,8 +123,8 @@ def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_
 def train_all(train_data: str, ckpt_root: Path, rows: list[str], steps: int, device: str,
               frames: str = "id", image_size: tuple[int, int] = (64, 80), preset: str = "small") -> None:
     """Train each family that a row needs once on train_data (frames: id = ID frames only)."""
+    from ..core.variants import get_variant
     from .training import TrainOptions, train
-    from .variants import get_variant
 
     done = set()
     for spec in rows:
@@ -172,7 +177,7 @@ def bench(data: str, ckpt_root: str, rows: list[str], out: str, frames: str = "a
     results = []
     for spec in rows:
         print(f"benchmarking {spec} ...", flush=True)
-        cmd = [sys.executable, "-m", "ros_anomaly_diffusion.core.bench", data, ckpt_root, spec, frames, device,
+        cmd = [sys.executable, "-m", "ros_anomaly_diffusion.engine.bench", data, ckpt_root, spec, frames, device,
                str(max_frames)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:

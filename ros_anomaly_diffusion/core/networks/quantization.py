@@ -8,7 +8,7 @@ norms, biases, time embeddings (and the time projections inside ResNet blocks),
 the first and last layers (conv_in / conv_out, pos_embed / proj_out), up- and
 down-sampling convolutions, adaLN modulation. "all" takes every Conv2d and Linear.
 Per family: the pixel UNet gives ResNet convs and attention projections, the latent
-family's DiT its attention projections and feed-forward layers, the features family's
+family's DiT its attention projections and feed-forward layers, the feature_diffusion family's
 UNet (no attention in its down/up blocks) its ResNet convs and mid-block attention projections.
 
 Every family with a denoiser loads it through `load_denoiser`, the one place that
@@ -41,8 +41,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from . import checkpoint as ckpt
-from .denoiser import build_denoiser
+from .. import checkpoint as ckpt
+from .denoisers import build_denoiser
 
 log = logging.getLogger(__name__)
 

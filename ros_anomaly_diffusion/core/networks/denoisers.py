@@ -1,8 +1,8 @@
 """Denoising networks (diffusers models) behind one call signature: net(x_t, t).
 
-The pixel- and feature-space UNet and the latent family's DiT; `build_denoiser` turns a
-checkpoint's {"kind", "config"} into either, so loaders (quantization.load_denoiser) need
-no family module."""
+The pixel- and feature-space UNet and the latent family's DiT, with their size presets;
+`build_denoiser` turns a checkpoint's {"kind", "config"} into either, so the one loader
+(quantization.load_denoiser) needs no family module."""
 from __future__ import annotations
 
 import torch
@@ -10,14 +10,28 @@ import torch.nn.functional as F
 from diffusers import Transformer2DModel, UNet2DModel
 from torch import nn
 
-# Width presets of the pixel-space UNet. "reference" is the original work's network
-# (about 36M parameters); "small" fits a CPU; "tiny" is for tests.
+# UNet width presets by the space the UNet denoises. Pixels: "reference" is the original
+# work's network (about 36M parameters), "small" fits a CPU, "tiny" is for tests.
+# Backbone features (16x20 cells at 256x320): one down level (16x20 -> 8x10), no
+# attention; "small" keeps S = 3 (2 network calls) plus the backbone within ~66 ms a
+# frame on 2 CPU cores.
 UNET_PRESETS = {
-    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8),
-    "small": dict(block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(2,), norm_num_groups=8),
-    "medium": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), norm_num_groups=16),
-    "reference": dict(block_out_channels=(64, 128, 256, 512), layers_per_block=2, attention_levels=(3,), norm_num_groups=32),
+    "pixel": {
+        "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8),
+        "small": dict(block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(2,), norm_num_groups=8),
+        "medium": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,),
+                       norm_num_groups=16),
+        "reference": dict(block_out_channels=(64, 128, 256, 512), layers_per_block=2, attention_levels=(3,),
+                          norm_num_groups=32),
+    },
+    "features": {
+        "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8),
+        "small": dict(block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=16),
+        "medium": dict(block_out_channels=(128, 256), layers_per_block=1, norm_num_groups=32),
+        "reference": dict(block_out_channels=(128, 256), layers_per_block=2, norm_num_groups=32),
+    },
 }
+_ATTENTION_HEAD_DIM = {"pixel": 8, "features": 32}
 
 # Diffusion-transformer sizes of the latent family (hidden width = heads * head_dim); "reference"
 # is DiT-S.
@@ -29,14 +43,17 @@ DIT_PRESETS = {
 }
 
 
-def unet_config(preset: str, in_channels: int = 3, sample_size: tuple[int, int] | None = None) -> dict:
-    """A diffusers UNet2DModel config (plain dict, stored in the checkpoint)."""
-    if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown UNet preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
-    p = UNET_PRESETS[preset]
+def unet_config(space: str, preset: str, in_channels: int, sample_size: tuple[int, int] | None = None) -> dict:
+    """A diffusers UNet2DModel config (plain dict, stored in the checkpoint) of a UNet that
+    denoises `space` ("pixel" or "features") with `in_channels` channels."""
+    presets = UNET_PRESETS[space]
+    if preset not in presets:
+        raise ValueError(f"unknown UNet preset {preset!r} for {space}; choose one of {sorted(presets)}")
+    p = presets[preset]
     levels = len(p["block_out_channels"])
-    down = ["AttnDownBlock2D" if i in p["attention_levels"] else "DownBlock2D" for i in range(levels)]
-    up = ["AttnUpBlock2D" if levels - 1 - i in p["attention_levels"] else "UpBlock2D" for i in range(levels)]
+    attention = p.get("attention_levels", ())
+    down = ["AttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)]
+    up = ["AttnUpBlock2D" if levels - 1 - i in attention else "UpBlock2D" for i in range(levels)]
     return dict(
         sample_size=list(sample_size) if sample_size else None,
         in_channels=in_channels,
@@ -46,7 +63,7 @@ def unet_config(preset: str, in_channels: int = 3, sample_size: tuple[int, int] 
         down_block_types=down,
         up_block_types=up,
         norm_num_groups=p["norm_num_groups"],
-        attention_head_dim=8,
+        attention_head_dim=_ATTENTION_HEAD_DIM[space],
     )
 
 

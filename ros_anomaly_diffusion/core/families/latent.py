@@ -10,7 +10,7 @@ The autoencoder is either
 * a pretrained DC-AE from a local diffusers folder (`TrainOptions.autoencoder`,
   `train --autoencoder PATH`; the paper used dc-ae-f32c32-in-1.0: compression 32,
   32 latent channels), loaded with safetensors only, or
-* a compact AutoencoderDC trained on the user's frames in `fit_latent` (compression
+* a compact AutoencoderDC trained on the user's frames in `fit` (compression
   8, so small CPU inputs such as 64x80 still give an 8x10 latent grid).
 
 Either way the checkpoint is self-contained: config.json holds the autoencoder's
@@ -23,28 +23,26 @@ same scale as the pixel model does.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderDC
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .analysis import FeatureDistance
-from .data import Frame
-from .denoiser import DiTDenoiser, dit_config, pad_to
-from .editing import GuidedDDIM, _seeded_noise, ddim_timesteps
-from .features import FeatureExtractor
+from .. import checkpoint as ckpt
+from ..analysis import FeatureDistance
+from ..data import Frame
+from ..networks.autoencoder import (LatentCodec, autoencoder_config, build_autoencoder, compression, diffusers_config,
+                                    latent_size, latent_weights, load_pretrained_autoencoder)
+from ..networks.backbone import FeatureExtractor
+from ..networks.denoisers import DiTDenoiser, dit_config, pad_to
+from ..networks.quantization import load_denoiser
+from ..samplers import GuidedDDIM, NoiseSchedule, ScheduleConfig
+from ..scorer import ScoreOutput
+from ..settings import Settings
 from .fitting import DenoiserTrainer, TrainOptions, augment, load_frames
-from .quantization import load_denoiser
-from .schedule import NoiseSchedule, ScheduleConfig
-from .scorer import ScoreOutput
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,157 +50,7 @@ FAMILY = "latent"
 AE_STATE = "autoencoder_state"  # the trained autoencoder, kept so that a resumed run reuses it
 AE_LR = 1e-3
 
-# Compact AutoencoderDC configurations trained on the user's frames. Spatial
-# compression is 2 ** (levels - 1): 8 for all presets, so a 64x80 frame gives an 8x10
-# latent grid (the pretrained f32 DC-AE would give 2x3). ResBlocks only (no
-# EfficientViT linear attention): cheapest on a CPU, and the grid is small anyway.
-AE_PRESETS = {
-    "tiny": dict(channels=(8, 16, 32, 32), layers=(1, 1, 1, 1), latent_channels=8),
-    "small": dict(channels=(16, 32, 64, 64), layers=(1, 1, 1, 1), latent_channels=16),
-    "medium": dict(channels=(32, 64, 128, 128), layers=(1, 1, 2, 2), latent_channels=16),
-    "reference": dict(channels=(64, 128, 256, 256), layers=(2, 2, 2, 2), latent_channels=32),
-}
-# The DiT denoiser (DiTDenoiser, dit_config, DIT_PRESETS) lives with the other networks in denoiser.py.
-
-
-def _preset(table: dict, name: str, what: str) -> dict:
-    if name not in table:
-        raise ValueError(f"unknown {what} preset {name!r}; choose one of {sorted(table)}")
-    return table[name]
-
-
-# --------------------------------------------------------------------------- autoencoder
-
-
-def autoencoder_config(preset: str) -> dict:
-    """diffusers AutoencoderDC kwargs of a compact, locally trained DC-AE."""
-    p = _preset(AE_PRESETS, preset, "autoencoder")
-    n = len(p["channels"])
-    return dict(
-        in_channels=3,
-        latent_channels=p["latent_channels"],
-        attention_head_dim=8,
-        encoder_block_types="ResBlock",
-        decoder_block_types="ResBlock",
-        encoder_block_out_channels=list(p["channels"]),
-        decoder_block_out_channels=list(p["channels"]),
-        encoder_layers_per_block=list(p["layers"]),
-        decoder_layers_per_block=list(p["layers"]),
-        encoder_qkv_multiscales=[[] for _ in range(n)],
-        decoder_qkv_multiscales=[[] for _ in range(n)],
-        upsample_block_type="pixel_shuffle",
-        downsample_block_type="pixel_unshuffle",
-        decoder_norm_types="rms_norm",
-        decoder_act_fns="silu",
-        scaling_factor=1.0,
-    )
-
-
-def _diffusers_config(model) -> dict:
-    """A diffusers model's config as plain JSON (private `_...` keys dropped)."""
-    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")},
-                                 default=list))
-
-
-def build_autoencoder(config: dict) -> AutoencoderDC:
-    return AutoencoderDC.from_config(config).eval()
-
-
-def load_pretrained_autoencoder(path: str | Path) -> AutoencoderDC:
-    """A DC-AE from a local diffusers-format folder (config.json + *.safetensors).
-
-    Nothing is downloaded and pickled weights (.bin/.pt/...) are refused: loading them
-    could execute code. A pipeline folder with the autoencoder in vae/ is accepted too.
-    """
-    p = Path(path).expanduser()
-    expected = "a diffusers AutoencoderDC folder with config.json and diffusion_pytorch_model.safetensors"
-    if not p.exists():
-        raise ckpt.CheckpointError(f"{p}: autoencoder folder not found (expected {expected}; "
-                                   "nothing is downloaded, give a local folder)")
-    if p.is_file():
-        why = ("pickle files are refused because loading them can execute code"
-               if p.suffix in ckpt.PICKLE_SUFFIXES else "it is a file")
-        raise ckpt.CheckpointError(f"{p}: not usable as the autoencoder ({why}); expected {expected}")
-    if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
-        p = p / "vae"
-    if not (p / "config.json").is_file():
-        raise ckpt.CheckpointError(f"{p / 'config.json'}: missing (expected {expected})")
-    try:
-        raw = json.loads((p / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ckpt.CheckpointError(f"{p / 'config.json'}: not valid JSON ({err})") from err
-    cls = raw.get("_class_name") if isinstance(raw, dict) else None
-    if cls != "AutoencoderDC":
-        raise ckpt.CheckpointError(f"{p / 'config.json'}: describes a {cls!r}, expected an 'AutoencoderDC'")
-    if not list(p.glob("*.safetensors")):
-        pickles = sorted(f.name for f in p.iterdir() if f.suffix in ckpt.PICKLE_SUFFIXES)
-        detail = (f"only pickled weights ({', '.join(pickles)}), which are refused because loading them can "
-                  "execute code; convert them to safetensors first" if pickles else "no .safetensors weights")
-        raise ckpt.CheckpointError(f"{p}: {detail}")
-    try:
-        ae, info = AutoencoderDC.from_pretrained(str(p), local_files_only=True, use_safetensors=True,
-                                                 output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
-        raise ckpt.CheckpointError(f"{p}: could not load the AutoencoderDC ({type(err).__name__}: {err})") from err
-    # diffusers only warns about weights missing from the file and initialises them at random
-    missing = sorted(info.get("missing_keys", []))
-    if missing:
-        raise ckpt.CheckpointError(f"{p}: the weights do not match config.json (missing: "
-                                   f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
-    if info.get("unexpected_keys"):
-        log.warning("%s: ignoring %d weights the AutoencoderDC does not use", p, len(info["unexpected_keys"]))
-    if ae.config.in_channels != 3:
-        raise ckpt.CheckpointError(f"{p}: the autoencoder takes {ae.config.in_channels} channels, not RGB")
-    return ae.eval()
-
-
-def compression(ae: AutoencoderDC) -> int:
-    return int(ae.spatial_compression_ratio)
-
-
-def latent_size(image_size, factor: int) -> tuple[int, int]:
-    """Latent grid of an (H, W) frame; frames are padded up to a multiple of the factor."""
-    return math.ceil(image_size[0] / factor), math.ceil(image_size[1] / factor)
-
-
-def latent_weights(wgt: torch.Tensor, factor: int) -> torch.Tensor:
-    """Pixel loss weights (B, 1, H, W) -> latent grid: a cell is 0 if any OOD pixel is inside."""
-    return -F.max_pool2d(-pad_to(wgt, factor), factor, factor)
-
-
-class LatentCodec:
-    """Frames in [0, 1] <-> normalised latents, the autoencoder's padding and scaling hidden."""
-
-    def __init__(self, ae: AutoencoderDC, shift: float = 0.0, scale: float = 1.0):
-        self.ae, self.shift, self.scale = ae, float(shift), float(scale)
-        self.factor = compression(ae)
-
-    def raw(self, x01: torch.Tensor) -> torch.Tensor:
-        return self.ae.encode(pad_to(x01 * 2 - 1, self.factor)).latent
-
-    def encode(self, x01: torch.Tensor) -> torch.Tensor:
-        return (self.raw(x01) - self.shift) * self.scale
-
-    def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        x = self.ae.decode(z / self.scale + self.shift).sample[..., :size[0], :size[1]]
-        return ((x + 1) / 2).clamp(0, 1)
-
-
 # --------------------------------------------------------------------------- scorer
-
-
-class LatentGuidedDDIM(GuidedDDIM):
-    """GuidedDDIM on normalised latents: the same update, without the final clamp to
-    [-1, 1] (GuidedDDIM.edit clamps for pixels; unit-variance latents exceed that)."""
-
-    @torch.no_grad()
-    def edit(self, x_input: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        ts = ddim_timesteps(self.start_timestep, self.steps)
-        a0 = self.schedule.abar(ts[0])
-        x = a0**0.5 * x_input + (1 - a0) ** 0.5 * _seeded_noise(x_input, seed)
-        for t, t_next in zip(ts, ts[1:] + [-1]):
-            x = self.step(x, x_input, t, t_next)
-        return x
 
 
 REFERENCES = ("input", "reconstruction")
@@ -217,15 +65,15 @@ class LatentEditingScorer:
     what the diffusion edit changed. Chosen by the checkpoint's `analysis_reference`.
     """
 
-    def __init__(self, codec: LatentCodec, net: nn.Module, schedule: NoiseSchedule, model_size,
-                 settings: Settings, device: torch.device, reference: str = "input"):
+    def __init__(self, codec: LatentCodec, net: nn.Module, schedule: NoiseSchedule, settings: Settings,
+                 device: torch.device, reference: str = "input"):
         if reference not in REFERENCES:
             raise ValueError(f"analysis_reference must be one of {list(REFERENCES)}, got {reference!r}")
         self.reference = reference
-        self.codec, self.net, self.schedule, self.model_size = codec, net, schedule, tuple(model_size)
+        self.codec, self.net = codec, net  # the DiT as loaded (quantized or not)
         self.distance = FeatureDistance(FeatureExtractor().to(device),
                                         (settings.analysis_height, settings.analysis_width))
-        self.editor = LatentGuidedDDIM(net, schedule)
+        self.editor = GuidedDDIM(net, schedule, clip=None)  # unit-variance latents exceed [-1, 1]
         self.settings = settings
         self.apply(settings)
 
@@ -263,10 +111,9 @@ def load_latent_models(directory: Path, config: dict, device: torch.device, sett
     return codec, net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
 
 
-def build_latent_scorer(directory: Path, config: dict, settings: Settings, device: torch.device):
+def build(directory: Path, config: dict, settings: Settings, device: torch.device):
     codec, net, schedule = load_latent_models(Path(directory), config, device, settings)
-    return LatentEditingScorer(codec, net, schedule, config["image_size"], settings, device,
-                               config.get("analysis_reference", "input"))
+    return LatentEditingScorer(codec, net, schedule, settings, device, config.get("analysis_reference", "input"))
 
 
 # --------------------------------------------------------------------------- training
@@ -276,7 +123,7 @@ def latent_config(opts: TrainOptions, ae: AutoencoderDC, source: str, shift: flo
     factor = compression(ae)
     grid = latent_size(opts.image_size, factor)
     return {"family": FAMILY, "image_size": list(opts.image_size),
-            "autoencoder": {"config": _diffusers_config(ae), "source": source, "compression": factor,
+            "autoencoder": {"config": diffusers_config(ae), "source": source, "compression": factor,
                             "latent_shift": shift, "latent_scale": scale},
             "latent_size": list(grid),
             "denoiser": {"kind": "dit", "config": dit_config(opts.preset, ae.config.latent_channels, grid)},
@@ -350,11 +197,11 @@ def _autoencoder_for(opts: TrainOptions, x01: torch.Tensor, out: Path, progress:
     ae.eval()
     info = {"steps": opts.steps, "lr": AE_LR,
             "final_loss": float(sum(losses[-20:]) / max(1, len(losses[-20:]))) if losses else None}
-    ckpt.save(state_dir, {"autoencoder": _diffusers_config(ae), "info": info}, {"autoencoder": ae.state_dict()})
+    ckpt.save(state_dir, {"autoencoder": diffusers_config(ae), "info": info}, {"autoencoder": ae.state_dict()})
     return ae, "trained", info
 
 
-def fit_latent(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool) -> tuple[dict, dict]:
+def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool) -> tuple[dict, dict]:
     """Latent family (dcae): the autoencoder (pretrained or trained here), then the DiT on
     normalised latents of augmented frames, OOD latent cells masked out of the loss."""
     out = Path(out)
@@ -390,18 +237,16 @@ def fit_latent(train_frames: list[Frame], out: Path, opts: TrainOptions, progres
     return config, {"autoencoder": ae.state_dict(), "denoiser": trainer.ema_state()}
 
 
-def init_latent_checkpoint(directory: str | Path, preset: str = "tiny", image_size=(32, 40), seed: int = 0,
-                           calibration: dict | None = None) -> Path:
-    """An untrained latent-family checkpoint (tests, smoke runs)."""
+def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
+                    seed: int = 0, calibration: dict | None = None) -> Path:
+    """An untrained latent-family checkpoint (tests, smoke runs), 32x40 unless image_size is given."""
     torch.manual_seed(seed)
-    opts = TrainOptions(variant="dcae", preset=preset, image_size=tuple(image_size))
+    opts = TrainOptions(variant="dcae", preset=preset, image_size=tuple(image_size or (32, 40)))
     ae = build_autoencoder(autoencoder_config(preset))
     config = latent_config(opts, ae, "untrained", 0.0, 1.0)
-    if calibration is not None:
+    if calibration:
         config["calibration"] = calibration
     net = DiTDenoiser(config["denoiser"]["config"])
     return ckpt.save(directory, config, {"autoencoder": ae.state_dict(), "denoiser": net.state_dict()})
 
 
-__all__ = ["DiTDenoiser", "LatentCodec", "LatentEditingScorer", "LatentGuidedDDIM", "build_latent_scorer",
-           "fit_latent", "init_latent_checkpoint", "load_pretrained_autoencoder"]

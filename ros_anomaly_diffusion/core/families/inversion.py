@@ -1,0 +1,231 @@
+"""The `inversion` variant (family "feature_diffusion": a diffusion model of backbone
+features): reconstruction-free scoring by DDIM inversion.
+
+Method notes sec. 2. Backbone features z of the frame (feature_space.py: EfficientNet-Lite0
+taps at strides 2/4/8/16, resized to the stride-16 grid and stacked), standardised per
+channel with the ID training statistics, are the data of a small diffusion model (UNet,
+linear betas, T = 1000, eps-prediction) trained on ID cells only. At test time z is
+*inverted* with deterministic DDIM (eta = 0, samplers.ddim_invert) to t = 999 in a few
+steps; for ID features the final latent should look like N(0, I) noise, so its size is
+the anomaly score:
+
+- pixel score: L2 norm over channels of the final latent per grid cell, upsampled
+  bilinearly to the analysis size;
+- frame score: (max - min) of that map plus the Gaussian NLL of the latent, each
+  z-scored with ID statistics measured at training time, then added.
+
+Both are mapped into [0, 1] (thresholds and overlay live there) by `to_unit`, a strictly
+monotone map fixed by ID statistics stored in the checkpoint: ranking metrics (AP,
+AUROC) are those of the raw scores. The statistics are measured per inversion_steps
+value on the ID cells of training frames held out of the diffusion model's training.
+
+Checkpoint: config.json {"family", "image_size", "features", "denoiser", "schedule",
+"scores"}, denoiser.safetensors and features.safetensors (per-channel mean and std).
+Checkpoints written before the family was renamed say "features"; they load unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..data import Frame
+from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
+from ..networks.denoisers import build_denoiser, unet_config
+from ..networks.quantization import load_denoiser
+from ..samplers import NoiseSchedule, ScheduleConfig, ddim_invert, inversion_timesteps
+from ..scorer import ScoreOutput
+from ..settings import Settings
+from .feature_space import (channel_stats, checkpoint_features, extract_features, features_config, input_size,
+                            load_feature_stats, random_frame_features, standardise, to_unit)
+from .fitting import DenoiserTrainer
+
+log = logging.getLogger(__name__)
+
+FAMILY = "feature_diffusion"
+# Method notes sec. 2: linear betas 1e-4..0.02, T = 1000, eps-prediction.
+SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          prediction_type="epsilon")
+# inversion_steps values whose ID score statistics are measured at training time; a live
+# setting outside this range uses the nearest one (the mapping to [0, 1] is then approximate).
+STAT_STEPS = tuple(range(2, 7))
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def latent_scores(latent: torch.Tensor, weights: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final latent (B, C, h, w) -> (norm map (B, h, w), max - min (B,), Gaussian NLL (B,)).
+
+    With weights (B, 1, h, w), the range is taken over weighted cells only and the NLL is
+    their mean times the number of cells (what the whole grid would sum to)."""
+    norm = torch.linalg.vector_norm(latent, dim=1)
+    nll_cells = 0.5 * (latent.square().sum(1) + latent.shape[1] * _LOG_2PI)  # (B, h, w)
+    if weights is None:
+        return norm, norm.amax((1, 2)) - norm.amin((1, 2)), nll_cells.sum((1, 2))
+    keep = weights[:, 0].bool()
+    inf = norm.new_tensor(float("inf"))
+    rng = torch.where(keep, norm, -inf).amax((1, 2)) - torch.where(keep, norm, inf).amin((1, 2))
+    nll = (nll_cells * keep).sum((1, 2)) / keep.sum((1, 2)).clamp_min(1) * keep[0].numel()
+    return norm, rng, nll
+
+
+def _moments(v: torch.Tensor) -> dict[str, float]:
+    v = v.double().flatten()
+    std = float(v.std()) if v.numel() > 1 else 0.0
+    return {"mean": float(v.mean()), "std": max(std, 1e-6)}
+
+
+@torch.inference_mode()
+def score_statistics(net, schedule: NoiseSchedule, z: torch.Tensor, weights: torch.Tensor,
+                     steps: tuple[int, ...] = STAT_STEPS, batch: int = 32) -> dict[str, dict]:
+    """ID statistics of the pixel norm, the frame range, the NLL and their z-scored sum,
+    per inversion_steps value, over the ID cells of standardised features z."""
+    out = {}
+    for s in steps:
+        ts = inversion_timesteps(s, schedule.T)
+        norms, rngs, nlls = [], [], []
+        for i in range(0, len(z), batch):
+            wb = weights[i:i + batch]
+            norm, rng, nll = latent_scores(ddim_invert(net, schedule, z[i:i + batch], ts), wb)
+            norms.append(norm[wb[:, 0].bool()])
+            rngs.append(rng)
+            nlls.append(nll)
+        rng, nll = torch.cat(rngs), torch.cat(nlls)
+        stats = {"pixel": _moments(torch.cat(norms)), "range": _moments(rng), "nll": _moments(nll)}
+        total = ((rng - stats["range"]["mean"]) / stats["range"]["std"]
+                 + (nll - stats["nll"]["mean"]) / stats["nll"]["std"])
+        stats["frame"] = _moments(total)
+        out[str(s)] = stats
+    return out
+
+
+class InversionScorer:
+    """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(pixel maps, None, frame scores), all in [0, 1]."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
+                 stats: dict, settings: Settings, device: torch.device, features: StackedFeatures | None = None):
+        self.net, self.schedule, self.stats = net, schedule, stats
+        self.features = features or shared_features(device=device)
+        self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
+        self.apply(settings)
+
+    def apply(self, s: Settings) -> None:
+        """Live settings: inversion_steps (S) picks the timesteps and the ID statistics."""
+        self.timesteps = inversion_timesteps(s.inversion_steps, self.schedule.T)
+        self.size = (s.analysis_height, s.analysis_width)
+        key = str(max(2, s.inversion_steps))
+        if key not in self.stats:
+            near = min(self.stats, key=lambda k: abs(int(k) - int(key)))
+            log.warning("no ID score statistics for inversion_steps=%s in the checkpoint; using those of %s "
+                        "(scores in [0, 1] are then only roughly comparable to the thresholds)", key, near)
+            key = near
+        st = self.stats[key]
+        self._pix, self._rng, self._nll, self._frame = st["pixel"], st["range"], st["nll"], st["frame"]
+        self.settings = s
+
+    @property
+    def nfe(self) -> int:
+        return len(self.timesteps) - 1
+
+    @torch.inference_mode()
+    def latents(self, batch01: torch.Tensor) -> torch.Tensor:
+        z = (self.features(batch01) - self.mean) / self.std
+        return ddim_invert(self.net, self.schedule, z, self.timesteps)
+
+    @torch.inference_mode()
+    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+        norm, rng, nll = latent_scores(self.latents(batch01))
+        up = F.interpolate(norm.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
+        maps = to_unit((up - self._pix["mean"]) / self._pix["std"])
+        total = (rng - self._rng["mean"]) / self._rng["std"] + (nll - self._nll["mean"]) / self._nll["std"]
+        frames = to_unit((total - self._frame["mean"]) / self._frame["std"])
+        return ScoreOutput(maps, None, frames)
+
+
+def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> InversionScorer:
+    features = checkpoint_features(directory, config, device)
+    mean, std = load_feature_stats(directory, config)
+    net = load_denoiser(directory, config, device, settings)  # quantized as stored or as settings ask
+    schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
+    return InversionScorer(net, schedule, mean, std, config["scores"], settings, device, features)
+
+
+def model_config(size: tuple[int, int], channels: int, preset: str) -> dict:
+    grid = (size[0] // GRID_STRIDE, size[1] // GRID_STRIDE)
+    return {"family": FAMILY, "image_size": list(size), "features": features_config(size, channels),
+            "denoiser": {"kind": "unet", "config": unet_config("features", preset, channels, grid)},
+            "schedule": SCHEDULE.to_dict()}
+
+
+def split_statistics(frames: list[Frame], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of (training frames, frames held out for the ID score statistics).
+
+    A seeded `fraction` of the frames (at least one when there are two or more; OOD frames
+    count too, their OOD cells are masked) is kept out of the diffusion model's training:
+    on its own training cells a model this small scores far lower than on unseen ID frames
+    (memorisation), which would make the [0, 1] mapping and the range/NLL weighting of the
+    frame score useless on new frames."""
+    n = len(frames)
+    k = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n >= 2 else 0
+    held = set(random.Random(seed + 1).sample(range(n), k))
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True) -> tuple[dict, dict]:
+    """Features family: precompute the features of every training frame and its mirror image
+    once, standardise them, train the UNet on them with OOD cells masked out of the loss
+    (DenoiserTrainer: EMA, resume), then measure the ID score statistics on the ID cells of
+    frames held out of that training (`split_statistics`, opts.calib_fraction of them).
+    The noise schedule is always the notes' (SCHEDULE); opts.schedule is the pixel family's."""
+    size = input_size(opts)
+    features = shared_features(device=opts.device)
+    feats, weights, origin = extract_features(train_frames, size, features, flips=True, progress=progress)
+    fit_idx, stat_idx = split_statistics(train_frames, opts.calib_fraction, opts.seed)
+    if not stat_idx:
+        log.warning("no frame left to hold out for the ID score statistics: measuring them on the training "
+                    "frames, whose scores are optimistic (set calib_fraction > 0 and give more frames)")
+        stat_idx = fit_idx
+    in_fit = torch.isin(origin[:, 0], torch.tensor(fit_idx))
+    in_stat = torch.isin(origin[:, 0], torch.tensor(stat_idx))
+    mean, std = channel_stats(feats[in_fit], weights[in_fit])
+    z = standardise(feats, mean, std).contiguous()
+    z_fit, w_fit = z[in_fit], weights[in_fit]
+    config = model_config(size, feats.shape[1], opts.preset)
+    net = build_denoiser("unet", config["denoiser"]["config"])
+    schedule = NoiseSchedule(SCHEDULE)
+    trainer = DenoiserTrainer(net, schedule, opts, out)
+    trainer.load_state()
+
+    def sample_batch(gen):
+        idx = torch.randint(0, len(z_fit), (opts.batch_size,), generator=gen)
+        return z_fit[idx], w_fit[idx]
+
+    trainer.fit(sample_batch, opts.steps, progress)
+    ema = trainer.ema_state()
+    net.load_state_dict(ema)
+    net.eval()
+    config["scores"] = score_statistics(net, schedule, z[in_stat].to(opts.device), weights[in_stat].to(opts.device))
+    config["training"] = {"steps": trainer.step, "samples": int(in_fit.sum()), "id_cells": int(w_fit.sum()),
+                          "statistics_frames": [train_frames[i].name for i in stat_idx]}
+    return config, {"denoiser": ema, "features": {"mean": mean, "std": std}}
+
+
+def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
+                    seed: int = 0, calibration: dict | None = None) -> Path:
+    """An untrained checkpoint (tests, smoke runs), 64x96 unless image_size is given; statistics
+    from two random frames."""
+    torch.manual_seed(seed)
+    image_size = tuple(image_size or (64, 96))
+    feats, weights, mean, std, z = random_frame_features(image_size, seed)
+    config = model_config(image_size, feats.shape[1], preset)
+    net = build_denoiser("unet", config["denoiser"]["config"]).eval()
+    config["scores"] = score_statistics(net, NoiseSchedule(SCHEDULE), z, weights, steps=(2, 3))
+    if calibration:
+        config["calibration"] = calibration
+    return ckpt.save(directory, config, {"denoiser": net.state_dict(), "features": {"mean": mean, "std": std}})
