@@ -13,7 +13,7 @@ from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core import samplers
 from ros_anomaly_diffusion.core.families import feature_space as fs
-from ros_anomaly_diffusion.core.families import inversion as inv
+from ros_anomaly_diffusion.core.families import feature_diffusion as inv
 from ros_anomaly_diffusion.core.networks import backbone
 from ros_anomaly_diffusion.core.data import OOD
 from ros_anomaly_diffusion.core.detector import Detector

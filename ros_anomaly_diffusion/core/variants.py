@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .families import inversion, knn, latent, pixel
+from .families import feature_diffusion, knn, latent, pixel
 from .scorer import Family, Scorer
 from .settings import VARIANT_NAMES, Settings
 
 # Checkpoints written before a family was renamed record its old name.
-FAMILY_ALIASES = {"features": inversion.FAMILY}
+FAMILY_ALIASES = {"features": feature_diffusion.FAMILY}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ VARIANTS: dict[str, Variant] = {
     v.name: v for v in (
         Variant("ddpm", pixel, "guided DDPM, all T ancestral steps (baseline)", {"sampler": "ddpm"}),
         Variant("ddim", pixel, "guided DDIM (timestep matching), few steps", {"sampler": "ddim"}),
-        Variant("inversion", inversion, "DDIM inversion of backbone features, reconstruction-free (few steps)"),
+        Variant("inversion", feature_diffusion, "DDIM inversion of backbone features, reconstruction-free (few steps)"),
         Variant("knn", knn, "nearest-neighbour distance to ID backbone features (baseline)"),
         Variant("dcae", latent, "guided DDIM on DC-AE latents with a DiT denoiser (low memory)"),
     )

@@ -1,5 +1,5 @@
-"""The `inversion` variant (family "feature_diffusion": a diffusion model of backbone
-features): reconstruction-free scoring by DDIM inversion.
+"""Family "feature_diffusion": a diffusion model of backbone features. Its `inversion` variant
+scores frames reconstruction-free, by DDIM inversion.
 
 Method notes sec. 2. Backbone features z of the frame (feature_space.py: EfficientNet-Lite0
 taps at strides 2/4/8/16, resized to the stride-16 grid and stacked), standardised per
