@@ -80,13 +80,23 @@ def cmd_synth(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .engine.bench import bench, train_all
+    from .engine.bench import bench, bench_folds, train_all
 
-    if args.train:
-        train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
-                  args.device or "cpu", args.train_frames, tuple(args.train_size), args.train_preset)
-    bench(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.frames, args.device or "cpu",
-          args.max_frames)
+    if args.folds:
+        if args.folds < 2:
+            raise ValueError(f"--folds needs K >= 2, got {args.folds}")
+        if not args.train or args.train_data:
+            raise ValueError("--folds trains on the other folds of --data: it needs --train and no --train-data")
+        bench_folds(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.folds, args.seed,
+                    args.frames, args.device or "cpu", args.max_frames, args.train_steps, args.train_frames or "all",
+                    tuple(args.train_size), args.train_preset)
+    else:
+        if args.train:
+            train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
+                      args.device or "cpu", args.train_frames or "id", tuple(args.train_size), args.train_preset,
+                      args.seed)
+        bench(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.frames,
+              args.device or "cpu", args.max_frames)
     print((args.out / "results.md").read_text())
     print(f"results.csv, results.md and ap_vs_latency.png written to {args.out}")
 
@@ -174,12 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--frames", default="all", choices=["all", "id", "ood"])
     p.add_argument("--device", default=None)
-    p.add_argument("--max-frames", type=int, default=0, help="evaluate at most N frames (0: all)")
+    p.add_argument("--max-frames", type=int, default=0,
+                   help="evaluate at most N frames (0: all; with --folds: of each fold)")
     p.add_argument("--train", action="store_true", help="first train every family the rows need")
     p.add_argument("--train-data", type=Path, help="training frames for --train (default: --data; ID pixels only)")
-    p.add_argument("--train-frames", default="id", choices=["all", "id"],
-                   help="training frames for --train: id (frames without OOD objects, default) or all "
-                        "(OOD pixels masked out of the loss)")
+    p.add_argument("--train-frames", default=None, choices=["all", "id"],
+                   help="training frames for --train: id (frames without OOD objects; the default) or all "
+                        "(OOD pixels masked out of the loss; the default with --folds)")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="with --train: K-fold cross-validation over --data; each fold is scored by models "
+                        "trained and calibrated on the other folds only (CKPT_ROOT/fold<i>), metrics pooled")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment and of training")
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--train-size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"),
                    help="--train: the size the models see (as train --image-size)")

@@ -1,5 +1,7 @@
-"""The benchmark runs its rows on two real RUGD frames and writes the table with all columns."""
+"""The benchmark runs its rows on two real RUGD frames and writes the table with all columns; with
+--folds it never scores a frame with a model trained or calibrated on it."""
 import csv
+import json
 import math
 import os
 
@@ -9,7 +11,8 @@ import pytest
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core import procmem
-from ros_anomaly_diffusion.engine.bench import COLUMNS, checkpoint_for, parse_row
+from ros_anomaly_diffusion.engine.bench import COLUMNS, FOLD_COLUMNS, assign_folds, checkpoint_for, parse_row
+from ros_anomaly_diffusion.engine.bench import _claim_fold_root
 
 
 def test_row_specs_parse():
@@ -57,3 +60,97 @@ def test_bench_writes_every_column_for_every_row(tmp_path, rugd_sample):
     assert [int(r["nfe"]) for r in table] == [2, 4]
     assert (out / "results.md").read_text().count("\n") == 2 + len(rows)
     assert (out / "ap_vs_latency.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- bench --folds
+
+
+def test_fold_assignment_on_the_rugd_sample_is_seeded_scene_grouped_and_spreads_the_ood_frames(rugd_sample):
+    from ros_anomaly_diffusion.core.data import open_dataset
+    from ros_anomaly_diffusion.core.splits import scene_of
+
+    ds = open_dataset(rugd_sample)
+    names, ood = sorted(f.name for f in ds), {f.name for f in ds if f.is_ood()}
+    scene = {f.name: scene_of(f) for f in ds}
+    assert len(ood) == 10 and len(set(scene.values())) == 12
+    for k in (2, 3, 5):
+        folds = assign_folds(ds, k, seed=0)
+        assert len(folds) == k and assign_folds(ds, k, seed=0) == folds  # deterministic
+        assert sorted(n for f in folds for n in f) == names  # every frame in exactly one fold
+        for f in folds:  # a scene never straddles two folds
+            assert not {scene[n] for n in f} & {scene[n] for g in folds if g is not f for n in g}
+        per_fold_ood = [len(ood.intersection(f)) for f in folds]
+        assert min(per_fold_ood) >= 1 and max(per_fold_ood) - min(per_fold_ood) <= 1, per_fold_ood
+        assert max(map(len, folds)) - min(map(len, folds)) <= 2
+    # the seed matters (order among equal scenes), and no seed breaks the rules above
+    assert len({tuple(map(tuple, assign_folds(ds, 3, seed=s))) for s in range(4)}) > 1
+    # fewer scenes than folds: a scene is cut into runs of consecutive frames, each with an OOD frame
+    few = [f for f in ds if scene[f.name] in ("park-1", "trail-4")]
+    folds = assign_folds(few, 3, seed=0)
+    assert sorted(n for f in folds for n in f) == sorted(f.name for f in few)
+    assert all(f and ood.intersection(f) for f in folds) and ["trail-4_00001", "trail-4_02001"] in folds
+    with pytest.raises(ValueError):
+        assign_folds(ds, 1)
+    with pytest.raises(ValueError):
+        assign_folds(few, 5)
+
+
+def test_a_fold_checkpoint_folder_of_another_split_is_refused(tmp_path):
+    _claim_fold_root(tmp_path / "fold0", ["a_1"], ["b_1", "c_1"])
+    _claim_fold_root(tmp_path / "fold0", ["a_1"], ["b_1", "c_1"])  # the same split: resumes
+    with pytest.raises(ValueError, match="another fold assignment"):
+        _claim_fold_root(tmp_path / "fold0", ["b_1"], ["a_1", "c_1"])
+    (tmp_path / "fold1" / "pixel").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no frames.json"):
+        _claim_fold_root(tmp_path / "fold1", ["a_1"], ["b_1"])
+
+
+def test_bench_folds_trains_each_fold_without_its_test_frames_and_pools_them(tmp_path, monkeypatch):
+    from ros_anomaly_diffusion.core import checkpoint as ckpt
+    from ros_anomaly_diffusion.core.data import open_dataset
+    from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
+    from ros_anomaly_diffusion.engine import training
+    from ros_anomaly_diffusion.engine.evaluation import label_metrics
+
+    # Calibration (in this process) edits with 2 DDIM steps instead of the config's 25: time only.
+    real_settings = training.variant_settings
+    monkeypatch.setattr(training, "variant_settings", lambda *a, **k: real_settings(*a, **k, steps=2))
+    data = make_synthetic_dataset(tmp_path / "syn", n_id=4, n_ood=4, size=(64, 80))
+    row, out, root = "ddim:steps=2,segments=none", tmp_path / "bench", tmp_path / "ckpt"
+    assert cli(["-q", "bench", "--train", "--folds", "2", "--data", str(data), "--checkpoints", str(root),
+                "--out", str(out), "--variants", row, "--train-steps", "2", "--train-preset", "tiny",
+                "--train-size", "32", "40"]) == 0
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["variant"] for r in table] == [row] and list(table[0]) == list(FOLD_COLUMNS)
+    r = table[0]
+    assert int(r["folds"]) == 2 and int(r["nfe"]) == 2 and float(r["train_s"]) > 0
+    assert 0 <= float(r["pixel_ap"]) <= 1 and 0 <= float(r["ap_fold_mean"]) <= 1 and float(r["ap_fold_std"]) >= 0
+
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    frames = {f.name: f for f in open_dataset(data)}
+    assert sorted(n for f in folds for n in f["frames"]) == sorted(frames)
+    assert all(f["ood_frames"] for f in folds)
+    scores, frame_scores, labels = [], [], []
+    for i, fold in enumerate(folds):
+        test = set(fold["frames"])
+        config = ckpt.load_config(root / f"fold{i}" / "pixel")
+        trained, calibrated = set(config["training"]["frames"]), set(config["calibration"]["ddim"]["frames"])
+        assert trained and calibrated, "training and calibration both used frames of the other fold"
+        assert not test & (trained | calibrated), f"fold {i}: test frames used for training or calibration"
+        assert trained | calibrated == set(frames) - test  # all the other folds' frames, OOD ones too
+        assert any(frames[n].is_ood() for n in trained)  # OOD frames trained on (OOD pixels masked)
+        with np.load(out / f"fold{i}" / "00_ddim_steps=2_segments=none.npz") as z:
+            assert set(z["names"]) == test
+            scores += [z[f"score_{j}"] for j in range(len(z["names"]))]
+            frame_scores += list(z["frame_scores"])
+            labels += [frames[n].label() for n in z["names"]]
+    pooled = label_metrics(scores, frame_scores, labels)  # exact pooling over both folds' frames
+    for c in ("pixel_ap", "pixel_auroc", "fpr95", "frame_auroc"):
+        assert float(r[c]) == pytest.approx(pooled[c], abs=1e-12)
+    per_fold = list(csv.DictReader((out / "per_fold.csv").open()))
+    aps = [float(p["pixel_ap"]) for p in per_fold]
+    assert len(aps) == 2 and float(r["ap_fold_mean"]) == pytest.approx(np.mean(aps))
+    times = json.loads((out / "train_times.json").read_text())["seconds"]
+    assert len(times["pixel"]) == 2 and float(r["train_s"]) == pytest.approx(np.mean(times["pixel"]))
+    md = (out / "results.md").read_text()
+    assert "ap_fold_std" in md and "fold 1 (4 frames" in md and "Machine:" in md

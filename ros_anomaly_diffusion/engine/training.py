@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,15 +38,21 @@ def split_calibration(frames: list[Frame], fraction: float, seed: int) -> tuple[
     return [f for f in frames if f.name not in held], [f for f in id_frames if f.name in held]
 
 
-def train(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progress: bool = True) -> Path:
+def train(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progress: bool = True,
+          names: Collection[str] | None = None) -> Path:
     """Fit the model of `opts.variant`'s family, write the checkpoint, calibrate the thresholds.
 
     Each family's fit function (Variant.fit in the registry) takes the training frames
-    and returns (config, {file name: state dict}); this function does the rest.
+    and returns (config, {file name: state dict}); this function does the rest. With
+    `names`, only the frames of data_dir with those names are used at all (training and
+    calibration): the cross-validated benchmark's training folds.
     """
     variant = get_variant(opts.variant)
     out = Path(out_dir)
     frames = select(open_dataset(data_dir), opts.frames, opts.scenes)
+    if names is not None:
+        names = set(names)
+        frames = [f for f in frames if f.name in names]
     train_frames, calib_frames = split_calibration(frames, opts.calib_fraction, opts.seed)
     if not train_frames:
         raise ValueError(f"no training frames in {data_dir} (frames={opts.frames}, scenes={opts.scenes})")
