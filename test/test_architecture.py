@@ -139,7 +139,7 @@ def test_python_dash_m_runs_the_cli():
     assert "usage: ros-anomaly-diffusion" in out.stdout
 
 
-@pytest.mark.parametrize("variant", ["ddpm", "ddim", "inversion", "knn", "dcae"])
+@pytest.mark.parametrize("variant", ["ddpm", "ddim", "inversion", "feature_edit", "knn", "dcae"])
 def test_every_variant_builds_a_scorer_that_maps_frames_to_maps(variant, short_checkpoint, family_checkpoint):
     import torch
 
@@ -157,4 +157,4 @@ def test_every_variant_builds_a_scorer_that_maps_frames_to_maps(variant, short_c
     out = scorer(torch.rand(2, 3, *config["image_size"], generator=torch.Generator().manual_seed(0)))
     assert isinstance(out, ScoreOutput) and out.maps.shape == (2, 48, 64)
     assert float(out.maps.min()) >= 0 and float(out.maps.max()) <= 1
-    assert (out.edited01 is not None) == (variant in ("ddpm", "ddim", "dcae"))
+    assert (out.edited01 is not None) == (variant in ("ddpm", "ddim", "dcae"))  # feature_edit has no image

@@ -200,6 +200,43 @@ def test_scores_in_unit_interval_with_the_right_shapes(tiny):
     assert det.update(inversion_steps=4) == [] and det.nfe == 3
 
 
+def test_feature_edit_scores_the_change_the_edit_makes(tiny):
+    settings = variant_settings("feature_edit", checkpoint=str(tiny), analysis_height=40, analysis_width=48)
+    det = Detector(tiny, settings)
+    scorer = det.scorer
+    assert det.nfe == scorer.editor.nfe == 5  # config/feature_edit.yaml: 5 steps from t = 250
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    out = scorer(x)
+    assert out.maps.shape == (2, 40, 48) and out.edited01 is None and out.frame_scores is None
+    assert bool(((out.maps >= 0) & (out.maps <= 1)).all())
+    assert torch.equal(out.maps, scorer(x).maps)  # seeded: a frame always gets the same map
+    z = (scorer.features(x) - scorer.mean) / scorer.std
+    editor = scorer.editor
+    assert not torch.equal(editor.edit(z, seed=0), editor.edit(z, seed=1))
+    # very strong guidance returns the input: nothing changed, every cell at the bottom of the map
+    editor.guidance_scale = 1e6
+    assert torch.allclose(editor.edit(z, seed=0), z, atol=1e-4)
+    assert float(scorer(x).maps.max()) < float(out.maps.min())
+    # zero guidance from pure noise ignores the input: two frames end in nearly the same edit
+    # (relative to its size; this untrained model's edits are far from unit scale)
+    det.update(guidance_scale=0.0, start_timestep=999)
+    a, b = editor.edit(z, seed=0), editor.edit(torch.flip(z, dims=[0]), seed=0)
+    assert float((a - b).abs().mean()) < 0.05 * float(a.abs().mean())
+
+
+def test_feature_edit_refuses_a_checkpoint_without_its_statistics(tiny, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny, old)
+    config = ckpt.load_config(old)
+    del config["edit_scores"]
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ckpt.CheckpointError, match="train it again"):
+        Detector(old, variant_settings("feature_edit", checkpoint=str(old)))
+    Detector(old, variant_settings("inversion", checkpoint=str(old)))  # the inversion variant still runs
+
+
 def test_training_and_eval_cli_write_a_loadable_checkpoint(tmp_path):
     from ros_anomaly_diffusion.cli import main
 
@@ -215,6 +252,7 @@ def test_training_and_eval_cli_write_a_loadable_checkpoint(tmp_path):
     assert len(held) == 2 and set(held) < set(config["training"]["frames"])
     assert {"2", "3", "6"} <= set(config["scores"]) and set(config["scores"]["3"]) == {"pixel", "range", "nll",
                                                                                         "frame"}
+    assert config["edit_scores"]["sampler"] == inv.EDIT_SAMPLER and config["edit_scores"]["pixel"]["std"] > 0
     stats = ckpt.load_tensors(out, "features")
     assert stats["mean"].shape == stats["std"].shape == (config["features"]["channels"],)
     calib = config["calibration"]["inversion"]

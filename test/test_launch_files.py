@@ -301,6 +301,7 @@ def test_rviz_config_shows_camera_overlay_and_mask():
     # the real 1000-step schedule would take ~17 s a frame on this CPU.
     ("ddpm", []),
     ("inversion", []),
+    ("feature_edit", []),
     ("knn", []),
     ("dcae", ["-p", "steps:=2"]),
 ])

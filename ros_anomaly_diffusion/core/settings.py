@@ -9,7 +9,7 @@ from typing import Any
 # The variant names the registry (core/variants.py) implements, and those without a
 # denoiser for `quantization` to act on. The registry sits above this module and checks
 # on import that it matches; knowing them here lets Settings validate without importing it.
-VARIANT_NAMES = ("ddpm", "ddim", "inversion", "knn", "dcae")
+VARIANT_NAMES = ("ddpm", "ddim", "inversion", "feature_edit", "knn", "dcae")
 WITHOUT_DENOISER = frozenset({"knn"})
 
 # Settings that take effect on the next frame without rebuilding the model.

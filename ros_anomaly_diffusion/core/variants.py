@@ -49,7 +49,10 @@ VARIANTS: dict[str, Variant] = {
     v.name: v for v in (
         Variant("ddpm", pixel, "guided DDPM, all T ancestral steps (baseline)", {"sampler": "ddpm"}),
         Variant("ddim", pixel, "guided DDIM (timestep matching), few steps", {"sampler": "ddim"}),
-        Variant("inversion", feature_diffusion, "DDIM inversion of backbone features, reconstruction-free (few steps)"),
+        Variant("inversion", feature_diffusion, "DDIM inversion of backbone features, reconstruction-free (few steps)",
+                {"mode": "inversion"}),
+        Variant("feature_edit", feature_diffusion, "guided DDIM edit of backbone features, no decoder (few steps)",
+                {"mode": "edit"}),
         Variant("knn", knn, "nearest-neighbour distance to ID backbone features (baseline)"),
         Variant("dcae", latent, "guided DDIM on DC-AE latents with a DiT denoiser (low memory)"),
     )

@@ -39,7 +39,7 @@ from ..data import Frame
 from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.denoisers import build_denoiser, unet_config
 from ..networks.quantization import load_denoiser
-from ..samplers import NoiseSchedule, ScheduleConfig, ddim_invert, inversion_timesteps
+from ..samplers import GuidedDDIM, NoiseSchedule, ScheduleConfig, ddim_invert, inversion_timesteps
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (channel_stats, checkpoint_features, extract_features, features_config, input_size,
@@ -55,6 +55,9 @@ SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="linear", beta
 # inversion_steps values whose ID score statistics are measured at training time; a live
 # setting outside this range uses the nearest one (the mapping to [0, 1] is then approximate).
 STAT_STEPS = tuple(range(2, 7))
+# The feature_edit variant's sampler whose ID statistics `fit` measures (config/feature_edit.yaml
+# runs it): noise the features part way, a few DDIM steps back down.
+EDIT_SAMPLER = {"start_timestep": 250, "steps": 5, "guidance_scale": 0.0, "seed": 0}
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -148,11 +151,78 @@ class InversionScorer:
         return ScoreOutput(maps, None, frames)
 
 
-def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> InversionScorer:
+def edit_distance(editor: GuidedDDIM, z: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standardised features (B, C, h, w) -> (B, h, w) L2 distance to their guided DDIM edit."""
+    return torch.linalg.vector_norm(z - editor.edit(z, seed=seed), dim=1)
+
+
+@torch.inference_mode()
+def edit_statistics(net, schedule: NoiseSchedule, z: torch.Tensor, weights: torch.Tensor,
+                    sampler: dict = EDIT_SAMPLER, batch: int = 32) -> dict:
+    """ID mean/std of the edit distance over the ID cells of z, with the sampler that measured them."""
+    editor = GuidedDDIM(net, schedule, sampler["steps"], sampler["start_timestep"], sampler["guidance_scale"],
+                        clip=None)
+    d = torch.cat([edit_distance(editor, z[i:i + batch], sampler["seed"])[weights[i:i + batch, 0].bool()]
+                   for i in range(0, len(z), batch)])
+    return {"sampler": dict(sampler), "pixel": _moments(d)}
+
+
+class FeatureEditScorer:
+    """Analysis by synthesis without a decoder: the frame's standardised backbone features are
+    noised to start_timestep and brought back by guided DDIM (samplers.GuidedDDIM, the pixel
+    family's editor) under the ID feature model; each cell scores the L2 distance between
+    input and edited features, mapped into [0, 1] with its ID statistics (`edit_statistics`).
+    The edit is seeded (Settings.seed), so a frame always gets the same map."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
+                 stats: dict, settings: Settings, device: torch.device, features: StackedFeatures):
+        self.net, self.stats, self.features = net, stats, features
+        self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
+        self.editor = GuidedDDIM(net, schedule, clip=None)  # standardised features exceed [-1, 1]
+        self.apply(settings)
+
+    def apply(self, s: Settings) -> None:
+        """Live settings: the edit's steps, start timestep, guidance and seed."""
+        self.editor.steps, self.editor.start_timestep = s.steps, s.start_timestep
+        self.editor.guidance_scale = s.guidance_scale
+        self.size = (s.analysis_height, s.analysis_width)
+        live = {"start_timestep": s.start_timestep, "steps": s.steps, "guidance_scale": s.guidance_scale,
+                "seed": s.seed}
+        if live != self.stats["sampler"]:
+            log.warning("feature_edit runs %s but the checkpoint's ID statistics were measured with %s: scores in "
+                        "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", live,
+                        self.stats["sampler"])
+        self.settings = s
+
+    @property
+    def nfe(self) -> int:
+        return self.editor.nfe
+
+    @torch.inference_mode()
+    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+        z = (self.features(batch01) - self.mean) / self.std
+        d = edit_distance(self.editor, z, self.settings.seed)
+        up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
+        return ScoreOutput(to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"]), None)
+
+
+MODES = ("inversion", "edit")
+
+
+def build(directory: Path, config: dict, settings: Settings, device: torch.device,
+          mode: str = "inversion") -> InversionScorer | FeatureEditScorer:
+    """The scorer of the variant that reads the feature model by DDIM inversion or by editing."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "edit" and "edit_scores" not in config:
+        raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the feature edit "
+                                   "(a checkpoint trained before the feature_edit variant): train it again")
     features = checkpoint_features(directory, config, device)
     mean, std = load_feature_stats(directory, config)
     net = load_denoiser(directory, config, device, settings)  # quantized as stored or as settings ask
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
+    if mode == "edit":
+        return FeatureEditScorer(net, schedule, mean, std, config["edit_scores"], settings, device, features)
     return InversionScorer(net, schedule, mean, std, config["scores"], settings, device, features)
 
 
@@ -210,7 +280,9 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True) -> tu
     ema = trainer.ema_state()
     net.load_state_dict(ema)
     net.eval()
-    config["scores"] = score_statistics(net, schedule, z[in_stat].to(opts.device), weights[in_stat].to(opts.device))
+    z_stat, w_stat = z[in_stat].to(opts.device), weights[in_stat].to(opts.device)
+    config["scores"] = score_statistics(net, schedule, z_stat, w_stat)
+    config["edit_scores"] = edit_statistics(net, schedule, z_stat, w_stat)
     config["training"] = {"steps": trainer.step, "samples": int(in_fit.sum()), "id_cells": int(w_fit.sum()),
                           "statistics_frames": [train_frames[i].name for i in stat_idx]}
     return config, {"denoiser": ema, "features": {"mean": mean, "std": std}}
@@ -226,6 +298,7 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
     config = model_config(image_size, feats.shape[1], preset)
     net = build_denoiser("unet", config["denoiser"]["config"]).eval()
     config["scores"] = score_statistics(net, NoiseSchedule(SCHEDULE), z, weights, steps=(2, 3))
+    config["edit_scores"] = edit_statistics(net, NoiseSchedule(SCHEDULE), z, weights)
     if calibration:
         config["calibration"] = calibration
     return ckpt.save(directory, config, {"denoiser": net.state_dict(), "features": {"mean": mean, "std": std}})
