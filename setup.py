@@ -14,7 +14,9 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz")),
     ],
-    package_data={PACKAGE: ["config/*.yaml"]},
+    # the shipped TAEF2 autoencoder (MIT, see its README.md): weights, licence, attribution
+    package_data={PACKAGE: ["config/*.yaml", "models/taef2/*.safetensors", "models/taef2/LICENSE",
+                            "models/taef2/README.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

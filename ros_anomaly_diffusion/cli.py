@@ -42,7 +42,7 @@ def cmd_train(args) -> None:
     opts = TrainOptions(variant=args.variant, image_size=tuple(args.image_size), preset=args.preset,
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         frames=args.frames, scenes=args.scenes, device=args.device or "cpu",
-                        calib_fraction=args.calib_fraction, autoencoder=str(args.autoencoder or ""))
+                        calib_fraction=args.calib_fraction, autoencoder=args.autoencoder)
     out = train(args.data, args.out, opts, progress=not args.quiet)
     print(f"checkpoint written to {out}")
 
@@ -148,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-fraction", type=float, default=0.2, help="share of ID frames held out for calibration")
-    p.add_argument("--autoencoder", type=Path, default=None, metavar="PATH",
-                   help="latent variants: local diffusers AutoencoderDC folder (config.json + .safetensors, "
-                        "e.g. dc-ae-f32c32-in-1.0); default: train a compact DC-AE on the frames")
+    p.add_argument("--autoencoder", default="taef2", metavar="taef2|trained|PATH",
+                   help="latent variants: 'taef2' (default): the pretrained TAEF2 shipped with the package; "
+                        "'trained': a compact DC-AE trained on the frames; PATH: a local diffusers AutoencoderDC "
+                        "folder (config.json + .safetensors, e.g. dc-ae-f32c32-in-1.0; ./taef2 for a folder of "
+                        "that name)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics.json, overlays and a picture sheet on labelled frames")

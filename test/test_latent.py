@@ -1,4 +1,5 @@
-"""Latent variant (dcae): DiT denoiser, DC-AE loading, training, detector, latent guidance."""
+"""Latent variant (dcae): DiT denoiser, DC-AE loading, training, detector, latent guidance
+(the shipped TAEF2 autoencoder: test_taef2.py)."""
 from __future__ import annotations
 
 import json
@@ -148,11 +149,12 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
 
     out = tmp_path / "ck"
     rc = main(["-q", "train", "--variant", "dcae", "--data", str(synthetic), "--out", str(out), "--steps", "2",
-               "--batch-size", "2", "--image-size", "32", "40", "--preset", "tiny"])
+               "--batch-size", "2", "--image-size", "32", "40", "--preset", "tiny", "--autoencoder", "trained"])
     assert rc == 0
     config = ckpt.load_config(out)
     assert config["family"] == "latent" and config["denoiser"]["kind"] == "dit"
     assert sorted(config["files"]) == ["autoencoder.safetensors", "denoiser.safetensors"]
+    assert config["autoencoder"]["kind"] == "dcae"
     assert config["autoencoder"]["config"]["latent_channels"] == 8  # diffusers config of the AE
     assert "psnr_db" in config["training"]["autoencoder"]["reconstruction_train"]
     assert set(config["calibration"]["dcae"]) >= {"mask_threshold", "frame_threshold"}
@@ -203,7 +205,8 @@ def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
 
 def test_resumed_training_reuses_the_autoencoder_and_continues_the_dit(tmp_path, synthetic, monkeypatch):
     frames = open_dataset(synthetic)[:4]
-    opts = TrainOptions(variant="dcae", preset="tiny", image_size=(32, 40), steps=2, batch_size=2)
+    opts = TrainOptions(variant="dcae", preset="tiny", image_size=(32, 40), steps=2, batch_size=2,
+                        autoencoder="trained")
     first_config, first = L.fit(frames, tmp_path, opts, False)
     assert (tmp_path / L.AE_STATE / "autoencoder.safetensors").is_file()
     saved = {part: ckpt.load_tensors(tmp_path / STATE, part) for part in ("model", "ema")}

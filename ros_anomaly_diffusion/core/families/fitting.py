@@ -42,7 +42,9 @@ class TrainOptions:
     save_every: int = 500
     device: str = "cpu"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    autoencoder: str = ""  # latent family: local diffusers AutoencoderDC folder; empty: train one on the frames
+    # latent family: "taef2" (the shipped pretrained TAEF2), a local diffusers AutoencoderDC
+    # folder, or "trained" (also ""): a compact DC-AE trained on the frames
+    autoencoder: str = "taef2"
 
 
 def load_frames(frames: list[Frame], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,21 +1,23 @@
-"""Latent variant (family "latent", variant "dcae"): DC-AE + DiT, guided DDIM on latents.
+"""Latent variant (family "latent", variant "dcae"): autoencoder + DiT, guided DDIM on latents.
 
-Method notes, section 1, "Latent variant": frames are encoded by a deep-compression
-autoencoder (diffusers `AutoencoderDC`), an unconditional diffusion transformer is
+Method notes, section 1, "Latent variant": frames are encoded by a pretrained
+autoencoder (the notes use a deep-compression DC-AE), an unconditional diffusion transformer is
 trained on the latents of ID frames, and the same guided DDIM edit as the pixel
 variant runs in latent space (the guidance compares latents). The edited latents are
 decoded and compared with the input frame in pixel space (`FeatureDistance`).
 
-The autoencoder is either
-* a pretrained DC-AE from a local diffusers folder (`TrainOptions.autoencoder`,
-  `train --autoencoder PATH`; the paper used dc-ae-f32c32-in-1.0: compression 32,
-  32 latent channels), loaded with safetensors only, or
-* a compact AutoencoderDC trained on the user's frames in `fit` (compression
-  8, so small CPU inputs such as 64x80 still give an 8x10 latent grid).
+The autoencoder (`TrainOptions.autoencoder`, `train --autoencoder`) is one of
+* "taef2" (default): the pretrained TAEF2 shipped with the package (`networks/taef2.py`;
+  compression 8, 32 latent channels, so a 64x80 frame gives an 8x10x32 latent grid),
+* PATH: a pretrained DC-AE from a local diffusers folder (the paper used
+  dc-ae-f32c32-in-1.0: compression 32, 32 latent channels), safetensors only, or
+* "trained" (or ""): a compact AutoencoderDC trained on the user's frames in `fit`
+  (compression 8).
 
-Either way the checkpoint is self-contained: config.json holds the autoencoder's
-diffusers config, the latent normalisation and the denoiser config;
-autoencoder.safetensors and denoiser.safetensors hold the weights.
+Whichever it is, the checkpoint is self-contained: config.json says which autoencoder
+("autoencoder": {"kind": "taef2"} or {"kind": "dcae", "config": <diffusers config>}; no
+"kind", as written before TAEF2: DC-AE), the latent normalisation and the denoiser
+config; autoencoder.safetensors and denoiser.safetensors hold the weights.
 
 Latents are normalised as z = (E(x) - shift) * scale with shift/scale measured on the
 training frames' latents (unit variance), so the noise schedule sees data of the
@@ -34,21 +36,25 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..analysis import FeatureDistance
 from ..data import Frame
-from ..networks.autoencoder import (LatentCodec, autoencoder_config, build_autoencoder, compression, diffusers_config,
+from ..networks.autoencoder import (LatentCodec, autoencoder_config, autoencoder_entry, autoencoder_from_entry,
+                                    autoencoder_state, build_autoencoder, compression, diffusers_config, latent_channels,
                                     latent_size, latent_weights, load_pretrained_autoencoder)
+from ..networks.taef2 import SOURCE as TAEF2_SOURCE
+from ..networks.taef2 import load_taef2
 from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import DiTDenoiser, dit_config, pad_to
 from ..networks.quantization import load_denoiser
 from ..samplers import GuidedDDIM, NoiseSchedule, ScheduleConfig
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .fitting import DenoiserTrainer, TrainOptions, augment, load_frames
+from .fitting import STATE, DenoiserTrainer, TrainOptions, augment, load_frames
 
 log = logging.getLogger(__name__)
 
 FAMILY = "latent"
 AE_STATE = "autoencoder_state"  # the trained autoencoder, kept so that a resumed run reuses it
 AE_LR = 1e-3
+TRAINED = "trained"  # TrainOptions.autoencoder: a compact DC-AE trained on the frames ("" too)
 
 # --------------------------------------------------------------------------- scorer
 
@@ -104,7 +110,7 @@ def load_latent_models(directory: Path, config: dict, device: torch.device, sett
     """(codec, denoiser, schedule) of a latent-family checkpoint; the DiT quantized as the
     checkpoint was written or as settings.quantization asks (the autoencoder stays fp32)."""
     ae_cfg = config["autoencoder"]
-    ae = build_autoencoder(ae_cfg["config"])
+    ae = autoencoder_from_entry(ae_cfg)
     ckpt.load_into(ae, directory, "autoencoder")
     codec = LatentCodec(ae.to(device).eval(), ae_cfg["latent_shift"], ae_cfg["latent_scale"])
     net = load_denoiser(directory, config, device, settings)
@@ -119,14 +125,14 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
 # --------------------------------------------------------------------------- training
 
 
-def latent_config(opts: TrainOptions, ae: AutoencoderDC, source: str, shift: float, scale: float) -> dict:
+def latent_config(opts: TrainOptions, ae, source: str, shift: float, scale: float) -> dict:
     factor = compression(ae)
     grid = latent_size(opts.image_size, factor)
     return {"family": FAMILY, "image_size": list(opts.image_size),
-            "autoencoder": {"config": diffusers_config(ae), "source": source, "compression": factor,
+            "autoencoder": {**autoencoder_entry(ae), "source": source, "compression": factor,
                             "latent_shift": shift, "latent_scale": scale},
             "latent_size": list(grid),
-            "denoiser": {"kind": "dit", "config": dit_config(opts.preset, ae.config.latent_channels, grid)},
+            "denoiser": {"kind": "dit", "config": dit_config(opts.preset, latent_channels(ae), grid)},
             "schedule": opts.schedule.to_dict()}
 
 
@@ -177,28 +183,57 @@ def train_autoencoder(ae: AutoencoderDC, x01: torch.Tensor, opts: TrainOptions, 
     return losses
 
 
+def autoencoder_choice(opts: TrainOptions) -> str:
+    """"taef2", "trained" or a path (as given); "" (older callers) is "trained"."""
+    return (opts.autoencoder or TRAINED).strip() or TRAINED
+
+
+def _same_autoencoder(a: str, b: str) -> bool:
+    if TRAINED in (a, b) or "taef2" in (a, b):
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _check_resume(choice: str, out: Path) -> None:
+    """A run resumed in `out` must use the autoencoder its DiT state was trained with."""
+    if not (out / STATE / ckpt.CONFIG).is_file():
+        return
+    before = (ckpt.load_config(out / STATE).get("options", {}).get("autoencoder") or TRAINED).strip() or TRAINED
+    if not _same_autoencoder(before, choice):
+        raise ValueError(f"{out}: the training state there was made with autoencoder {before!r}, not {choice!r}; "
+                         f"resume with --autoencoder {before} or write to another folder")
+
+
 def _autoencoder_for(opts: TrainOptions, x01: torch.Tensor, out: Path, progress: bool):
-    """(autoencoder, source, info): pretrained when opts.autoencoder names one, else trained here
-    (or reloaded from a previous run's autoencoder_state/ when resuming)."""
-    if opts.autoencoder:
-        ae = load_pretrained_autoencoder(opts.autoencoder)
-        log.info("pretrained autoencoder %s: compression %d, %d latent channels", opts.autoencoder,
-                 compression(ae), ae.config.latent_channels)
-        return ae, str(Path(opts.autoencoder).expanduser().resolve()), {}
+    """(autoencoder, source, info): the shipped TAEF2, a pretrained DC-AE when opts.autoencoder
+    names a folder, else a DC-AE trained here (or reloaded from a previous run's
+    autoencoder_state/ when resuming)."""
+    choice = autoencoder_choice(opts)
+    _check_resume(choice, out)
+    if choice == "taef2":
+        ae = load_taef2()
+        log.info("pretrained autoencoder %s: compression %d, %d latent channels", TAEF2_SOURCE,
+                 compression(ae), latent_channels(ae))
+        return ae, TAEF2_SOURCE, {}
+    if choice != TRAINED:
+        ae = load_pretrained_autoencoder(choice)
+        log.info("pretrained autoencoder %s: compression %d, %d latent channels", choice,
+                 compression(ae), latent_channels(ae))
+        return ae, str(Path(choice).expanduser().resolve()), {}
     state_dir = out / AE_STATE
     if (state_dir / ckpt.CONFIG).is_file():
         saved = ckpt.load_config(state_dir)
         ae = build_autoencoder(saved["autoencoder"])
         ckpt.load_into(ae, state_dir, "autoencoder")
         log.info("reusing the autoencoder trained before in %s", state_dir)
-        return ae, "trained", saved.get("info", {})
+        return ae, TRAINED, saved.get("info", {})
     ae = build_autoencoder(autoencoder_config(opts.preset))
     losses = train_autoencoder(ae, x01, opts, progress)
     ae.eval()
     info = {"steps": opts.steps, "lr": AE_LR,
             "final_loss": float(sum(losses[-20:]) / max(1, len(losses[-20:]))) if losses else None}
     ckpt.save(state_dir, {"autoencoder": diffusers_config(ae), "info": info}, {"autoencoder": ae.state_dict()})
-    return ae, "trained", info
+    return ae, TRAINED, info
 
 
 def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool) -> tuple[dict, dict]:
@@ -234,19 +269,25 @@ def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool
     trainer.fit(sample_batch, opts.steps, progress)
     config["training"] = {"steps": trainer.step,
                           "autoencoder": {**ae_info, "source": source, "reconstruction_train": quality}}
-    return config, {"autoencoder": ae.state_dict(), "denoiser": trainer.ema_state()}
+    return config, {"autoencoder": autoencoder_state(ae), "denoiser": trainer.ema_state()}
 
 
 def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
-                    seed: int = 0, calibration: dict | None = None) -> Path:
-    """An untrained latent-family checkpoint (tests, smoke runs), 32x40 unless image_size is given."""
+                    seed: int = 0, calibration: dict | None = None, autoencoder: str = "dcae") -> Path:
+    """A latent-family checkpoint with an untrained DiT (tests, smoke runs), 32x40 unless image_size
+    is given; autoencoder "dcae": an untrained tiny DC-AE, "taef2": the shipped TAEF2."""
     torch.manual_seed(seed)
     opts = TrainOptions(variant="dcae", preset=preset, image_size=tuple(image_size or (32, 40)))
-    ae = build_autoencoder(autoencoder_config(preset))
-    config = latent_config(opts, ae, "untrained", 0.0, 1.0)
+    if autoencoder == "taef2":
+        ae, source = load_taef2(), TAEF2_SOURCE
+    elif autoencoder == "dcae":
+        ae, source = build_autoencoder(autoencoder_config(preset)), "untrained"
+    else:
+        raise ValueError(f"autoencoder must be 'dcae' or 'taef2', got {autoencoder!r}")
+    config = latent_config(opts, ae, source, 0.0, 1.0)
     if calibration:
         config["calibration"] = calibration
     net = DiTDenoiser(config["denoiser"]["config"])
-    return ckpt.save(directory, config, {"autoencoder": ae.state_dict(), "denoiser": net.state_dict()})
+    return ckpt.save(directory, config, {"autoencoder": autoencoder_state(ae), "denoiser": net.state_dict()})
 
 

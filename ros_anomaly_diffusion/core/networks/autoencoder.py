@@ -1,7 +1,12 @@
-"""Autoencoders of the latent family: diffusers' `AutoencoderDC` (DC-AE), either
-pretrained (a local diffusers folder, safetensors only) or a compact one trained on the
-user's frames (AE_PRESETS), and `LatentCodec`, which hides its padding and the latent
-normalisation z = (E(x) - shift) * scale.
+"""Autoencoders of the latent family: the shipped pretrained TAEF2 (`taef2.py`), or
+diffusers' `AutoencoderDC` (DC-AE), either pretrained (a local diffusers folder,
+safetensors only) or a compact one trained on the user's frames (AE_PRESETS); and
+`LatentCodec`, which hides which one it is (TAEF2 takes images in [0, 1], DC-AE in
+[-1, 1]), its padding and the latent normalisation z = (E(x) - shift) * scale.
+
+A checkpoint's config.json describes its autoencoder as {"kind": "taef2"} or
+{"kind": "dcae", "config": <diffusers config>}; written before TAEF2, it has no "kind"
+and is a DC-AE.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from diffusers import AutoencoderDC
 
 from .. import checkpoint as ckpt
 from .denoisers import pad_to
+from .taef2 import TAEF2
+
+KINDS = ("taef2", "dcae")
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +123,39 @@ def load_pretrained_autoencoder(path: str | Path) -> AutoencoderDC:
     return ae.eval()
 
 
-def compression(ae: AutoencoderDC) -> int:
-    return int(ae.spatial_compression_ratio)
+def autoencoder_kind(ae: TAEF2 | AutoencoderDC) -> str:
+    return "taef2" if isinstance(ae, TAEF2) else "dcae"
+
+
+def compression(ae: TAEF2 | AutoencoderDC) -> int:
+    return ae.compression if isinstance(ae, TAEF2) else int(ae.spatial_compression_ratio)
+
+
+def latent_channels(ae: TAEF2 | AutoencoderDC) -> int:
+    return ae.latent_channels if isinstance(ae, TAEF2) else int(ae.config.latent_channels)
+
+
+def autoencoder_entry(ae: TAEF2 | AutoencoderDC) -> dict:
+    """What config.json records to rebuild the autoencoder (its weights are autoencoder.safetensors)."""
+    if isinstance(ae, TAEF2):
+        return {"kind": "taef2", "latent_channels": ae.latent_channels}
+    return {"kind": "dcae", "config": diffusers_config(ae)}
+
+
+def autoencoder_from_entry(entry: dict) -> TAEF2 | AutoencoderDC:
+    """The (untrained) autoencoder a checkpoint's "autoencoder" entry describes; no "kind": DC-AE."""
+    kind = entry.get("kind", "dcae")
+    if kind == "taef2":
+        return TAEF2().eval()
+    if kind == "dcae":
+        return build_autoencoder(entry["config"])
+    raise ckpt.CheckpointError(f"unknown autoencoder kind {kind!r} in {ckpt.CONFIG}; expected one of {list(KINDS)}")
+
+
+def autoencoder_state(ae: TAEF2 | AutoencoderDC) -> dict[str, torch.Tensor]:
+    """The weights the checkpoint stores: TAEF2's in fp16, as released (lossless, half the size)."""
+    state = ae.state_dict()
+    return {k: v.half() for k, v in state.items()} if isinstance(ae, TAEF2) else state
 
 
 def latent_size(image_size, factor: int) -> tuple[int, int]:
@@ -130,18 +169,26 @@ def latent_weights(wgt: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class LatentCodec:
-    """Frames in [0, 1] <-> normalised latents, the autoencoder's padding and scaling hidden."""
+    """Frames in [0, 1] <-> normalised latents; which autoencoder (TAEF2 on [0, 1], DC-AE on
+    [-1, 1]), its padding to a multiple of its compression and the scaling are hidden."""
 
-    def __init__(self, ae: AutoencoderDC, shift: float = 0.0, scale: float = 1.0):
+    def __init__(self, ae: TAEF2 | AutoencoderDC, shift: float = 0.0, scale: float = 1.0):
         self.ae, self.shift, self.scale = ae, float(shift), float(scale)
         self.factor = compression(ae)
+        self.kind = autoencoder_kind(ae)
 
     def raw(self, x01: torch.Tensor) -> torch.Tensor:
+        if self.kind == "taef2":
+            return self.ae.encode(pad_to(x01, self.factor))
         return self.ae.encode(pad_to(x01 * 2 - 1, self.factor)).latent
 
     def encode(self, x01: torch.Tensor) -> torch.Tensor:
         return (self.raw(x01) - self.shift) * self.scale
 
     def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        x = self.ae.decode(z / self.scale + self.shift).sample[..., :size[0], :size[1]]
-        return ((x + 1) / 2).clamp(0, 1)
+        z = z / self.scale + self.shift
+        if self.kind == "taef2":
+            x01 = self.ae.decode(z)
+        else:
+            x01 = (self.ae.decode(z).sample + 1) / 2
+        return x01[..., :size[0], :size[1]].clamp(0, 1)
