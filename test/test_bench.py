@@ -11,7 +11,8 @@ import pytest
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core import procmem
-from ros_anomaly_diffusion.engine.bench import COLUMNS, FOLD_COLUMNS, assign_folds, checkpoint_for, parse_row
+from ros_anomaly_diffusion.engine.bench import (COLUMNS, FOLD_COLUMNS, assign_folds, checkpoint_for, model_description,
+                                                parse_row)
 from ros_anomaly_diffusion.engine.bench import _claim_fold_root
 
 
@@ -30,6 +31,15 @@ def test_a_benchmark_root_finds_each_family_under_its_current_or_old_name(tmp_pa
     (tmp_path / "feature_diffusion").mkdir()
     assert checkpoint_for(tmp_path, "inversion", {}) == tmp_path / "feature_diffusion"
     assert checkpoint_for(tmp_path, "knn", {}) == tmp_path / "knn"  # not there: where `bench --train` writes it
+
+
+def test_the_table_says_which_model_and_autoencoder_a_row_ran():
+    latent = {"family": "latent", "image_size": [64, 80]}
+    assert model_description({**latent, "autoencoder": {"kind": "taef2"}}) == "latent 64x80 ae=taef2"
+    assert model_description({**latent, "autoencoder": {"source": "trained"}}) == "latent 64x80 ae=dcae(trained)"
+    assert (model_description({**latent, "autoencoder": {"kind": "dcae", "source": "/models/dc-ae-f32c32"}})
+            == "latent 64x80 ae=dcae(pretrained)")
+    assert model_description({"family": "knn", "image_size": [256, 320]}) == "knn 256x320"
 
 
 def test_process_memory_from_proc():

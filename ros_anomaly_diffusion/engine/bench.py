@@ -34,7 +34,7 @@ import numpy as np
 
 from ..core.procmem import reset_peak_rss, status_mb
 
-COLUMNS = ("variant", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "f1_smiyc", "frame_auroc", "latency_ms",
+COLUMNS = ("variant", "model", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "f1_smiyc", "frame_auroc", "latency_ms",
            "peak_mem_mb", "infer_mem_mb", "model_mb", "nfe")
 # --folds: the metrics pooled over every fold's frames, pixel AP per fold (mean, std with ddof=1),
 # the number of folds the row was scored on (a fold without frames of the --frames kind is
@@ -148,7 +148,19 @@ def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_
     peak = peak_memory_mb(det.device)
     m.update(variant=spec, peak_mem_mb=peak, infer_mem_mb=peak if det.device.type == "cuda" else peak - baseline_mb,
              model_mb=sum(p.stat().st_size for p in files) / 2**20)
+    m["model"] = model_description(det.config)
     return {k: m[k] for k in COLUMNS}
+
+
+def model_description(config: dict) -> str:
+    """What a row ran, for the table: family, input size, and the latent family's autoencoder."""
+    desc = f"{config.get('family')} {'x'.join(map(str, config.get('image_size', [])))}"
+    ae = config.get("autoencoder")
+    if ae is not None:
+        desc += f" ae={ae.get('kind', 'dcae')}"
+        if ae.get("kind", "dcae") == "dcae":
+            desc += f"({'trained' if ae.get('source') in ('trained', 'untrained') else 'pretrained'})"
+    return desc
 
 
 def train_all(train_data: str, ckpt_root: Path, rows: list[str], steps: int, device: str,
@@ -431,7 +443,7 @@ def bench_folds(data: str, ckpt_root: str, rows: list[str], out: str, k: int, se
         aps = np.array([f["pixel_ap"] for f in folds_of_row], float)
         aps = aps[np.isfinite(aps)]
         row = {c: m[c] for c in COLUMNS if c in m}
-        row.update(variant=spec, nfe=folds_of_row[0]["nfe"],
+        row.update(variant=spec, model=folds_of_row[0]["model"], nfe=folds_of_row[0]["nfe"],
                    peak_mem_mb=max(f["peak_mem_mb"] for f in folds_of_row),
                    infer_mem_mb=max(f["infer_mem_mb"] for f in folds_of_row),
                    model_mb=float(np.mean([f["model_mb"] for f in folds_of_row])),
