@@ -84,3 +84,25 @@ def test_ddpm_baseline_guidance_pulls_towards_input(model):
     strong = GuidedDDPM(net, schedule, guidance_scale=2e4).edit(x, seed=0)
     assert GuidedDDPM(net, schedule).nfe == 200
     assert (strong - x).abs().mean() < 0.5 * (weak - x).abs().mean()
+
+
+@pytest.mark.parametrize("variant", ["ddim", "dcae"])
+def test_the_edit_is_compared_with_the_models_own_reconstruction(variant, tiny_checkpoint, family_checkpoint):
+    from ros_anomaly_diffusion.config import variant_settings
+    from ros_anomaly_diffusion.core.detector import Detector
+
+    ckpt = tiny_checkpoint if variant == "ddim" else family_checkpoint("latent")
+    det = Detector(ckpt, variant_settings(variant, checkpoint=str(ckpt), segments="none", steps=3))
+    scorer = det.scorer
+    x = torch.rand(2, 3, *det.model_size, generator=torch.Generator().manual_seed(0))
+    assert det.settings.reconstruction_guidance == 1.0 and det.nfe == 6  # config file: two runs of 3 steps
+    with_reconstruction = scorer(x).maps
+    # a reconstruction with the edit's own guidance is the edit itself: nothing changed anywhere
+    det.update(reconstruction_guidance=0.5, guidance_scale=0.5)
+    assert float(scorer(x).maps.max()) < 1e-5
+    # reconstruction_guidance 0: compared with the frame itself, one run of the sampler
+    det.update(reconstruction_guidance=0.0, guidance_scale=0.0)
+    assert det.nfe == 3
+    out = scorer(x)
+    assert torch.allclose(out.maps, scorer.distance(x, out.edited01))
+    assert not torch.allclose(out.maps, with_reconstruction)

@@ -277,7 +277,8 @@ def test_every_variant_has_a_valid_parameter_file(variant):
 
 def test_variant_specific_values():
     ddim, ddpm = _load_params(CONFIG / "ddim.yaml"), _load_params(CONFIG / "ddpm.yaml")
-    assert (ddim["steps"], ddim["start_timestep"], ddim["guidance_scale"]) == (25, 999, 0.6)
+    assert (ddim["steps"], ddim["start_timestep"], ddim["guidance_scale"], ddim["reconstruction_guidance"]) == (
+        5, 600, 0.0, 1.0)
     assert ddpm["ddpm_guidance_scale"] == 3000.0
     for p in (ddim, ddpm):
         assert p["device"] == "cpu" and p["segments"] == "auto"

@@ -13,7 +13,7 @@ VARIANT_NAMES = ("ddpm", "ddim", "inversion", "feature_edit", "knn", "dcae")
 WITHOUT_DENOISER = frozenset({"knn"})
 
 # Settings that take effect on the next frame without rebuilding the model.
-LIVE = {"mask_threshold", "frame_threshold", "steps", "start_timestep", "guidance_scale",
+LIVE = {"mask_threshold", "frame_threshold", "steps", "start_timestep", "guidance_scale", "reconstruction_guidance",
         "ddpm_guidance_scale", "seed", "overlay_alpha", "inversion_steps"}
 
 
@@ -33,6 +33,10 @@ class Settings:
                              1, 999)
     guidance_scale: float = _f(0.6, "DDIM timestep-matching guidance w (the input's weight in x0 is w(1-abar))",
                                0.0, 1000.0)
+    reconstruction_guidance: float = _f(0.0, "editing variants: guidance w of the model's own reconstruction of "
+                                             "the frame (same sampler and seed) that the edit is compared with, so "
+                                             "what the model cannot reproduce anywhere does not count; 0: compare "
+                                             "with the frame itself", 0.0, 1000.0)
     ddpm_guidance_scale: float = _f(3000.0, "DDPM baseline guidance s of log r = -s mean((mu - x)^2)",
                                     0.0, 1e7)
     seed: int = _f(0, "noise seed (editing is deterministic given the seed)", 0, 2**31 - 1)

@@ -69,6 +69,9 @@ class LatentEditingScorer:
     whatever the autoencoder cannot reproduce also counts as change; "reconstruction"
     compares it with decode(encode(input)) instead (one more decode), which leaves only
     what the diffusion edit changed. Chosen by the checkpoint's `analysis_reference`.
+    With reconstruction_guidance w_r > 0 (Settings) the reference is the model's own
+    reconstruction instead: the same latent edit with the strong guidance w_r, decoded, so
+    the autoencoder's and the DiT's rendering cancel out (see pixel.EditingScorer).
     """
 
     def __init__(self, codec: LatentCodec, net: nn.Module, schedule: NoiseSchedule, settings: Settings,
@@ -80,6 +83,7 @@ class LatentEditingScorer:
         self.distance = FeatureDistance(FeatureExtractor().to(device),
                                         (settings.analysis_height, settings.analysis_width))
         self.editor = GuidedDDIM(net, schedule, clip=None)  # unit-variance latents exceed [-1, 1]
+        self.reconstructor = GuidedDDIM(net, schedule, clip=None)
         self.settings = settings
         self.apply(settings)
 
@@ -87,11 +91,13 @@ class LatentEditingScorer:
         """Take new live settings (sampler parameters) for the next frame."""
         self.editor.steps, self.editor.start_timestep = s.steps, s.start_timestep
         self.editor.guidance_scale = s.guidance_scale
+        self.reconstructor.steps, self.reconstructor.start_timestep = s.steps, s.start_timestep
+        self.reconstructor.guidance_scale = s.reconstruction_guidance
         self.settings = s
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe
+        return self.editor.nfe * (2 if self.settings.reconstruction_guidance > 0 else 1)
 
     @torch.no_grad()
     def edit(self, batch01: torch.Tensor) -> torch.Tensor:
@@ -99,11 +105,18 @@ class LatentEditingScorer:
         return self.codec.decode(self.editor.edit(z, seed=self.settings.seed), batch01.shape[-2:])
 
     @torch.no_grad()
+    def reference_of(self, batch01: torch.Tensor) -> torch.Tensor:
+        """What the edit is compared with (see the class docstring)."""
+        size = batch01.shape[-2:]
+        if self.settings.reconstruction_guidance > 0:
+            z = self.codec.encode(batch01)
+            return self.codec.decode(self.reconstructor.edit(z, seed=self.settings.seed), size)
+        return batch01 if self.reference == "input" else self.codec.decode(self.codec.encode(batch01), size)
+
+    @torch.no_grad()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         edited = self.edit(batch01)
-        ref = batch01 if self.reference == "input" else self.codec.decode(self.codec.encode(batch01),
-                                                                           batch01.shape[-2:])
-        return ScoreOutput(self.distance(ref, edited), edited)
+        return ScoreOutput(self.distance(self.reference_of(batch01), edited), edited)
 
 
 def load_latent_models(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):

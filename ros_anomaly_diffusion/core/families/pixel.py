@@ -29,7 +29,14 @@ FAMILY = "pixel"
 
 
 class EditingScorer:
-    """Analysis by synthesis: edit the frame towards the ID model, measure the change."""
+    """Analysis by synthesis: edit the frame towards the ID model, measure the change.
+
+    The change is measured against the frame itself or, with reconstruction_guidance w_r > 0,
+    against the model's own reconstruction of the frame: the same guided DDIM run (seed,
+    start, steps) with the strong guidance w_r, which keeps everything, objects included,
+    but renders it as the model does. Whatever the model cannot reproduce (texture, blur of
+    a small CPU model) then differs in neither and only what the weak-guidance edit painted
+    over remains."""
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, settings: Settings, sampler: str,
                  device: torch.device):
@@ -39,6 +46,7 @@ class EditingScorer:
         self.distance = FeatureDistance(FeatureExtractor().to(device),
                                         (settings.analysis_height, settings.analysis_width))
         self.editor = GuidedDDPM(net, schedule) if sampler == "ddpm" else GuidedDDIM(net, schedule)
+        self.reconstructor = GuidedDDIM(net, schedule)
         self.settings = settings
         self.apply(settings)
 
@@ -49,18 +57,26 @@ class EditingScorer:
             self.editor.guidance_scale = s.guidance_scale
         else:
             self.editor.guidance_scale = s.ddpm_guidance_scale
+        self.reconstructor.steps, self.reconstructor.start_timestep = s.steps, s.start_timestep
+        self.reconstructor.guidance_scale = s.reconstruction_guidance
         self.settings = s
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe
+        return self.editor.nfe + (self.reconstructor.nfe if self.settings.reconstruction_guidance > 0 else 0)
 
     def edit(self, batch01: torch.Tensor) -> torch.Tensor:
         return (self.editor.edit(batch01 * 2 - 1, seed=self.settings.seed) + 1) / 2
 
+    def reference(self, batch01: torch.Tensor) -> torch.Tensor:
+        """What the edit is compared with: the frame, or the model's reconstruction of it."""
+        if self.settings.reconstruction_guidance <= 0:
+            return batch01
+        return (self.reconstructor.edit(batch01 * 2 - 1, seed=self.settings.seed) + 1) / 2
+
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         edited = self.edit(batch01)
-        return ScoreOutput(self.distance(batch01, edited), edited)
+        return ScoreOutput(self.distance(self.reference(batch01), edited), edited)
 
 
 def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
