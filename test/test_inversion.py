@@ -204,7 +204,7 @@ def test_feature_edit_scores_the_change_the_edit_makes(tiny):
     settings = variant_settings("feature_edit", checkpoint=str(tiny), analysis_height=40, analysis_width=48)
     det = Detector(tiny, settings)
     scorer = det.scorer
-    assert det.nfe == scorer.editor.nfe == 5  # config/feature_edit.yaml: 5 steps from t = 250
+    assert det.nfe == 10 and scorer.editor.nfe == 5  # config/feature_edit.yaml: edit + reconstruction, 5 steps
     x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     out = scorer(x)
     assert out.maps.shape == (2, 40, 48) and out.edited01 is None and out.frame_scores is None
@@ -213,13 +213,23 @@ def test_feature_edit_scores_the_change_the_edit_makes(tiny):
     z = (scorer.features(x) - scorer.mean) / scorer.std
     editor = scorer.editor
     assert not torch.equal(editor.edit(z, seed=0), editor.edit(z, seed=1))
-    # very strong guidance returns the input: nothing changed, every cell at the bottom of the map
+    # very strong guidance returns the input
     editor.guidance_scale = 1e6
     assert torch.allclose(editor.edit(z, seed=0), z, atol=1e-4)
+    # compared with the frame's features themselves (no reconstruction), that edit changes nothing:
+    # every cell at the bottom of the map
+    det.update(reconstruction_guidance=0.0)
+    assert det.nfe == 5
+    scorer.editor.guidance_scale = 1e6
     assert float(scorer(x).maps.max()) < float(out.maps.min())
+    # a reconstruction with the edit's own guidance is the edit: the distance is zero everywhere
+    det.update(reconstruction_guidance=0.5, guidance_scale=0.5)
+    z_dist = torch.linalg.vector_norm(scorer.reconstructor.edit(z, seed=0) - scorer.editor.edit(z, seed=0), dim=1)
+    assert float(z_dist.max()) == 0.0
     # zero guidance from pure noise ignores the input: two frames end in nearly the same edit
     # (relative to its size; this untrained model's edits are far from unit scale)
     det.update(guidance_scale=0.0, start_timestep=999)
+    editor = scorer.editor
     a, b = editor.edit(z, seed=0), editor.edit(torch.flip(z, dims=[0]), seed=0)
     assert float((a - b).abs().mean()) < 0.05 * float(a.abs().mean())
 

@@ -57,7 +57,7 @@ SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="linear", beta
 STAT_STEPS = tuple(range(2, 7))
 # The feature_edit variant's sampler whose ID statistics `fit` measures (config/feature_edit.yaml
 # runs it): noise the features part way, a few DDIM steps back down.
-EDIT_SAMPLER = {"start_timestep": 250, "steps": 5, "guidance_scale": 0.0, "seed": 0}
+EDIT_SAMPLER = {"start_timestep": 250, "steps": 5, "guidance_scale": 0.0, "reconstruction_guidance": 1.0, "seed": 0}
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -151,19 +151,31 @@ class InversionScorer:
         return ScoreOutput(maps, None, frames)
 
 
-def edit_distance(editor: GuidedDDIM, z: torch.Tensor, seed: int) -> torch.Tensor:
-    """Standardised features (B, C, h, w) -> (B, h, w) L2 distance to their guided DDIM edit."""
-    return torch.linalg.vector_norm(z - editor.edit(z, seed=seed), dim=1)
+def edit_distance(editor: GuidedDDIM, reconstructor: GuidedDDIM | None, z: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standardised features (B, C, h, w) -> (B, h, w) L2 distance between their guided DDIM
+    edit and the features themselves or, with a reconstructor, the model's own reconstruction
+    of them (the same run with strong guidance; see pixel.EditingScorer)."""
+    reference = z if reconstructor is None else reconstructor.edit(z, seed=seed)
+    return torch.linalg.vector_norm(reference - editor.edit(z, seed=seed), dim=1)
+
+
+def feature_editors(net, schedule: NoiseSchedule, sampler: dict) -> tuple[GuidedDDIM, GuidedDDIM | None]:
+    """(editor, reconstructor or None) of a sampler dict (EDIT_SAMPLER's keys); no clamp:
+    standardised features exceed [-1, 1]."""
+    def make(w: float) -> GuidedDDIM:
+        return GuidedDDIM(net, schedule, sampler["steps"], sampler["start_timestep"], w, clip=None)
+
+    w_r = sampler.get("reconstruction_guidance", 0.0)
+    return make(sampler["guidance_scale"]), (make(w_r) if w_r > 0 else None)
 
 
 @torch.inference_mode()
 def edit_statistics(net, schedule: NoiseSchedule, z: torch.Tensor, weights: torch.Tensor,
                     sampler: dict = EDIT_SAMPLER, batch: int = 32) -> dict:
     """ID mean/std of the edit distance over the ID cells of z, with the sampler that measured them."""
-    editor = GuidedDDIM(net, schedule, sampler["steps"], sampler["start_timestep"], sampler["guidance_scale"],
-                        clip=None)
-    d = torch.cat([edit_distance(editor, z[i:i + batch], sampler["seed"])[weights[i:i + batch, 0].bool()]
-                   for i in range(0, len(z), batch)])
+    editor, reconstructor = feature_editors(net, schedule, sampler)
+    d = torch.cat([edit_distance(editor, reconstructor, z[i:i + batch], sampler["seed"])
+                   [weights[i:i + batch, 0].bool()] for i in range(0, len(z), batch)])
     return {"sampler": dict(sampler), "pixel": _moments(d)}
 
 
@@ -178,16 +190,15 @@ class FeatureEditScorer:
                  stats: dict, settings: Settings, device: torch.device, features: StackedFeatures):
         self.net, self.stats, self.features = net, stats, features
         self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
-        self.editor = GuidedDDIM(net, schedule, clip=None)  # standardised features exceed [-1, 1]
+        self.net, self.schedule = net, schedule
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
-        """Live settings: the edit's steps, start timestep, guidance and seed."""
-        self.editor.steps, self.editor.start_timestep = s.steps, s.start_timestep
-        self.editor.guidance_scale = s.guidance_scale
-        self.size = (s.analysis_height, s.analysis_width)
+        """Live settings: the edit's steps, start timestep, guidances and seed."""
         live = {"start_timestep": s.start_timestep, "steps": s.steps, "guidance_scale": s.guidance_scale,
-                "seed": s.seed}
+                "reconstruction_guidance": s.reconstruction_guidance, "seed": s.seed}
+        self.editor, self.reconstructor = feature_editors(self.net, self.schedule, live)
+        self.size = (s.analysis_height, s.analysis_width)
         if live != self.stats["sampler"]:
             log.warning("feature_edit runs %s but the checkpoint's ID statistics were measured with %s: scores in "
                         "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", live,
@@ -196,12 +207,12 @@ class FeatureEditScorer:
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe
+        return self.editor.nfe * (1 if self.reconstructor is None else 2)
 
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         z = (self.features(batch01) - self.mean) / self.std
-        d = edit_distance(self.editor, z, self.settings.seed)
+        d = edit_distance(self.editor, self.reconstructor, z, self.settings.seed)
         up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
         return ScoreOutput(to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"]), None)
 
