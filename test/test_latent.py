@@ -160,7 +160,7 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
     assert set(config["calibration"]["dcae"]) >= {"mask_threshold", "frame_threshold"}
 
     det = Detector(out, variant_settings("dcae", checkpoint=str(out), steps=2, segments="none"))
-    assert det.nfe == 2
+    assert det.nfe == 4  # the edit and the model's reconstruction, 2 steps each
     frame = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     r = det.process(frame)
     assert r.score.shape == (50, 70) and r.score.dtype == np.float32
@@ -171,7 +171,7 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
     again = det.process(frame)
     np.testing.assert_array_equal(r.score, again.score)  # seeded: deterministic
     # live settings reach the latent editor
-    assert det.update(steps=3, guidance_scale=2.0) == [] and det.nfe == 3
+    assert det.update(steps=3, guidance_scale=2.0) == [] and det.nfe == 6
     # a pixel checkpoint is refused by the latent variant (and vice versa)
     with pytest.raises(ckpt.CheckpointError, match="latent"):
         Detector(out, variant_settings("ddim", checkpoint=str(out)))
@@ -179,7 +179,8 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
 
 def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
     config = ckpt.load_config(untrained)
-    settings = variant_settings("dcae", checkpoint=str(untrained), steps=4)
+    # compared with the input (not the model's reconstruction) to see what the edit alone does
+    settings = variant_settings("dcae", checkpoint=str(untrained), steps=4, reconstruction_guidance=0.0)
     scorer = L.build(untrained, config, settings, torch.device("cpu"))
     # Settings cap w at 1000; at t = 0 the input's weight is w (1 - abar_0) ~ 0.15 for that,
     # so go past it on the editor itself (as test_editing does for pixels).

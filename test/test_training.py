@@ -165,7 +165,7 @@ def test_eval_cli_writes_metrics_and_overlays(trained, scenes, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("pixel_ap", "pixel_auroc", "fpr95", "f_star", "frame_auroc", "latency_ms", "nfe"):
         assert key in metrics
-    assert metrics["nfe"] == 2 and 0 <= metrics["pixel_auroc"] <= 1
+    assert metrics["nfe"] == 4 and 0 <= metrics["pixel_auroc"] <= 1  # edit + reconstruction, 2 steps each
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 9
     assert (tmp_path / "sheet.png").stat().st_size > 1000
 
