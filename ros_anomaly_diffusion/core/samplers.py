@@ -134,6 +134,18 @@ class GuidedDDIM:
         return x if self.clip is None else x.clamp(-self.clip, self.clip)
 
 
+def edit_and_reconstruction(net: nn.Module, schedule: NoiseSchedule, steps: int, start_timestep: int,
+                            guidance_scale: float, reconstruction_guidance: float, clip: float | None = 1.0
+                            ) -> tuple[GuidedDDIM, GuidedDDIM | None]:
+    """The editing variants' pair: the guided DDIM edit and the model's own reconstruction of
+    the same input, i.e. the same seeded run with the strong guidance reconstruction_guidance;
+    None for 0 (the edit is then compared with the input itself)."""
+    def run(w: float) -> GuidedDDIM:
+        return GuidedDDIM(net, schedule, steps, start_timestep, w, clip=clip)
+
+    return run(guidance_scale), (run(reconstruction_guidance) if reconstruction_guidance > 0 else None)
+
+
 class GuidedDDPM:
     """Guided ancestral DDPM over all T steps: the slow baseline."""
 

@@ -39,7 +39,8 @@ from ..data import Frame
 from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.denoisers import build_denoiser, unet_config
 from ..networks.quantization import load_denoiser
-from ..samplers import GuidedDDIM, NoiseSchedule, ScheduleConfig, ddim_invert, inversion_timesteps
+from ..samplers import (GuidedDDIM, NoiseSchedule, ScheduleConfig, ddim_invert, edit_and_reconstruction,
+                        inversion_timesteps)
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (channel_stats, checkpoint_features, extract_features, features_config, input_size,
@@ -162,11 +163,8 @@ def edit_distance(editor: GuidedDDIM, reconstructor: GuidedDDIM | None, z: torch
 def feature_editors(net, schedule: NoiseSchedule, sampler: dict) -> tuple[GuidedDDIM, GuidedDDIM | None]:
     """(editor, reconstructor or None) of a sampler dict (EDIT_SAMPLER's keys); no clamp:
     standardised features exceed [-1, 1]."""
-    def make(w: float) -> GuidedDDIM:
-        return GuidedDDIM(net, schedule, sampler["steps"], sampler["start_timestep"], w, clip=None)
-
-    w_r = sampler.get("reconstruction_guidance", 0.0)
-    return make(sampler["guidance_scale"]), (make(w_r) if w_r > 0 else None)
+    return edit_and_reconstruction(net, schedule, sampler["steps"], sampler["start_timestep"],
+                                   sampler["guidance_scale"], sampler.get("reconstruction_guidance", 0.0), clip=None)
 
 
 @torch.inference_mode()
@@ -188,9 +186,8 @@ class FeatureEditScorer:
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
                  stats: dict, settings: Settings, device: torch.device, features: StackedFeatures):
-        self.net, self.stats, self.features = net, stats, features
+        self.net, self.schedule, self.stats, self.features = net, schedule, stats, features
         self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
-        self.net, self.schedule = net, schedule
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
@@ -207,7 +204,7 @@ class FeatureEditScorer:
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe * (1 if self.reconstructor is None else 2)
+        return self.editor.nfe + (0 if self.reconstructor is None else self.reconstructor.nfe)
 
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:

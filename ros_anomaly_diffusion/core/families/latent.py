@@ -37,14 +37,14 @@ from .. import checkpoint as ckpt
 from ..analysis import FeatureDistance
 from ..data import Frame
 from ..networks.autoencoder import (LatentCodec, autoencoder_config, autoencoder_entry, autoencoder_from_entry,
-                                    autoencoder_state, build_autoencoder, compression, diffusers_config, latent_channels,
-                                    latent_size, latent_weights, load_pretrained_autoencoder)
+                                    autoencoder_state, build_autoencoder, compression, diffusers_config,
+                                    latent_channels, latent_size, latent_weights, load_pretrained_autoencoder)
 from ..networks.taef2 import SOURCE as TAEF2_SOURCE
 from ..networks.taef2 import load_taef2
 from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import DiTDenoiser, dit_config, pad_to
 from ..networks.quantization import load_denoiser
-from ..samplers import GuidedDDIM, NoiseSchedule, ScheduleConfig
+from ..samplers import NoiseSchedule, ScheduleConfig, edit_and_reconstruction
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .fitting import STATE, DenoiserTrainer, TrainOptions, augment, load_frames
@@ -82,41 +82,35 @@ class LatentEditingScorer:
         self.codec, self.net = codec, net  # the DiT as loaded (quantized or not)
         self.distance = FeatureDistance(FeatureExtractor().to(device),
                                         (settings.analysis_height, settings.analysis_width))
-        self.editor = GuidedDDIM(net, schedule, clip=None)  # unit-variance latents exceed [-1, 1]
-        self.reconstructor = GuidedDDIM(net, schedule, clip=None)
-        self.settings = settings
+        self.schedule = schedule
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
         """Take new live settings (sampler parameters) for the next frame."""
-        self.editor.steps, self.editor.start_timestep = s.steps, s.start_timestep
-        self.editor.guidance_scale = s.guidance_scale
-        self.reconstructor.steps, self.reconstructor.start_timestep = s.steps, s.start_timestep
-        self.reconstructor.guidance_scale = s.reconstruction_guidance
+        # no clamp: unit-variance latents exceed [-1, 1]
+        self.editor, self.reconstructor = edit_and_reconstruction(
+            self.net, self.schedule, s.steps, s.start_timestep, s.guidance_scale, s.reconstruction_guidance, clip=None)
         self.settings = s
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe * (2 if self.settings.reconstruction_guidance > 0 else 1)
+        return self.editor.nfe + (0 if self.reconstructor is None else self.reconstructor.nfe)
 
     @torch.no_grad()
     def edit(self, batch01: torch.Tensor) -> torch.Tensor:
-        z = self.codec.encode(batch01)
-        return self.codec.decode(self.editor.edit(z, seed=self.settings.seed), batch01.shape[-2:])
-
-    @torch.no_grad()
-    def reference_of(self, batch01: torch.Tensor) -> torch.Tensor:
-        """What the edit is compared with (see the class docstring)."""
-        size = batch01.shape[-2:]
-        if self.settings.reconstruction_guidance > 0:
-            z = self.codec.encode(batch01)
-            return self.codec.decode(self.reconstructor.edit(z, seed=self.settings.seed), size)
-        return batch01 if self.reference == "input" else self.codec.decode(self.codec.encode(batch01), size)
+        return self.codec.decode(self.editor.edit(self.codec.encode(batch01), seed=self.settings.seed),
+                                 batch01.shape[-2:])
 
     @torch.no_grad()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        edited = self.edit(batch01)
-        return ScoreOutput(self.distance(self.reference_of(batch01), edited), edited)
+        size, seed = batch01.shape[-2:], self.settings.seed
+        z = self.codec.encode(batch01)  # once, for the edit and the reference
+        edited = self.codec.decode(self.editor.edit(z, seed=seed), size)
+        if self.reconstructor is not None:  # the reference (see the class docstring)
+            ref = self.codec.decode(self.reconstructor.edit(z, seed=seed), size)
+        else:
+            ref = batch01 if self.reference == "input" else self.codec.decode(z, size)
+        return ScoreOutput(self.distance(ref, edited), edited)
 
 
 def load_latent_models(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):

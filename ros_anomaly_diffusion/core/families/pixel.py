@@ -18,7 +18,7 @@ from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, unet_config
 from ..networks.deploy import accelerate
 from ..networks.quantization import load_denoiser
-from ..samplers import GuidedDDIM, GuidedDDPM, NoiseSchedule, ScheduleConfig
+from ..samplers import GuidedDDPM, NoiseSchedule, ScheduleConfig, edit_and_reconstruction
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .fitting import DenoiserTrainer, TrainOptions, augment, load_frames
@@ -42,35 +42,31 @@ class EditingScorer:
                  device: torch.device):
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        self.net = net  # the denoiser as loaded (quantized or not)
+        self.net, self.schedule = net, schedule  # the denoiser as loaded (quantized or not)
         self.distance = FeatureDistance(FeatureExtractor().to(device),
                                         (settings.analysis_height, settings.analysis_width))
-        self.editor = GuidedDDPM(net, schedule) if sampler == "ddpm" else GuidedDDIM(net, schedule)
-        self.reconstructor = GuidedDDIM(net, schedule)
-        self.settings = settings
+        self.ddpm = GuidedDDPM(net, schedule) if sampler == "ddpm" else None
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
         """Take new live settings (sampler parameters) for the next frame."""
-        if isinstance(self.editor, GuidedDDIM):
-            self.editor.steps, self.editor.start_timestep = s.steps, s.start_timestep
-            self.editor.guidance_scale = s.guidance_scale
-        else:
-            self.editor.guidance_scale = s.ddpm_guidance_scale
-        self.reconstructor.steps, self.reconstructor.start_timestep = s.steps, s.start_timestep
-        self.reconstructor.guidance_scale = s.reconstruction_guidance
+        ddim, self.reconstructor = edit_and_reconstruction(self.net, self.schedule, s.steps, s.start_timestep,
+                                                           s.guidance_scale, s.reconstruction_guidance)
+        if self.ddpm is not None:
+            self.ddpm.guidance_scale = s.ddpm_guidance_scale
+        self.editor = ddim if self.ddpm is None else self.ddpm
         self.settings = s
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe + (self.reconstructor.nfe if self.settings.reconstruction_guidance > 0 else 0)
+        return self.editor.nfe + (0 if self.reconstructor is None else self.reconstructor.nfe)
 
     def edit(self, batch01: torch.Tensor) -> torch.Tensor:
         return (self.editor.edit(batch01 * 2 - 1, seed=self.settings.seed) + 1) / 2
 
     def reference(self, batch01: torch.Tensor) -> torch.Tensor:
         """What the edit is compared with: the frame, or the model's reconstruction of it."""
-        if self.settings.reconstruction_guidance <= 0:
+        if self.reconstructor is None:
             return batch01
         return (self.reconstructor.edit(batch01 * 2 - 1, seed=self.settings.seed) + 1) / 2
 
