@@ -1,5 +1,5 @@
 """Field-readiness of the detector node: very large and tiny frames, padded / big-endian
-frames through the graph, enable/disable freeing the model, faults (inference errors, CUDA
+frames through the graph, faults (inference errors, CUDA
 asked for but absent), pickle checkpoints refused, live parameter checks and checkpoint
 switches. Most tests talk to a node process over DDS; the fault test runs the node in
 this process so that its model can be made to fail once."""
@@ -10,7 +10,6 @@ import ast
 import math
 import pickle
 import re
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,11 +18,9 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.parameter import Parameter, parameter_value_to_python
 from sensor_msgs.msg import Image
-from std_srvs.srv import SetBool
 
 from conftest import (ROOT, as_array, by_stamp, detector_args, make_checkpoint, random_frame, send_until,
                       stamp_of, stamped_image)
-from ros_anomaly_diffusion.core.procmem import rss_mb
 from ros_anomaly_diffusion.ros.params import MAX_INPUT_PIXELS
 
 pytestmark = pytest.mark.timeout(300)
@@ -192,7 +189,7 @@ def test_padded_rgb8_and_bigendian_mono16_give_the_results_of_plain_frames(field
     ({"variant": "ddim_turbo_9000"}, "unknown variant 'ddim_turbo_9000'"),
     ({"variant": "knn"}, "variant 'knn' needs a 'knn' one"),
     ({"max_input_pixels": 100}, "max_input_pixels out of range"),
-    ({"enabled": "yes"}, "Wrong parameter type"),
+    ({"publish_overlay": "yes"}, "Wrong parameter type"),
 ])
 def test_live_parameter_changes_are_refused_with_a_reason(field, values, needle):
     (r,) = set_params(field.probe, **values)
@@ -226,98 +223,6 @@ def test_checkpoint_switch_reloads_in_the_same_process(field, tmp_path, tiny_che
         set_params(p, checkpoint=str(tiny_checkpoint))
 
 
-# --------------------------------------------------------------------------- enable / disable
-
-
-def test_disable_releases_the_model_memory_and_enable_brings_it_back(spawn, probe, tmp_path):
-    from ros_anomaly_diffusion.core.families.pixel import init_checkpoint
-
-    # The "reference" UNet (~36M parameters, ~140 MB of weights): large enough that releasing
-    # it stands out from what malloc_trim alone gives back after inference (~60 MB here; with
-    # the "medium" preset, 16 MB of weights, the two could not be told apart).
-    ckpt = init_checkpoint(tmp_path / "reference", preset="reference", image_size=(64, 80))
-    weights_mb = (ckpt / "denoiser.safetensors").stat().st_size / 2**20
-    topic, ns = "/en_cam/image", "/en"
-    node = spawn("detector_node", *detector_args(ckpt, "-p", "steps:=2", "-p", "segments:=none",
-                                                 "-p", "diagnostics_period:=0.5", "-r", f"image:={topic}",
-                                                 "-r", f"__ns:={ns}"))
-    node.wait_for_output(f"listening on {topic}", timeout=120)
-    masks = probe.collect(Image, f"{ns}/anomaly/mask")
-    diag = probe.collect(DiagnosticArray, "/diagnostics")
-    pub = probe.publisher(Image, topic, depth=1)
-    probe.wait_for_subscriber(pub)
-    for i in range(3):  # warm up: activations allocated, RSS settled
-        send_until(probe, pub, masks, stamped_image(random_frame(seed=i), 10 + i))
-    before = rss_mb(node.proc.pid)
-
-    reply = probe.call(SetBool, f"{ns}/anomaly_detector/enable", SetBool.Request(data=False))
-    assert reply.success and "disabled" in reply.message, reply.message
-    node.wait_for_output(r"disabled: model released", timeout=30)
-    time.sleep(0.5)
-    after = rss_mb(node.proc.pid)
-    print(f"RSS {before:.1f} MB enabled -> {after:.1f} MB disabled ({weights_mb:.0f} MB of weights)")
-    assert get_param(probe, "enabled", f"{ns}/anomaly_detector") is False
-    # Measured here: -300 MB for 236 MB of weights (the feature network and buffers go too);
-    # with the Detector kept alive (a leak) it shrank by ~60 MB only.
-    assert before - after > 0.75 * weights_mb, f"RSS {before:.1f} MB -> {after:.1f} MB after disabling"
-
-    masks.clear()
-    for i in range(10):  # frames while disabled: ignored, counted
-        pub.publish(stamped_image(random_frame(seed=20 + i), 100 + i))
-        probe.spin_for(0.2)
-    probe.spin_until(lambda: int((diag_values(diag, topic)[0] or {}).get("ignored_disabled", 0)) >= 3, 10,
-                     "ignored_disabled in /diagnostics")
-    values, status = diag_values(diag, topic)
-    assert values["enabled"] == "false" and values["model_loaded"] == "false" and "disabled" in status.message
-    assert masks == [], "results while disabled"
-    assert rss_mb(node.proc.pid) < before - 0.75 * weights_mb  # frames while disabled load nothing
-
-    reply = probe.call(SetBool, f"{ns}/anomaly_detector/enable", SetBool.Request(data=True))
-    assert reply.success and "enabled" in reply.message, reply.message
-    node.wait_for_output(r"model loaded in [0-9.]+ s: .*processing frames again", timeout=120)
-    mask = send_until(probe, pub, masks, stamped_image(random_frame(seed=40), 200))
-    assert stamp_of(mask) == (200, 0)
-    assert get_param(probe, "enabled", f"{ns}/anomaly_detector") is True
-    # the parameter is the same switch as the service
-    (r,) = set_params(probe, f"{ns}/anomaly_detector", enabled=False)
-    assert r.successful
-    node.wait_for_output(r"(?s)processing frames again.*disabled: model released", timeout=30)
-    assert node.alive() and "Traceback" not in node.output
-
-
-def test_start_disabled_and_a_failed_enable_stays_disabled(ros, probe, tiny_checkpoint, monkeypatch):
-    import torch
-
-    from ros_anomaly_diffusion.ros.detector_node import DetectorNode
-
-    # The node runs in this process, where CUDA may already be initialised, so CUDA_VISIBLE_DEVICES
-    # would come too late: CUDA is hidden from the device check instead, and the test runs with or
-    # without a GPU.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    node = DetectorNode(parameter_overrides=[
-        Parameter("checkpoint", value=str(tiny_checkpoint)), Parameter("enabled", value=False),
-        Parameter("device", value="cuda"), Parameter("cuda_fallback", value=False),
-        Parameter("steps", value=2), Parameter("segments", value="none")],
-        cli_args=["--ros-args", "-r", "__ns:=/start_disabled"])
-    runtime = node.runtime
-    try:
-        node.load_model()  # validates the checkpoint, loads nothing
-        assert runtime.detector is None
-        node.start()
-        (r,) = node.set_parameters([Parameter("enabled", value=True)])
-        assert r.successful
-        # the worker cannot load (CUDA absent, no fallback): it says so and sets enabled back
-        probe.spin_until(lambda: node.get_parameter("enabled").value is False, 60, "enabled set back to false")
-        assert runtime.detector is None and not runtime.enabled and runtime.running
-        node.set_parameters([Parameter("device", value="cpu")])
-        node.set_parameters([Parameter("enabled", value=True)])
-        probe.spin_until(lambda: runtime.detector is not None, 60, "the model loaded")
-        assert str(runtime.detector.device) == "cpu" and node.get_parameter("enabled").value is True
-    finally:
-        node.stop()
-        node.destroy_node()
-
-
 # --------------------------------------------------------------------------- faults
 
 
@@ -330,6 +235,7 @@ def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tin
 
     import torch
     from rclpy.executors import SingleThreadedExecutor
+    from rclpy.lifecycle import TransitionCallbackReturn
 
     from ros_anomaly_diffusion.ros.detector_node import DetectorNode
 
@@ -344,7 +250,7 @@ def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tin
     executor = SingleThreadedExecutor()
     spinner = threading.Thread(target=executor.spin, daemon=True)
     try:
-        node.load_model()
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         exc = (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if error == "oom"
                else RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
         calls = []
@@ -357,7 +263,7 @@ def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tin
             return process(rgb)
 
         monkeypatch.setattr(node.runtime.detector, "process", fails_once)
-        node.start()
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         executor.add_node(node)
         spinner.start()
         masks = probe.collect(Image, f"/fault_{error}/anomaly/mask")

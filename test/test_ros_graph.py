@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 
 NS = "/robot1"
 CAM = "/cam/image"
-OUTPUTS = {"mask": Image, "score": Image, "overlay": Image, "edited": Image, "ood": Bool,
+OUTPUTS = {"mask": Image, "score": Image, "overlay": Image, "edited": Image, "ood": Bool, "ood_raw": Bool,
            "ood_score": Float32, "ood_stamped": DiagnosticArray}
 
 
@@ -74,15 +74,17 @@ def test_results_carry_the_input_header(shared):
         np.testing.assert_array_equal(mask == 255, score > np.float32(0.3))
         status = ood_msg.status[0]
         values = {kv.key: kv.value for kv in status.values}
-        is_ood = float(values["frame_score"]) > 0.5
-        assert status.message == ("ood" if is_ood else "id")
-        assert status.level == (DiagnosticStatus.WARN if is_ood else DiagnosticStatus.OK)
+        assert values["frame_ood"] == str(float(values["frame_score"]) > 0.5).lower()  # the raw decision
+        assert status.level == (DiagnosticStatus.WARN if status.message == "ood" else DiagnosticStatus.OK)
         assert float(values["frame_threshold"]) == pytest.approx(0.5)
     # the plain Bool / Float32 forms arrive as well, one per processed frame
-    p.spin_until(lambda: len(boxes["ood"]) >= 4 and len(boxes["ood_score"]) >= 4, 60, "ood and ood_score")
-    last_score = {kv.key: kv.value for kv in boxes["ood_stamped"][-1][1].status[0].values}["frame_score"]
+    p.spin_until(lambda: min(len(boxes[k]) for k in ("ood", "ood_raw", "ood_score")) >= 4, 60,
+                 "ood, ood_raw, ood_score")
+    last = boxes["ood_stamped"][-1][1].status[0]
+    last_score = {kv.key: kv.value for kv in last.values}["frame_score"]
     assert boxes["ood_score"][-1][1].data == pytest.approx(float(last_score), abs=1e-5)
-    assert boxes["ood"][-1][1].data == (float(last_score) > 0.5)
+    assert boxes["ood_raw"][-1][1].data == (float(last_score) > 0.5)
+    assert boxes["ood"][-1][1].data == (last.message == "ood")  # the filtered flag, as in ood_stamped
 
 
 def bad_image(encoding="rgb8", height=4, width=4, step=None, nbytes=None):

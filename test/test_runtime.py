@@ -66,19 +66,17 @@ class Log:
 
 
 class Harness:
-    """A Runtime whose results, reverts and disables are recorded; build() makes `kind`
+    """A Runtime whose results and reverts are recorded; build() makes `kind`
     detectors (StubDetector or the real Detector) and fails while `failing` is set."""
 
     def __init__(self, settings: Settings, kind=StubDetector, **kwargs):
         self.kind, self.failing, self.builds = kind, False, 0
         self.results: list = []
         self.reverts: list = []
-        self.disabled = 0
         self.served = threading.Event()
         self.log = Log()
         self.rt = Runtime(settings, build=self.build, log=self.log, on_result=self.on_result,
-                          on_revert=lambda running, names: self.reverts.append((running, names)),
-                          on_disabled=self.on_disabled, **kwargs)
+                          on_revert=lambda running, names: self.reverts.append((running, names)), **kwargs)
 
     def build(self, checkpoint, settings):
         if self.failing:
@@ -89,9 +87,6 @@ class Harness:
     def on_result(self, token, rgb, result, det):
         self.results.append((token, rgb.shape[:2]))
         self.served.set()
-
-    def on_disabled(self):
-        self.disabled += 1
 
 
 def tiny_settings(checkpoint, **changes) -> Settings:
@@ -144,39 +139,40 @@ def test_live_change_rebuild_and_a_failed_rebuild_keeps_the_old_model(tiny_check
     assert h.rt.settings == second.settings
 
 
-def test_release_frees_the_detector_and_enable_loads_it_again():
+def test_release_frees_the_detector_and_load_brings_it_back():
     h = Harness(Settings())
     h.rt.load()
+    h.rt.start()
     released = weakref.ref(h.rt.detector)
-    h.rt.set_enabled(False)
-    h.rt.step()
+    h.rt.release()  # stops the worker first
     gc.collect()
-    assert h.rt.detector is None and released() is None  # nothing holds the model any more
-    assert h.log.count("disabled: model released (ddim on cpu)") == 1
-    h.rt.submit(random_frame(), "ignored")
-    h.rt.step()
-    assert h.results == [] and h.rt.stats().ignored_disabled == 1
+    assert h.rt.detector is None and released() is None and not h.rt.running  # nothing holds the model
+    assert h.log.count("model released (ddim on cpu)") == 1
+    with pytest.raises(RuntimeError, match="before load"):
+        h.rt.start()
 
-    h.rt.set_enabled(True)
-    h.rt.step()
-    assert h.rt.detector is not None and h.builds == 2
-    assert h.log.count("processing frames again") == 1
-
-    h.rt.set_enabled(False)
-    h.rt.step()
-    h.failing = True
-    h.rt.set_enabled(True)
-    h.rt.step()  # the load fails: disabled again, and told so
-    assert h.rt.detector is None and not h.rt.enabled and h.disabled == 1
-    assert h.log.count("cannot load the model, staying disabled: RuntimeError: no memory for the model") == 1
-
-
-def test_starting_disabled_checks_the_checkpoint_and_loads_nothing(tiny_checkpoint, tmp_path):
-    h = Harness(tiny_settings(tiny_checkpoint), enabled=False)
     h.rt.load()
-    assert h.rt.detector is None and h.builds == 0
-    with pytest.raises(ValueError, match="config.json: missing"):
-        Harness(tiny_settings(tmp_path), enabled=False).rt.load()
+    assert h.rt.detector is not None and h.builds == 2
+    h.failing = True
+    second = h.rt.detector
+    with pytest.raises(RuntimeError, match="no memory for the model"):  # the caller (configure) hears why
+        h.rt.load()
+    assert h.rt.detector is second
+
+
+def test_the_worker_restarts_after_stop_and_a_frame_left_waiting_is_dropped():
+    h = Harness(Settings())
+    h.rt.load()
+    h.rt.start()
+    h.rt.stop()  # a deactivated node
+    h.rt.submit(random_frame(seed=1), "while stopped")
+    h.rt.start()  # activated again: the stale frame is not served
+    try:
+        h.rt.submit(random_frame(seed=2), "fresh")
+        assert h.served.wait(30)
+        assert h.results == [("fresh", (48, 64))] and h.rt.stats().dropped == 1
+    finally:
+        h.rt.stop()
 
 
 def test_frames_above_max_input_pixels_are_downscaled_and_logged_once():
@@ -216,15 +212,11 @@ def test_statistics_add_up_and_the_window_rates_them():
     h.rt.detector.fail = RuntimeError("cuDNN error")
     h.rt.submit(random_frame(seed=3), "failing")
     h.rt.step()
-    h.rt.set_enabled(False)
-    h.rt.submit(random_frame(seed=4), "ignored")
-    h.rt.step()
 
     s = h.rt.stats()
-    assert (s.received, s.processed, s.dropped, s.inference_errors, s.ignored_disabled) == (6, 1, 1, 1, 1)
+    assert (s.received, s.processed, s.dropped, s.inference_errors) == (5, 1, 1, 1)
     assert s.bad_input == {"encoding": 1, "frame": 1}
-    assert s.received == s.processed + s.dropped + sum(s.bad_input.values()) + s.inference_errors + \
-        s.ignored_disabled
+    assert s.received == s.processed + s.dropped + sum(s.bad_input.values()) + s.inference_errors
     assert [t for t, _ in h.results] == ["processed"]
     assert h.log.count("bad input frame on cam (encoding): unsupported image encoding 'yuv422_weird'; "
                        "frame skipped (1 encoding error(s) so far)") == 1
@@ -232,20 +224,17 @@ def test_statistics_add_up_and_the_window_rates_them():
     assert h.log.count("inference failed, frame skipped (1 inference error(s) so far): RuntimeError: cuDNN") == 1
 
     w = h.rt.window()
-    assert (w.received, w.processed, w.inference_errors, len(w.latency_s)) == (6, 1, 1, 1)
-    assert w.input_rate_hz == pytest.approx(6 / w.seconds) and w.model_p50_ms == 1.0
+    assert (w.received, w.processed, w.inference_errors, len(w.latency_s)) == (5, 1, 1, 1)
+    assert w.input_rate_hz == pytest.approx(5 / w.seconds) and w.model_p50_ms == 1.0
     assert w.latency_p50_ms == w.latency_max_ms >= 0
     w2 = h.rt.window()  # a new window: nothing happened in it
     assert (w2.received, w2.processed, w2.latency_s, w2.latency_p50_ms) == (0, 0, (), None)
-    assert w2.stats.received == 6
+    assert w2.stats.received == 5
 
 
 def test_health_rules():
-    h = Harness(Settings(), enabled=False)
-    assert (h.rt.window().health().level, h.rt.window().health().message) == ("ok", "disabled (model released)")
-
     h = Harness(Settings())
-    assert h.rt.window().health().message == "loading the model"
+    assert (h.rt.window().health().level, h.rt.window().health().message) == ("warn", "no model loaded")
     h.rt.load()
     verdict = h.rt.window().health()
     assert (verdict.level, verdict.message) == ("warn", "no input frames")
@@ -278,6 +267,49 @@ def test_the_worker_thread_serves_frames_until_stopped():
     finally:
         h.rt.stop()
     assert not h.rt.running
+
+
+class ScriptedDetector(StubDetector):
+    """Frame scores from a script (the frame's first pixel indexes it), per-pixel scores 0.2 or 0.8."""
+
+    script = [0.1, 0.9, 0.1, 0.1, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1]
+
+    def process(self, rgb):
+        fs = self.script[int(rgb[0, 0, 0])]
+        score = np.full(rgb.shape[:2], 0.8 if fs > 0.5 else 0.2, np.float32)
+        return FrameResult(score, score > self.mask_threshold, fs, fs > self.frame_threshold)
+
+
+def frame_number(i: int) -> np.ndarray:
+    rgb = random_frame(seed=i)
+    rgb[0, 0, 0] = i
+    return rgb
+
+
+def test_the_stream_gets_the_filtered_flag_and_the_smoothed_mask():
+    flags, smoothed = [], []
+    h = Harness(Settings(flag_window=3, flag_raise_count=2, flag_clear_count=2, score_ema_alpha=0.5),
+                kind=ScriptedDetector)
+    h.rt._on_result = lambda token, rgb, r, det: (flags.append(r.ood_filtered), smoothed.append(r.mask_smoothed))
+    h.rt.load()
+    for i in range(len(ScriptedDetector.script)):
+        h.rt.submit(frame_number(i), i)
+        h.rt.step()
+    # the spike at frame 1 alone raises nothing; frames 4-5 raise it (2 of 3); 7-8 clear it (2 below)
+    assert flags == [False, False, False, False, False, True, True, True, False, False]
+    # EMA alpha 0.5 of the 0.2/0.8 maps (0.2, 0.5, 0.35, 0.275, 0.54, 0.67, 0.73, 0.47, ...) against the 0.5
+    # mask threshold: the lone 0.8 at frame 1 stays out, the run from frame 4 comes in at once
+    assert [bool(m.all()) for m in smoothed] == [False, False, False, False, True, True, True, False, False, False]
+
+    # live: per-frame flag (1 of 1) from the next frame on, smoothing off
+    assert h.rt.change(flag_window=1, flag_raise_count=1, flag_clear_count=1, flag_hysteresis=0.0,
+                       score_ema_alpha=1.0) is None
+    flags.clear(), smoothed.clear()
+    for i in (1, 2):
+        h.rt.submit(frame_number(i), i)
+        h.rt.step()
+    assert flags == [True, False] and smoothed == [None, None]
+    assert "flag_raise_count (4) must not exceed flag_window (1)" in h.rt.change(flag_raise_count=4)
 
 
 def test_one_family_rule_for_the_detector_and_the_runtime(tiny_checkpoint):

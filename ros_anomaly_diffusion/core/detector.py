@@ -31,6 +31,10 @@ class FrameResult:
     is_ood: bool
     edited: np.ndarray | None = None  # uint8 RGB (H, W, 3), editing variants
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Over a stream (core/runtime.py; None from Detector.process alone): the temporally filtered
+    # OOD flag and the mask of the score map's moving average (score_ema_alpha)
+    ood_filtered: bool | None = None
+    mask_smoothed: np.ndarray | None = None
 
 
 def resolve_device(requested: str, fallback: bool) -> torch.device:

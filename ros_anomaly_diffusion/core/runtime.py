@@ -3,11 +3,16 @@
 - **Mailbox**: one slot. `submit()` drops a frame in and returns at once; a newer frame
   replaces an unprocessed one (counted as dropped), so a slow model never builds a backlog
   and results always describe the newest frame available when the model got free.
-- **Model host**: `step()` (called in a loop by the worker thread of `start()`, or by the
-  caller itself) brings the model in line with the requested state first: `set_enabled(False)`
-  releases the Detector (its CPU/GPU memory goes back to the system), `set_enabled(True)`
-  loads it again, `change(**settings)` applies live settings on the next frame or rebuilds the
-  Detector; a failed rebuild keeps the old model and reports the settings set back.
+- **Model host**: `load()` builds the Detector in the caller's thread (errors propagate: a
+  managed node's configure transition fails with them), `release()` drops it so its CPU/GPU
+  memory goes back to the system; `step()` (called in a loop by the worker thread of
+  `start()`, or by the caller itself) applies `change(**settings)` first: live settings on the
+  next frame, others by rebuilding the Detector; a failed rebuild keeps the old model and
+  reports the settings set back. `start()` and `stop()` may alternate (a node deactivated and
+  activated again); a frame waiting when the worker stops is dropped.
+- **Over the stream**: every result gets the temporally filtered OOD flag (`ood_filtered`,
+  core/temporal.FlagFilter with the flag_* settings) and, with score_ema_alpha < 1, the mask of
+  the score map's moving average (`mask_smoothed`); both restart when the worker starts again.
 - **Downscaling**: frames above `max_input_pixels` are shrunk (INTER_AREA, aspect kept), which
   bounds memory and output size whatever the camera sends; the outputs keep that size.
 - **Statistics and health**: `stats()` (totals), `window()` (what happened since the previous
@@ -37,6 +42,7 @@ import torch
 from . import checkpoint as ckpt
 from .detector import Detector
 from .settings import Settings
+from .temporal import FlagFilter, ScoreMapEMA
 from .variants import family_mismatch
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
@@ -84,6 +90,13 @@ class Mailbox:
             self._closed = True
             self._cv.notify_all()
 
+    def reopen(self) -> None:
+        """Accept items again after close(); an item left over counts as replaced."""
+        with self._cv:
+            if self._item is not None:
+                self.replaced += 1
+            self._item, self._closed, self._poked = None, False, False
+
 
 def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int] | None:
     """(width, height) a frame above `max_pixels` is shrunk to (aspect ratio kept), else None."""
@@ -106,16 +119,14 @@ def checkpoint_problem(settings: Settings) -> str | None:
 
 @dataclass(frozen=True)
 class Stats:
-    """Totals since start. received = processed + dropped + bad input + inference errors +
-    ignored (+ the frame in the worker)."""
+    """Totals since start. received = processed + dropped + bad input + inference errors
+    (+ the frame in the worker)."""
     received: int
     processed: int
     dropped: int  # replaced in the mailbox by a newer frame
     inference_errors: int
-    ignored_disabled: int
     downscaled: int
     bad_input: dict[str, int]
-    enabled: bool
     model_loaded: bool
     last_input: float | None  # time.monotonic() of the last submit()
 
@@ -160,10 +171,8 @@ class Window:
 
     def health(self) -> Health:
         s = self.stats
-        if not s.enabled:
-            return Health("ok", "disabled (model released)")
         if not s.model_loaded:
-            return Health("warn", "loading the model")
+            return Health("warn", "no model loaded")
         if self.inference_errors and not self.latency_s:
             return Health("error", "inference failing")
         if s.last_input is None or self.end - s.last_input > max(5.0, 3 * self.seconds):
@@ -199,47 +208,46 @@ def _malloc_trim() -> None:
 class Runtime:
     """Mailbox, model host, downscaling, statistics and health around one Detector.
 
-    settings: what to load; enabled: False starts without a model; max_input_pixels: None never
-    downscales (may be changed at any time, like bad_input_log_period); source: the input's name in
-    log lines; on_result(token, rgb, result, detector): called in the worker for every result;
-    on_revert(running, names): settings were set back to the running ones (a change could not be
-    applied); on_disabled(): a load failed, the runtime is disabled again; build(checkpoint,
-    settings) -> Detector; log: any object with info/warning/error(str).
+    settings: what to load; max_input_pixels: None never downscales (may be changed at any time,
+    like bad_input_log_period); source: the input's name in log lines; on_result(token, rgb,
+    result, detector): called in the worker for every result; on_revert(running, names): settings
+    were set back to the running ones (a change could not be applied); build(checkpoint, settings)
+    -> Detector; log: any object with info/warning/error(str).
     """
 
-    def __init__(self, settings: Settings, *, enabled: bool = True, max_input_pixels: int | None = None,
+    def __init__(self, settings: Settings, *, max_input_pixels: int | None = None,
                  source: str = "input", bad_input_log_period: float = 5.0,
                  on_result: Callable[[Any, np.ndarray, Any, Any], None] = lambda *a: None,
                  on_revert: Callable[[Settings, list[str]], None] = lambda running, names: None,
-                 on_disabled: Callable[[], None] = lambda: None,
                  build: Callable[[str, Settings], Any] = Detector, log=None):
         self.max_input_pixels = max_input_pixels
         self.source = source
         self.bad_input_log_period = float(bad_input_log_period)
-        self._on_result, self._on_revert, self._on_disabled = on_result, on_revert, on_disabled
+        self._on_result, self._on_revert = on_result, on_revert
         self._build = build
         self._log = log or logging.getLogger(__name__)
         self._lock = threading.Lock()  # guards what both threads touch: requested state, counters
         self._desired = settings
-        self._enabled = bool(enabled)
         self._detector = None
         self._mailbox = Mailbox()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._throttle = _Throttle()
         self._received = self._processed = self._inference_errors = 0
-        self._ignored_disabled = self._downscaled = 0
+        self._downscaled = 0
         self._bad: Counter = Counter()
         self._latency: list[float] = []
         self._model_ms: list[float] = []
         self._last_input: float | None = None
         self._window_start = (time.monotonic(), 0, 0, 0)
+        self._flag = FlagFilter(settings.flag_filter())
+        self._ema: ScoreMapEMA | None = None
 
     # ------------------------------------------------------------------ state (any thread)
 
     @property
     def detector(self):
-        """The Detector serving frames now; None while disabled or not loaded yet."""
+        """The Detector serving frames now; None before load() and after release()."""
         return self._detector
 
     @property
@@ -247,11 +255,6 @@ class Runtime:
         """The requested settings (the running Detector's once the worker has applied them)."""
         with self._lock:
             return self._desired
-
-    @property
-    def enabled(self) -> bool:
-        with self._lock:
-            return self._enabled
 
     def change(self, **changes: Any) -> str | None:
         """Request new settings; the reason they are refused (nothing changes then), or None.
@@ -271,29 +274,30 @@ class Runtime:
             self._mailbox.poke()
         return None
 
-    def set_enabled(self, enabled: bool) -> None:
-        """False: the worker releases the model and frames are ignored; True: it loads it again."""
-        with self._lock:
-            changed, self._enabled = self._enabled != bool(enabled), bool(enabled)
-        if changed:
-            self._mailbox.poke()
-
     def load(self) -> None:
-        """Load the model now, in the caller's thread (start-up); errors propagate. With enabled
-        false only the checkpoint is checked (ValueError)."""
+        """Load the model now, in the caller's thread; errors propagate (the previous model, if
+        any, is kept then)."""
         s = self.settings
-        if not self.enabled:
-            reason = checkpoint_problem(s)
-            if reason:
-                raise ValueError(reason)
-            self._log.info(f"starting disabled (enabled:=false): no model loaded; checkpoint {s.checkpoint}, "
-                           f"variant {s.variant}")
-            return
         t0 = time.monotonic()
         det = self._detector = self._build(s.checkpoint, s)
         self._log.info(f"model loaded in {time.monotonic() - t0:.1f} s: variant {s.variant} (NFE {det.nfe}) on "
                        f"{det.device}, checkpoint {s.checkpoint}, thresholds mask {det.mask_threshold:.3f} "
                        f"frame {det.frame_threshold:.3f}")
+
+    def release(self) -> None:
+        """Stop the worker and drop the model: its CPU/GPU memory goes back to the system."""
+        self.stop()
+        det, self._detector = self._detector, None
+        if det is None:
+            return
+        on_cuda = det.device.type == "cuda"
+        desc = f"{det.settings.variant} on {det.device}"
+        del det
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+        _malloc_trim()
+        self._log.info(f"model released ({desc})")
 
     # ------------------------------------------------------------------ frames in (any thread)
 
@@ -303,16 +307,23 @@ class Runtime:
         with self._lock:
             self._received += 1
             self._last_input = now
-            if not self._enabled:
-                self._ignored_disabled += 1
-                return
         self._mailbox.put((frame, token, now))
 
     # ------------------------------------------------------------------ worker
 
     def start(self) -> None:
-        """Run step() in a worker thread until stop()."""
-        self._worker = threading.Thread(target=self._work, name="anomaly_inference", daemon=True)
+        """Run step() in a worker thread until stop(); the model must be loaded."""
+        if self._detector is None:
+            raise RuntimeError("Runtime.start() before load(): no model to serve frames with")
+        if self.running:
+            return
+        # a fresh event per worker: one that outlived stop()'s join (a very slow frame) stays stopped
+        self._stop = threading.Event()
+        self._mailbox.reopen()
+        self._flag.reset()  # a stream that stopped says nothing about the one that starts
+        self._ema = None
+        self._worker = threading.Thread(target=self._work, args=(self._stop,), name="anomaly_inference",
+                                        daemon=True)
         self._worker.start()
 
     def stop(self) -> None:
@@ -320,77 +331,31 @@ class Runtime:
         self._mailbox.close()
         if self._worker is not None:
             self._worker.join(timeout=5.0)
+            self._worker = None
 
     @property
     def running(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
 
-    def _work(self) -> None:
-        while not self._stop.is_set():
+    def _work(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
-                self.step(timeout=0.2)
+                self.step(timeout=0.2, stop=stop)
             except Exception as err:  # never let the worker die
-                if self._stop.is_set():
+                if stop.is_set():
                     break
                 if self._throttle("unexpected", 5.0):
                     self._log.error(f"unexpected error in the inference thread: {type(err).__name__}: {err}")
 
-    def step(self, timeout: float = 0.0) -> None:
-        """Wait up to `timeout` s for a frame or a state change, bring the model in line with the
-        requested state, then process the frame (if any)."""
+    def step(self, timeout: float = 0.0, stop: threading.Event | None = None) -> None:
+        """Wait up to `timeout` s for a frame or a settings change, apply the settings, then
+        process the frame (if any); nothing once `stop` (the worker's) is set."""
         item = self._mailbox.take(timeout)
-        if self._stop.is_set():
+        if stop is not None and stop.is_set() or self._detector is None:
             return
-        ready = self._sync_model()
-        if item is None:
-            return
-        if ready:
-            self._process(*item)
-        else:
-            with self._lock:
-                self._ignored_disabled += 1
-
-    def _sync_model(self) -> bool:
-        """Release, load or update the model as requested; True when one is loaded."""
-        with self._lock:
-            enabled = self._enabled
-        if not enabled:
-            if self._detector is not None:
-                self._release()
-            return False
-        if self._detector is None:
-            self._load_in_worker()
-            return self._detector is not None
         self._apply_settings()
-        return True
-
-    def _release(self) -> None:
-        det, self._detector = self._detector, None
-        on_cuda = det.device.type == "cuda"
-        desc = f"{det.settings.variant} on {det.device}"
-        del det
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
-        _malloc_trim()
-        self._log.info(f"disabled: model released ({desc}), frames are ignored until enabled")
-
-    def _load_in_worker(self) -> None:
-        desired = self.settings
-        self._log.info(f"enabled: loading the model (variant {desired.variant}, checkpoint "
-                       f"{desired.checkpoint}) ...")
-        t0 = time.monotonic()
-        try:
-            new = self._build(desired.checkpoint, desired)
-        except Exception as err:
-            self._log.error(f"cannot load the model, staying disabled: {type(err).__name__}: {err}")
-            with self._lock:
-                self._enabled = False
-            self._on_disabled()
-            return
-        self._detector = new
-        self._log.info(f"model loaded in {time.monotonic() - t0:.1f} s: variant {desired.variant} "
-                       f"(NFE {new.nfe}) on {new.device}; processing frames again")
+        if item is not None:
+            self._process(*item, stop=stop)
 
     def _apply_settings(self) -> None:
         det = self._detector
@@ -441,7 +406,7 @@ class Runtime:
                 f"Logged once; the count is frames_downscaled in /diagnostics")
         return small
 
-    def _process(self, frame, token, received: float) -> None:
+    def _process(self, frame, token, received: float, stop: threading.Event | None = None) -> None:
         try:
             rgb = self._downscale(frame() if callable(frame) else frame)
         except BadInput as err:
@@ -459,14 +424,27 @@ class Runtime:
         except Exception as err:
             self._inference_failed(err, det)
             return
-        if self._stop.is_set():
+        if stop is not None and stop.is_set():  # stopped during inference: no result after stop()
             return
+        self._over_stream(result, det)
         self._on_result(token, rgb, result, det)
         latency = time.monotonic() - received
         with self._lock:  # counted once delivered: a processed frame's results are out
             self._processed += 1
             self._latency.append(latency)
             self._model_ms.append(result.timings_ms.get("model", float("nan")))
+
+    def _over_stream(self, result, det) -> None:
+        s = det.settings
+        if self._flag.config != s.flag_filter():
+            self._flag.reconfigure(s.flag_filter())
+        result.ood_filtered = self._flag.update(result.frame_score, det.frame_threshold)
+        if s.score_ema_alpha >= 1.0:
+            self._ema = None
+            return
+        if self._ema is None or self._ema.alpha != s.score_ema_alpha:
+            self._ema = ScoreMapEMA(s.score_ema_alpha)
+        result.mask_smoothed = self._ema.update(result.score) > det.mask_threshold
 
     def _bad_input(self, kind: str, err: Exception) -> None:
         with self._lock:
@@ -495,9 +473,8 @@ class Runtime:
 
     def _stats(self) -> Stats:
         return Stats(received=self._received, processed=self._processed, dropped=self._mailbox.replaced,
-                     inference_errors=self._inference_errors, ignored_disabled=self._ignored_disabled,
-                     downscaled=self._downscaled, bad_input=dict(self._bad), enabled=self._enabled,
-                     model_loaded=self._detector is not None, last_input=self._last_input)
+                     inference_errors=self._inference_errors, downscaled=self._downscaled,
+                     bad_input=dict(self._bad), model_loaded=self._detector is not None, last_input=self._last_input)
 
     def window(self) -> Window:
         """Close the current statistics window (and start the next): what happened since the

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .temporal import FlagFilterConfig
+
 # The variant names the registry (core/variants.py) implements, and those without a
 # denoiser for `quantization` to act on. The registry sits above this module and checks
 # on import that it matches; knowing them here lets Settings validate without importing it.
@@ -14,7 +16,8 @@ WITHOUT_DENOISER = frozenset({"knn"})
 
 # Settings that take effect on the next frame without rebuilding the model.
 LIVE = {"mask_threshold", "frame_threshold", "steps", "start_timestep", "guidance_scale", "reconstruction_guidance",
-        "ddpm_guidance_scale", "seed", "overlay_alpha", "inversion_steps"}
+        "ddpm_guidance_scale", "seed", "overlay_alpha", "inversion_steps", "flag_window", "flag_raise_count",
+        "flag_clear_count", "flag_hysteresis", "score_ema_alpha"}
 
 
 def _f(default, description: str, lo=None, hi=None, choices=None):
@@ -56,17 +59,35 @@ class Settings:
     quantize_layers: str = _f("selected", "layers to quantize: selected (attention projections, ResNet convs, "
                                           "DiT feed-forward layers) or all", choices=("selected", "all"))
     inversion_steps: int = _f(3, "DDIM inversion steps S of the inversion variant", 1, 50)
+    # The filtered OOD flag (core/temporal.py) over a stream of frames: what a planner acts on.
+    flag_window: int = _f(5, "filtered OOD flag: frames n it looks back over to raise", 1, 100)
+    flag_raise_count: int = _f(3, "filtered OOD flag: raised when at least this many (k) of the last flag_window "
+                                  "frame scores are above frame_threshold (1 of 1: per frame)", 1, 100)
+    flag_clear_count: int = _f(3, "filtered OOD flag: cleared after this many consecutive frame scores at or below "
+                                  "frame_threshold - flag_hysteresis", 1, 100)
+    flag_hysteresis: float = _f(0.05, "filtered OOD flag: the clear level is this far below frame_threshold",
+                                0.0, 1.0)
+    score_ema_alpha: float = _f(1.0, "weight of the newest score map in an exponential moving average that the "
+                                     "anomaly points use (1: no smoothing); the published score map is never "
+                                     "smoothed", 0.01, 1.0)
 
     def updated(self, **changes: Any) -> "Settings":
         new = replace(self, **changes)
         new.validate()
         return new
 
+    def flag_filter(self) -> FlagFilterConfig:
+        return FlagFilterConfig(window=self.flag_window, raise_count=self.flag_raise_count,
+                                clear_count=self.flag_clear_count, hysteresis=self.flag_hysteresis)
+
     def validate(self) -> None:
         for f in fields(self):
             problem = check(f.name, getattr(self, f.name))
             if problem:
                 raise ValueError(problem)
+        if self.flag_raise_count > self.flag_window:
+            raise ValueError(f"flag_raise_count ({self.flag_raise_count}) must not exceed flag_window "
+                             f"({self.flag_window}): the flag could never be raised")
         if self.quantization != "none" and self.variant in WITHOUT_DENOISER:  # refused, not silently ignored
             raise ValueError(f"quantization={self.quantization!r}: variant {self.variant!r} has no denoiser "
                                  "to quantize (set quantization to 'none')")

@@ -12,25 +12,34 @@ Publications (every message carries the input frame's header: stamp and frame_id
                         while it has subscribers and publish_overlay is true)
   anomaly/edited        sensor_msgs/Image rgb8, the frame as edited towards the normal model
                         (editing variants; only while subscribed and publish_edited is true)
-  anomaly/ood           std_msgs/Bool, frame-level out-of-distribution flag
-  anomaly/ood_score     std_msgs/Float32, frame-level score the flag thresholds
-  anomaly/ood_stamped   diagnostic_msgs/DiagnosticArray: the same flag *with the input header*
-                        (std_msgs has no stamped Bool): one status, level WARN + message "ood" for an
-                        OOD frame, OK + "id" otherwise, values frame_score, frame_threshold,
-                        mask_threshold, anomalous_fraction
+  anomaly/ood           std_msgs/Bool, the FILTERED out-of-distribution flag (what a planner acts on):
+                        raised when flag_raise_count of the last flag_window frame scores are above
+                        frame_threshold, cleared after flag_clear_count consecutive scores at or below
+                        frame_threshold - flag_hysteresis (core/temporal.py); restarts on activation
+  anomaly/ood_raw       std_msgs/Bool, the per-frame decision frame_score > frame_threshold (unfiltered)
+  anomaly/ood_score     std_msgs/Float32, the per-frame score both flags threshold
+  anomaly/ood_stamped   diagnostic_msgs/DiagnosticArray: the filtered flag *with the input header*
+                        (std_msgs has no stamped Bool): one status, level WARN + message "ood" while
+                        the filtered flag is raised, OK + "id" otherwise, values frame_score,
+                        frame_ood (the raw decision), frame_threshold, mask_threshold,
+                        anomalous_fraction
   /diagnostics          diagnostic_msgs/DiagnosticArray every diagnostics_period s: input and
                         processed rate, latency p50/max (reception to publication), dropped frames,
                         bad inputs per kind, inference errors, frames ignored while disabled,
                         downscaled frames, variant, device, NFE
 
-Service:
-  ~/enable              std_srvs/SetBool, the same as setting the `enabled` parameter. false: the
-                        worker drops the Detector (del, gc.collect, torch.cuda.empty_cache on CUDA,
-                        malloc_trim), so the model's CPU/GPU memory goes back to the system, and
-                        frames are ignored (counted as ignored_disabled in /diagnostics); true: the
-                        worker loads the model again with the current parameters. The reply comes at
-                        once; the log says when the model is released / loaded (a failed load sets
-                        `enabled` back to false). Start with `enabled:=false` to start without a model.
+Lifecycle (a managed node, rclpy.lifecycle; ~/change_state, ~/get_state as every managed node):
+  configure   loads the model and its calibration from the current parameters; a failure (missing
+              checkpoint, CUDA absent without fallback, ...) fails the transition, logs the reason
+              and leaves the node unconfigured (diagnostics say why)
+  activate    subscribes to the image topic and publishes results
+  deactivate  unsubscribes and stops publishing; the model stays loaded
+  cleanup     releases the model: its CPU/GPU memory goes back to the system
+  shutdown    releases everything; the process exits with code 0
+With autostart:=true (the default) the node configures and activates itself at start-up, so
+`ros2 run` and the launch files work as before; a failed configure then exits with code 1.
+Under Nav2's lifecycle_manager start it with autostart:=false and let the manager drive it.
+/diagnostics is published in every state (level OK + the state's name while not active).
 
 QoS: the image subscription defaults to the sensor-data profile with depth 1 (best effort,
 volatile, keep last 1), which matches reliable and best-effort publishers alike; set
@@ -77,15 +86,15 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool, Float32
-from std_srvs.srv import SetBool
 
 from ..core import checkpoint as ckpt
-from ..core.runtime import SETTING_NAMES, BadInput, Runtime
+from ..core.runtime import SETTING_NAMES, BadInput, Health, Runtime
 from ..core.settings import Settings
 from . import image_codec, transport
 from .params import NODE_PARAMETERS, as_declared_type, declare_parameters, settings_parameters
@@ -94,6 +103,11 @@ NODE_NAME = "anomaly_detector"
 
 _LEVELS = {"ok": DiagnosticStatus.OK, "warn": DiagnosticStatus.WARN, "error": DiagnosticStatus.ERROR}
 _BAD_INPUT_KINDS = ("encoding", "size", "data", "compressed", "frame")
+
+
+# anomaly/<name> outputs, lifecycle publishers: they publish only while the node is active
+OUTPUTS = {"mask": Image, "score": Image, "overlay": Image, "edited": Image, "ood": Bool, "ood_raw": Bool,
+           "ood_score": Float32, "ood_stamped": DiagnosticArray}
 
 
 def _ms(value: float | None) -> str:
@@ -117,7 +131,7 @@ def _decoder(msg, decode):
     return run
 
 
-class DetectorNode(Node):
+class DetectorNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
         self._specs = {**settings_parameters(), **NODE_PARAMETERS}
@@ -136,15 +150,26 @@ class DetectorNode(Node):
             raise StartupError(f"invalid parameter: {err}") from None
         self._node_params = {n: values[n] for n in NODE_PARAMETERS}
         self._runtime = Runtime(
-            settings, enabled=values["enabled"], max_input_pixels=values["max_input_pixels"],
-            source=self.resolve_topic_name("image"), bad_input_log_period=values["bad_input_log_period"],
-            on_result=self._publish, on_revert=self._revert, on_disabled=self._disabled, log=self.get_logger())
+            settings, max_input_pixels=values["max_input_pixels"], source=self.resolve_topic_name("image"),
+            bad_input_log_period=values["bad_input_log_period"], on_result=self._publish, on_revert=self._revert,
+            log=self.get_logger())
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.state = "unconfigured"  # the lifecycle state, as the transitions below leave it
+        self._problem = ""  # why the last configure failed (diagnostics)
+        self._outputs: dict[str, LifecyclePublisher] = {}
+        self._subscriptions = []
+        # /diagnostics in every state: a manager or an operator sees why a node is not running
+        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(float(values["diagnostics_period"]), self.publish_diagnostics)
 
     @property
     def runtime(self) -> Runtime:
         """The ROS-free model host behind this node (frames, model lifecycle, statistics)."""
         return self._runtime
+
+    @property
+    def autostart(self) -> bool:
+        return bool(self._node_params["autostart"])
 
     # ------------------------------------------------------------------ parameters
 
@@ -167,63 +192,110 @@ class DetectorNode(Node):
         self._node_params.update(node_changes)
         if "max_input_pixels" in node_changes:
             self._runtime.max_input_pixels = node_changes["max_input_pixels"]
-        if "enabled" in node_changes:
-            self._runtime.set_enabled(node_changes["enabled"])
         return SetParametersResult(successful=True)
 
     def _revert(self, running: Settings, names: list[str]) -> None:
         """The worker could not apply a change: the parameters show the running values again."""
         self.set_parameters([Parameter(n, value=getattr(running, n)) for n in names])
 
-    def _disabled(self) -> None:
-        """A load failed in the worker: `enabled` goes back to false."""
-        self.set_parameters([Parameter("enabled", value=False)])
+    # ------------------------------------------------------------------ lifecycle (executor thread)
 
-    # ------------------------------------------------------------------ start-up
-
-    def load_model(self) -> None:
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load the model (and its calibration) and create the outputs; inactive on success."""
         s = self._runtime.settings
-        if not s.checkpoint:
-            raise StartupError("parameter 'checkpoint' is empty: pass the checkpoint folder, e.g. "
-                               "--ros-args -p checkpoint:=/path/to/checkpoint")
         try:
+            if not s.checkpoint:
+                raise StartupError("parameter 'checkpoint' is empty: pass the checkpoint folder, e.g. "
+                                   "--ros-args -p checkpoint:=/path/to/checkpoint")
             self._runtime.load()
-        except (ckpt.CheckpointError, ValueError, RuntimeError, OSError) as err:
-            raise StartupError(f"cannot load the model: {err}") from None
+        except (StartupError, ckpt.CheckpointError, ValueError, RuntimeError, OSError) as err:
+            self._problem = str(err) if isinstance(err, StartupError) else f"cannot load the model: {err}"
+            self.get_logger().error(f"configure failed, staying unconfigured: {self._problem}")
+            return TransitionCallbackReturn.FAILURE
+        self._problem = ""
+        out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE)
+        self._outputs = {name: self.create_lifecycle_publisher(msg_type, f"anomaly/{name}", out_qos)
+                         for name, msg_type in OUTPUTS.items()}
+        self.state = "inactive"
+        return super().on_configure(state)
 
-    def start(self) -> None:
-        """Create the topics, the diagnostics timer and the worker thread."""
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Subscribe and serve frames (the lifecycle publishers are enabled by super())."""
         np_ = self._node_params
         in_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST, depth=int(np_["qos_depth"]), durability=DurabilityPolicy.VOLATILE,
             reliability=ReliabilityPolicy.BEST_EFFORT if np_["qos_reliability"] == "best_effort"
             else ReliabilityPolicy.RELIABLE)
-        out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.VOLATILE)
-        self._pub_mask = self.create_publisher(Image, "anomaly/mask", out_qos)
-        self._pub_score = self.create_publisher(Image, "anomaly/score", out_qos)
-        self._pub_overlay = self.create_publisher(Image, "anomaly/overlay", out_qos)
-        self._pub_edited = self.create_publisher(Image, "anomaly/edited", out_qos)
-        self._pub_ood = self.create_publisher(Bool, "anomaly/ood", out_qos)
-        self._pub_ood_score = self.create_publisher(Float32, "anomaly/ood_score", out_qos)
-        self._pub_ood_stamped = self.create_publisher(DiagnosticArray, "anomaly/ood_stamped", out_qos)
-        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_subscription(Image, "image", self._on_image, in_qos)
+        self._subscriptions = [self.create_subscription(Image, "image", self._on_image, in_qos)]
         inputs = [self._runtime.source]
         if np_["subscribe_compressed"]:
             topic = self._runtime.source.rstrip("/") + "/compressed"
-            self.create_subscription(CompressedImage, topic, self._on_compressed, in_qos)
+            self._subscriptions.append(self.create_subscription(CompressedImage, topic, self._on_compressed, in_qos))
             inputs.append(topic)
-        self.create_timer(float(np_["diagnostics_period"]), self.publish_diagnostics)
-        self.create_service(SetBool, "~/enable", self._on_enable)
         self._runtime.start()
+        self.state = "active"
+        result = super().on_activate(state)
         self.get_logger().info(
             f"listening on {', '.join(inputs)} ({np_['qos_reliability']}, depth {np_['qos_depth']}); "
-            f"publishing {self.resolve_topic_name('anomaly')}/{{mask,score,overlay,edited,ood,ood_score,"
-            f"ood_stamped}}")
+            f"publishing {self.resolve_topic_name('anomaly')}/{{{','.join(OUTPUTS)}}}")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop listening and publishing; the model stays loaded."""
+        self.state = "inactive"  # first: a frame finishing now is not published
+        for sub in self._subscriptions:
+            self.destroy_subscription(sub)
+        self._subscriptions = []
+        self._runtime.stop()
+        self.get_logger().info("deactivated: frames are ignored, the model stays loaded")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release the model and the outputs."""
+        self._release()
+        self.state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.state == "active":
+            self.on_deactivate(state)
+        self._release()
+        self.state = "finalized"
+        self.get_logger().info("shut down")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """An exception in a transition: release what there is and go back to unconfigured."""
+        self.get_logger().error(f"error in a lifecycle transition from {state.label}: releasing the model")
+        for sub in self._subscriptions:
+            self.destroy_subscription(sub)
+        self._subscriptions = []
+        self._release()
+        self.state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        self._runtime.release()
+        for pub in self._outputs.values():
+            self.destroy_lifecycle_publisher(pub)
+        self._outputs = {}
+
+    def start(self) -> bool:
+        """autostart: configure and activate now; False (reason logged) if configure failed."""
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
 
     def stop(self) -> None:
-        self._runtime.stop()
+        """Release everything, whatever the state (process exit)."""
+        if self.state != "finalized":
+            self._runtime.release()
+
+    @property
+    def problem(self) -> str:
+        """Why the last configure failed ("" if it did not)."""
+        return self._problem
 
     # ------------------------------------------------------------------ callbacks (executor thread)
 
@@ -233,22 +305,11 @@ class DetectorNode(Node):
     def _on_compressed(self, msg: CompressedImage) -> None:
         self._runtime.submit(_decoder(msg, image_codec.compressed_to_rgb), msg.header)
 
-    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        want = bool(request.data)
-        result = self.set_parameters([Parameter("enabled", value=want)])[0]
-        response.success = bool(result.successful)
-        if not result.successful:
-            response.message = f"cannot set enabled={want}: {result.reason}"
-        elif want:
-            response.message = ("enabled: the model is loaded in the worker thread (the log says when it "
-                                "is ready); frames are processed again from then on")
-        else:
-            response.message = "disabled: the model is released and frames are ignored until enabled"
-        return response
-
     # ------------------------------------------------------------------ results (worker thread)
 
     def _publish(self, header, rgb, result, det) -> None:
+        if self.state != "active":  # a frame that finished while deactivating
+            return
         try:
             self._publish_result(header, rgb, result, det)
         except Exception:
@@ -257,27 +318,31 @@ class DetectorNode(Node):
             # shutting down (Ctrl-C during inference): nothing left to publish to
 
     def _publish_result(self, header, rgb, result, det) -> None:
-        self._pub_mask.publish(image_codec.mask_to_image(result.mask, header))
-        self._pub_score.publish(image_codec.score_to_image(result.score, header))
-        self._pub_ood.publish(Bool(data=bool(result.is_ood)))
-        self._pub_ood_score.publish(Float32(data=float(result.frame_score)))
+        out = self._outputs
+        out["mask"].publish(image_codec.mask_to_image(result.mask, header))
+        out["score"].publish(image_codec.score_to_image(result.score, header))
+        flag = bool(result.ood_filtered)
+        out["ood"].publish(Bool(data=flag))
+        out["ood_raw"].publish(Bool(data=bool(result.is_ood)))
+        out["ood_score"].publish(Float32(data=float(result.frame_score)))
         status = DiagnosticStatus(
-            level=DiagnosticStatus.WARN if result.is_ood else DiagnosticStatus.OK,
-            name=f"{self.get_name()}: ood", message="ood" if result.is_ood else "id",
+            level=DiagnosticStatus.WARN if flag else DiagnosticStatus.OK,
+            name=f"{self.get_name()}: ood", message="ood" if flag else "id",
             hardware_id=header.frame_id,
             values=[KeyValue(key="frame_score", value=f"{result.frame_score:.6f}"),
+                    KeyValue(key="frame_ood", value=str(bool(result.is_ood)).lower()),
                     KeyValue(key="frame_threshold", value=f"{det.frame_threshold:.6f}"),
                     KeyValue(key="mask_threshold", value=f"{det.mask_threshold:.6f}"),
                     KeyValue(key="anomalous_fraction", value=f"{float(result.mask.mean()):.6f}")])
-        self._pub_ood_stamped.publish(DiagnosticArray(header=header, status=[status]))
-        if self._node_params["publish_overlay"] and self._pub_overlay.get_subscription_count() > 0:
+        out["ood_stamped"].publish(DiagnosticArray(header=header, status=[status]))
+        if self._node_params["publish_overlay"] and out["overlay"].get_subscription_count() > 0:
             from ..core.visualize import overlay
 
             picture = overlay(rgb, result.score, result.mask, det.settings.overlay_alpha)
-            self._pub_overlay.publish(image_codec.rgb_to_image(picture, header))
+            out["overlay"].publish(image_codec.rgb_to_image(picture, header))
         if (self._node_params["publish_edited"] and result.edited is not None
-                and self._pub_edited.get_subscription_count() > 0):
-            self._pub_edited.publish(image_codec.rgb_to_image(result.edited, header))
+                and out["edited"].get_subscription_count() > 0):
+            out["edited"].publish(image_codec.rgb_to_image(result.edited, header))
 
     # ------------------------------------------------------------------ diagnostics (executor thread)
 
@@ -297,9 +362,8 @@ class DetectorNode(Node):
             "frames_dropped": str(s.dropped),
             "inference_errors": str(s.inference_errors),
             **{f"bad_input_{k}": str(s.bad_input.get(k, 0)) for k in _BAD_INPUT_KINDS},
-            "enabled": str(s.enabled).lower(),
+            "lifecycle_state": self.state,
             "model_loaded": str(det is not None).lower(),
-            "ignored_disabled": str(s.ignored_disabled),
             "frames_downscaled": str(s.downscaled),
             "variant": det.settings.variant if det else desired.variant,
             "device": str(det.device) if det else "n/a",
@@ -309,7 +373,12 @@ class DetectorNode(Node):
             "checkpoint": det.settings.checkpoint if det else desired.checkpoint,
             "input_topic": self._runtime.source,
         }
-        health = w.health()
+        if self.state == "active":
+            health = w.health()
+        elif self._problem:
+            health = Health("error", f"{self.state}: configure failed: {self._problem}")
+        else:
+            health = Health("ok", self.state)
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [DiagnosticStatus(level=_LEVELS[health.level], name=f"{self.get_name()}: anomaly detection",
@@ -357,11 +426,12 @@ def main(args=None) -> int:
         node = DetectorNode()
         node.get_logger().info(transport.describe(dds))
         bridge_python_logging(node)
-        node.load_model()
-        node.start()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        if node.autostart and not node.start():
+            raise StartupError(node.problem)
+        while rclpy.ok() and node.state != "finalized":  # the shutdown transition ends the process
+            executor.spin_once(timeout_sec=0.2)
     except StartupError as err:
         (node.get_logger() if node else rclpy.logging.get_logger(NODE_NAME)).fatal(str(err))
         code = 1

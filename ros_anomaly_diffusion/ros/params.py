@@ -61,8 +61,9 @@ NODE_PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in (
     ParamSpec("max_input_pixels", MAX_INPUT_PIXELS, "frames with more pixels than this are downscaled "
               "(INTER_AREA, aspect ratio kept) before the detector; the outputs then have the downscaled "
               "resolution (same aspect ratio, input header)", 4096, 1_000_000_000),
-    ParamSpec("enabled", True, "false: release the model (its memory is freed) and ignore frames; true: "
-              "load it again (also the ~/enable std_srvs/SetBool service)"),
+    ParamSpec("autostart", True, "configure and activate the managed node at start-up (ros2 run, the "
+              "launch files); false: wait for lifecycle transitions (Nav2's lifecycle_manager, ros2 "
+              "lifecycle set)", read_only=True),
 )}
 
 
