@@ -182,7 +182,7 @@ class Window:
         return Health("ok", "running")
 
 
-class _Throttle:
+class Throttle:
     """At most one log line per key and period (the first one passes)."""
 
     def __init__(self):
@@ -232,7 +232,7 @@ class Runtime:
         self._mailbox = Mailbox()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._throttle = _Throttle()
+        self._throttle = Throttle()
         self._received = self._processed = self._inference_errors = 0
         self._downscaled = 0
         self._bad: Counter = Counter()

@@ -4,6 +4,10 @@ Subscriptions (relative names, remap them):
   image                 sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, mono16, 16UC1, 32FC1, 32FC3)
   <image>/compressed    sensor_msgs/CompressedImage (jpeg/png), only with subscribe_compressed:=true;
                         the name follows the resolved image topic (image_transport convention)
+  camera_info           sensor_msgs/CameraInfo beside the image topic (/cam/image_raw -> /cam/camera_info,
+                        image_pipeline's rule) or camera_info_topic; needed for anomaly/points only
+  <depth_topic>         sensor_msgs/Image 16UC1 (mm) or 32FC1 (m) aligned with the colour image, only
+                        with depth_topic set: anomaly/points back-projected instead of on the ground
 
 Publications (every message carries the input frame's header: stamp and frame_id exactly):
   anomaly/mask          sensor_msgs/Image mono8, 255 = anomalous pixel, 0 = normal
@@ -18,6 +22,10 @@ Publications (every message carries the input frame's header: stamp and frame_id
                         frame_threshold - flag_hysteresis (core/temporal.py); restarts on activation
   anomaly/ood_raw       std_msgs/Bool, the per-frame decision frame_score > frame_threshold (unfiltered)
   anomaly/ood_score     std_msgs/Float32, the per-frame score both flags threshold
+  anomaly/points        sensor_msgs/PointCloud2 (x, y, z float32) of the anomalous pixels, sampled every
+                        point_stride pixels, in target_frame with the input stamp (ros/points.py: ground
+                        plane or depth; pose from tf2 or camera_xyz/camera_rpy); only while subscribed
+                        (a Nav2 costmap observation source: config/nav2_anomaly_costmap.yaml)
   anomaly/ood_stamped   diagnostic_msgs/DiagnosticArray: the filtered flag *with the input header*
                         (std_msgs has no stamped Bool): one status, level WARN + message "ood" while
                         the filtered flag is raised, OK + "id" otherwise, values frame_score,
@@ -25,8 +33,9 @@ Publications (every message carries the input frame's header: stamp and frame_id
                         anomalous_fraction
   /diagnostics          diagnostic_msgs/DiagnosticArray every diagnostics_period s: input and
                         processed rate, latency p50/max (reception to publication), dropped frames,
-                        bad inputs per kind, inference errors, frames ignored while disabled,
-                        downscaled frames, variant, device, NFE
+                        bad inputs per kind, inference errors, downscaled frames, variant, device,
+                        NFE, lifecycle_state; anomaly points: pose source, projection time p50
+                        (points_p50_ms), frames without points per reason (points_skipped_*)
 
 Lifecycle (a managed node, rclpy.lifecycle; ~/change_state, ~/get_state as every managed node):
   configure   loads the model and its calibration from the current parameters; a failure (missing
@@ -82,6 +91,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
@@ -90,13 +100,14 @@ from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, T
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Bool, Float32
 
 from ..core import checkpoint as ckpt
-from ..core.runtime import SETTING_NAMES, BadInput, Health, Runtime
+from ..core.runtime import SETTING_NAMES, BadInput, Health, Runtime, Throttle
 from ..core.settings import Settings
 from . import image_codec, transport
+from .points import AnomalyPoints, PointsConfig, TfPoses, tf_available
 from .params import NODE_PARAMETERS, as_declared_type, declare_parameters, settings_parameters
 
 NODE_NAME = "anomaly_detector"
@@ -107,7 +118,9 @@ _BAD_INPUT_KINDS = ("encoding", "size", "data", "compressed", "frame")
 
 # anomaly/<name> outputs, lifecycle publishers: they publish only while the node is active
 OUTPUTS = {"mask": Image, "score": Image, "overlay": Image, "edited": Image, "ood": Bool, "ood_raw": Bool,
-           "ood_score": Float32, "ood_stamped": DiagnosticArray}
+           "ood_score": Float32, "ood_stamped": DiagnosticArray, "points": PointCloud2}
+_POINTS_SKIPS = ("no_camera_info", "camera", "transform", "no_depth", "depth")
+_POINTS_LIVE = ("max_range", "point_stride", "ground_z", "depth_tolerance", "camera_xyz", "camera_rpy")
 
 
 def _ms(value: float | None) -> str:
@@ -157,7 +170,9 @@ class DetectorNode(LifecycleNode):
         self.state = "unconfigured"  # the lifecycle state, as the transitions below leave it
         self._problem = ""  # why the last configure failed (diagnostics)
         self._outputs: dict[str, LifecyclePublisher] = {}
-        self._subscriptions = []
+        self._inputs = []
+        self._points: AnomalyPoints | None = None
+        self._throttle = Throttle()
         # /diagnostics in every state: a manager or an operator sees why a node is not running
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(float(values["diagnostics_period"]), self.publish_diagnostics)
@@ -192,7 +207,32 @@ class DetectorNode(LifecycleNode):
         self._node_params.update(node_changes)
         if "max_input_pixels" in node_changes:
             self._runtime.max_input_pixels = node_changes["max_input_pixels"]
+        if self._points is not None and set(node_changes) & set(_POINTS_LIVE):
+            self._points.config = self._points_config()
         return SetParametersResult(successful=True)
+
+    def _points_config(self) -> PointsConfig:
+        np_ = self._node_params
+        return PointsConfig(target_frame=np_["target_frame"], max_range=np_["max_range"],
+                            point_stride=np_["point_stride"], ground_z=np_["ground_z"],
+                            depth_tolerance=np_["depth_tolerance"], camera_xyz=tuple(np_["camera_xyz"]),
+                            camera_rpy=tuple(np_["camera_rpy"]))
+
+    def _make_points(self) -> AnomalyPoints:
+        source = self._node_params["pose_source"]
+        if source == "tf" and not tf_available():
+            raise StartupError("pose_source is 'tf' but tf2_ros cannot be imported (source your ROS 2 setup); "
+                               "use pose_source:=static with camera_xyz / camera_rpy")
+        tf = TfPoses(self, self._node_params["target_frame"]) if source != "static" and tf_available() else None
+        return AnomalyPoints(self._points_config(), tf, depth=bool(self._node_params["depth_topic"]))
+
+    @property
+    def camera_info_topic(self) -> str:
+        """camera_info_topic, or camera_info beside the image topic (image_pipeline's rule)."""
+        topic = self._node_params["camera_info_topic"]
+        if topic:
+            return self.resolve_topic_name(topic)
+        return self._runtime.source.rsplit("/", 1)[0] + "/camera_info"
 
     def _revert(self, running: Settings, names: list[str]) -> None:
         """The worker could not apply a change: the parameters show the running values again."""
@@ -207,6 +247,7 @@ class DetectorNode(LifecycleNode):
             if not s.checkpoint:
                 raise StartupError("parameter 'checkpoint' is empty: pass the checkpoint folder, e.g. "
                                    "--ros-args -p checkpoint:=/path/to/checkpoint")
+            self._points = self._make_points()
             self._runtime.load()
         except (StartupError, ckpt.CheckpointError, ValueError, RuntimeError, OSError) as err:
             self._problem = str(err) if isinstance(err, StartupError) else f"cannot load the model: {err}"
@@ -227,12 +268,22 @@ class DetectorNode(LifecycleNode):
             history=HistoryPolicy.KEEP_LAST, depth=int(np_["qos_depth"]), durability=DurabilityPolicy.VOLATILE,
             reliability=ReliabilityPolicy.BEST_EFFORT if np_["qos_reliability"] == "best_effort"
             else ReliabilityPolicy.RELIABLE)
-        self._subscriptions = [self.create_subscription(Image, "image", self._on_image, in_qos)]
+        self._inputs = [self.create_subscription(Image, "image", self._on_image, in_qos)]
         inputs = [self._runtime.source]
         if np_["subscribe_compressed"]:
             topic = self._runtime.source.rstrip("/") + "/compressed"
-            self._subscriptions.append(self.create_subscription(CompressedImage, topic, self._on_compressed, in_qos))
+            self._inputs.append(self.create_subscription(CompressedImage, topic, self._on_compressed, in_qos))
             inputs.append(topic)
+        # camera_info and depth: the sensor-data profile matches reliable and best-effort drivers alike
+        sensor = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT,
+                            durability=DurabilityPolicy.VOLATILE)
+        self._inputs.append(self.create_subscription(CameraInfo, self.camera_info_topic,
+                                                            self._points.on_camera_info, sensor))
+        inputs.append(self.camera_info_topic)
+        if np_["depth_topic"]:
+            self._inputs.append(self.create_subscription(Image, np_["depth_topic"], self._points.on_depth,
+                                                                sensor))
+            inputs.append(self.resolve_topic_name(np_["depth_topic"]))
         self._runtime.start()
         self.state = "active"
         result = super().on_activate(state)
@@ -244,9 +295,9 @@ class DetectorNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop listening and publishing; the model stays loaded."""
         self.state = "inactive"  # first: a frame finishing now is not published
-        for sub in self._subscriptions:
+        for sub in self._inputs:
             self.destroy_subscription(sub)
-        self._subscriptions = []
+        self._inputs = []
         self._runtime.stop()
         self.get_logger().info("deactivated: frames are ignored, the model stays loaded")
         return super().on_deactivate(state)
@@ -268,15 +319,16 @@ class DetectorNode(LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         """An exception in a transition: release what there is and go back to unconfigured."""
         self.get_logger().error(f"error in a lifecycle transition from {state.label}: releasing the model")
-        for sub in self._subscriptions:
+        for sub in self._inputs:
             self.destroy_subscription(sub)
-        self._subscriptions = []
+        self._inputs = []
         self._release()
         self.state = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
 
     def _release(self) -> None:
         self._runtime.release()
+        self._points = None
         for pub in self._outputs.values():
             self.destroy_lifecycle_publisher(pub)
         self._outputs = {}
@@ -343,6 +395,15 @@ class DetectorNode(LifecycleNode):
         if (self._node_params["publish_edited"] and result.edited is not None
                 and out["edited"].get_subscription_count() > 0):
             out["edited"].publish(image_codec.rgb_to_image(result.edited, header))
+        points = self._points
+        if self._node_params["publish_points"] and points is not None and out["points"].get_subscription_count() > 0:
+            mask = result.mask if result.mask_smoothed is None else result.mask_smoothed
+            cloud, reason = points.cloud(header, mask)
+            if cloud is not None:
+                out["points"].publish(cloud)
+            elif self._throttle(reason.split(":")[0], 5.0):
+                self.get_logger().warning(f"anomaly/points: nothing published for this frame ({reason}); "
+                                          f"counted as points_skipped_* in /diagnostics")
 
     # ------------------------------------------------------------------ diagnostics (executor thread)
 
@@ -373,6 +434,12 @@ class DetectorNode(LifecycleNode):
             "checkpoint": det.settings.checkpoint if det else desired.checkpoint,
             "input_topic": self._runtime.source,
         }
+        points = self._points
+        if points is not None:
+            times = points.take_times()
+            values.update({"points_pose_source": points.pose_source,
+                           "points_p50_ms": _ms(float(np.median(times)) if times else None),
+                           **{f"points_skipped_{k}": str(points.skipped.get(k, 0)) for k in _POINTS_SKIPS}})
         if self.state == "active":
             health = w.health()
         elif self._problem:

@@ -7,6 +7,7 @@ node-only parameters below. The launch-file test and the node both read this mod
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,6 +32,12 @@ class ParamSpec:
 
     def check(self, value: Any) -> str | None:
         """Reason why `value` is unacceptable (node-only parameters; settings use core.settings.check)."""
+        if self.type is list:  # a fixed-length array of doubles (xyz, rpy)
+            n = len(self.default)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != n or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                return f"{self.name} must be {n} finite numbers, got {value!r}"
+            return None
         if isinstance(value, bool) != isinstance(self.default, bool) or not isinstance(value, self.type) and not (
                 self.type is float and isinstance(value, int)):
             return f"{self.name} must be a {self.type.__name__}, got {value!r}"
@@ -61,6 +68,29 @@ NODE_PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in (
     ParamSpec("max_input_pixels", MAX_INPUT_PIXELS, "frames with more pixels than this are downscaled "
               "(INTER_AREA, aspect ratio kept) before the detector; the outputs then have the downscaled "
               "resolution (same aspect ratio, input header)", 4096, 1_000_000_000),
+    # anomaly points (ros/points.py)
+    ParamSpec("publish_points", True, "publish anomaly/points (sensor_msgs/PointCloud2 of the anomalous pixels in "
+              "target_frame; computed only while someone subscribes and CameraInfo has arrived)"),
+    ParamSpec("target_frame", "base_link", "frame of anomaly/points", read_only=True),
+    ParamSpec("camera_info_topic", "", "sensor_msgs/CameraInfo of the camera; empty: camera_info beside the image "
+              "topic (image_pipeline convention: /camera/image_raw -> /camera/camera_info)", read_only=True),
+    ParamSpec("depth_topic", "", "aligned depth image (16UC1 millimetres or 32FC1 metres, the colour camera's "
+              "resolution or another) for back-projection; empty: project onto the ground plane", read_only=True),
+    ParamSpec("depth_tolerance", 0.05, "seconds between the image stamp and the depth frame paired with it "
+              "(nearest stamp); further: no points for that frame", 0.0, 1.0),
+    ParamSpec("max_range", 20.0, "metres from the camera beyond which anomaly points are dropped", 0.1, 1000.0),
+    ParamSpec("point_stride", 8, "anomalous pixels are sampled every point_stride pixels of the published mask",
+              1, 256),
+    ParamSpec("ground_z", 0.0, "height of the ground plane in target_frame (flat-ground projection, metres)",
+              -100.0, 100.0),
+    ParamSpec("pose_source", "auto", "camera pose in target_frame: tf (tf2 lookup of the image's frame_id), "
+              "static (camera_xyz, camera_rpy) or auto (tf2 when tf2_ros is importable, else static)",
+              choices=("auto", "tf", "static"), read_only=True),
+    ParamSpec("camera_xyz", [0.0, 0.0, 1.0], "static extrinsics: position of the camera's OPTICAL frame in "
+              "target_frame, metres (floats)"),
+    ParamSpec("camera_rpy", [-math.pi / 2, 0.0, -math.pi / 2], "static extrinsics: roll, pitch, yaw (fixed axes, "
+              "as tf2/URDF) of the camera's OPTICAL frame in target_frame, radians (floats); a forward camera "
+              "pitched down by p: [-pi/2 - p, 0, -pi/2]"),
     ParamSpec("autostart", True, "configure and activate the managed node at start-up (ros2 run, the "
               "launch files); false: wait for lifecycle transitions (Nav2's lifecycle_manager, ros2 "
               "lifecycle set)", read_only=True),
@@ -122,7 +152,8 @@ def declare_parameters(node, specs) -> None:
 # ---- declaring a ParamSpec (detector and replay node) ----
 
 _ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+              list: ParameterType.PARAMETER_DOUBLE_ARRAY}
 
 
 def descriptor(p: ParamSpec) -> ParameterDescriptor:
