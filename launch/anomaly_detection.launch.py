@@ -7,6 +7,14 @@ Arguments: variant (loads config/<variant>.yaml), namespace, image_topic (the no
 input is remapped to it), use_sim_time, checkpoint, device (empty: the value in the
 variant's parameter file), rviz (true: rviz2 with config/anomaly.rviz, its topics adjusted
 to image_topic and namespace).
+
+For the navigation stack (anomaly/points, README "Wiring it into Nav2"): camera_info_topic
+(empty: camera_info beside image_topic), depth_topic (empty: ground-plane projection),
+target_frame (default base_link), lifecycle_manager (true: the detector waits unconfigured
+and a nav2_lifecycle_manager started here configures and activates it; false: it starts
+itself, autostart). To let your Nav2 bringup's own lifecycle manager drive it instead, pass
+lifecycle_manager:=false autostart:=false and add the detector's node name to that manager's
+node_names.
 """
 import os
 import tempfile
@@ -44,7 +52,8 @@ def _launch_nodes(context):
     variant = arg('variant')
     params_file = os.path.join(share, 'config', variant + '.yaml')
     if not os.path.isfile(params_file):
-        known = sorted(f[:-5] for f in os.listdir(os.path.join(share, 'config')) if f.endswith('.yaml'))
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(share, 'config'))
+                       if f.endswith('.yaml') and not f.startswith('nav2_'))
         raise RuntimeError('no parameter file config/%s.yaml for variant %r; variants: %s'
                            % (variant, variant, ', '.join(known)))
     use_sim_time = _truthy(arg('use_sim_time'))
@@ -53,6 +62,11 @@ def _launch_nodes(context):
         overrides['checkpoint'] = arg('checkpoint')
     if arg('device'):
         overrides['device'] = arg('device')
+    managed = _truthy(arg('lifecycle_manager'))
+    overrides['autostart'] = _truthy(arg('autostart')) and not managed
+    overrides['target_frame'] = arg('target_frame')
+    overrides['camera_info_topic'] = arg('camera_info_topic')
+    overrides['depth_topic'] = arg('depth_topic')
     namespace = arg('namespace')
     image_topic = arg('image_topic')
     actions = [Node(
@@ -65,6 +79,17 @@ def _launch_nodes(context):
         output='screen',
         emulate_tty=True,
     )]
+    if managed:
+        # Nav2's manager; bond_timeout 0: this Python node does not run a bond (bondcpp) heartbeat
+        actions.append(Node(
+            package='nav2_lifecycle_manager',
+            executable='lifecycle_manager',
+            name='anomaly_lifecycle_manager',
+            namespace=namespace,
+            parameters=[{'node_names': ['anomaly_detector'], 'autostart': True, 'bond_timeout': 0.0,
+                         'use_sim_time': use_sim_time}],
+            output='screen',
+        ))
     if _truthy(arg('rviz')):
         actions.append(Node(
             package='rviz2',
@@ -93,5 +118,14 @@ def generate_launch_description():
                               description='torch device (cpu, cuda, cuda:N); empty: from the parameter file'),
         DeclareLaunchArgument('rviz', default_value='false',
                               description='start rviz2 with camera, overlay and mask displays'),
+        DeclareLaunchArgument('camera_info_topic', default_value='',
+                              description='sensor_msgs/CameraInfo for anomaly/points; empty: beside image_topic'),
+        DeclareLaunchArgument('depth_topic', default_value='',
+                              description='aligned depth image for anomaly/points; empty: ground-plane projection'),
+        DeclareLaunchArgument('target_frame', default_value='base_link', description='frame of anomaly/points'),
+        DeclareLaunchArgument('autostart', default_value='true',
+                              description='the detector configures and activates itself at start-up'),
+        DeclareLaunchArgument('lifecycle_manager', default_value='false',
+                              description='start a nav2_lifecycle_manager that drives the detector'),
         OpaqueFunction(function=_launch_nodes),
     ])

@@ -63,7 +63,8 @@ def _launch_nodes(context):
     variant = arg('variant')
     params_file = os.path.join(share, 'config', variant + '.yaml')
     if not os.path.isfile(params_file):
-        known = sorted(f[:-5] for f in os.listdir(os.path.join(share, 'config')) if f.endswith('.yaml'))
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(share, 'config'))
+                       if f.endswith('.yaml') and not f.startswith('nav2_'))
         raise RuntimeError('no parameter file config/%s.yaml for variant %r; variants: %s'
                            % (variant, variant, ', '.join(known)))
     overrides = {'variant': variant, 'use_sim_time': _truthy(arg('use_sim_time'))}

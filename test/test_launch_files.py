@@ -27,7 +27,7 @@ PACKAGE = "ros_anomaly_diffusion"
 LAUNCH = ROOT / "launch"
 CONFIG = ROOT / "config"
 LAUNCH_FILES = ["anomaly_detection.launch.py", "rugd_replay.launch.py", "multi_camera.launch.py"]
-OTHER_EXECUTABLES = {("rviz2", "rviz2")}  # (package, executable) from other packages
+OTHER_EXECUTABLES = {("rviz2", "rviz2"), ("nav2_lifecycle_manager", "lifecycle_manager")}  # other packages
 
 
 def _tree(name: str) -> ast.Module:
@@ -148,7 +148,15 @@ def test_launch_files_set_the_large_frame_dds_settings_first(name):
 
 def test_detection_launch_arguments_and_variant_default():
     args = _declared_arguments(_tree("anomaly_detection.launch.py"))
-    assert set(args) >= {"variant", "namespace", "image_topic", "use_sim_time", "checkpoint", "device", "rviz"}
+    assert set(args) >= {"variant", "namespace", "image_topic", "use_sim_time", "checkpoint", "device", "rviz",
+                         "camera_info_topic", "depth_topic", "target_frame", "autostart", "lifecycle_manager"}
+    # the navigation wiring reaches the node's parameters, which exist
+    src = (LAUNCH / "anomaly_detection.launch.py").read_text()
+    for name in ("target_frame", "camera_info_topic", "depth_topic", "autostart"):
+        assert f"overrides['{name}']" in src and name in NODE_PARAMETERS, name
+    assert (args["autostart"], args["lifecycle_manager"], args["target_frame"]) == ("true", "false", "base_link")
+    # a manager started here drives the detector: bond off (no bondcpp in rclpy), the node's own name
+    assert "'node_names': ['anomaly_detector']" in src and "'bond_timeout': 0.0" in src
     assert args["variant"] in VARIANTS
     assert (CONFIG / f"{args['variant']}.yaml").is_file()
     assert args["rviz"] == "false" and args["use_sim_time"] == "false"
@@ -282,6 +290,25 @@ def test_variant_specific_values():
     assert ddpm["ddpm_guidance_scale"] == 3000.0
     for p in (ddim, ddpm):
         assert p["device"] == "cpu" and p["segments"] == "auto"
+
+
+def test_nav2_costmap_example_takes_the_detector_points():
+    doc = yaml.safe_load((CONFIG / "nav2_anomaly_costmap.yaml").read_text())
+    params = doc["local_costmap"]["local_costmap"]["ros__parameters"]
+    assert "anomaly_layer" in params["plugins"]
+    assert params["plugins"].index("anomaly_layer") < params["plugins"].index("inflation_layer")
+    layer = params["anomaly_layer"]
+    assert layer["plugin"] == "nav2_costmap_2d::ObstacleLayer" and layer["observation_sources"] == "anomaly"
+    src = layer["anomaly"]
+    # the node's topic (no namespace) and message type
+    assert src["topic"] == "/anomaly/points" and src["data_type"] == "PointCloud2"
+    assert src["marking"] is True and src["clearing"] is False
+    # ground-plane points (z = ground_z = 0 by default) pass both height windows
+    ground_z = NODE_PARAMETERS["ground_z"].default
+    for window in (src, layer):
+        assert window["min_obstacle_height"] < ground_z < window["max_obstacle_height"]
+    assert src["obstacle_max_range"] <= NODE_PARAMETERS["max_range"].default
+    assert any(fnmatch.fnmatch("config/nav2_anomaly_costmap.yaml", g) for g in data_file_globs())
 
 
 def test_rviz_config_shows_camera_overlay_and_mask():
