@@ -110,7 +110,7 @@ def test_node_survives_fuzzed_messages_and_its_counters_add_up(spawn, probe, tin
     print(f"\nfuzz: {dict(sent)}; node: {counts}")
     assert sent["examples"] >= 0.9 * MESSAGES and sent["messages"] >= 2000
     assert len(bad) == 5 and all(bad.values()), bad  # every kind of fault was exercised
-    assert counts["inference_errors"] == counts["ignored_disabled"] == 0
+    assert counts["inference_errors"] == 0
     assert counts["frames_processed"] >= MESSAGES // GOOD_EVERY + 2  # every good frame at least
 
 

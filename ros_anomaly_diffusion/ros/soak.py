@@ -140,7 +140,7 @@ def soak_main(argv: list[str] | None = None) -> int:
 
 
 # Frames the node received and has finished with, one way or another (its /diagnostics keys).
-OUTCOMES = ("frames_processed", "frames_dropped", "inference_errors", "ignored_disabled",
+OUTCOMES = ("frames_processed", "frames_dropped", "inference_errors",
             "bad_input_encoding", "bad_input_size", "bad_input_data", "bad_input_compressed", "bad_input_frame")
 
 
