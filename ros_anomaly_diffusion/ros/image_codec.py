@@ -58,7 +58,7 @@ class FrameError(ValueError):
         self.kind = kind
 
 
-def _bytes_of(data: Any) -> np.ndarray:
+def bytes_of(data: Any) -> np.ndarray:
     """The message's data field (bytes, array.array('B'), list of ints, ndarray) as uint8."""
     if data is None:
         return np.zeros(0, np.uint8)
@@ -94,28 +94,36 @@ def _to_u8(values: np.ndarray) -> np.ndarray:
                      "images are supported", "encoding")
 
 
-def image_to_rgb(msg: Any) -> np.ndarray:
-    """sensor_msgs/Image (or anything with its fields) -> uint8 (H, W, 3) RGB, contiguous."""
+def image_pixels(msg: Any, what: str = "image") -> np.ndarray:
+    """sensor_msgs/Image -> its pixels (H, W, channels) in the encoding's dtype, row padding
+    dropped and byte order honoured; FrameError for a message whose layout does not add up."""
     encoding = str(msg.encoding)
     base, channels = _layout(encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
-        raise FrameError(f"image has zero size ({width}x{height} pixels)", "size")
+        raise FrameError(f"{what} has zero size ({width}x{height} pixels)", "size")
     pixel_bytes = np.dtype(base).itemsize * channels
     row_bytes = width * pixel_bytes
     if step < row_bytes:
         raise FrameError(f"step {step} is smaller than width * bytes per pixel = {width} * {pixel_bytes} "
                          f"= {row_bytes} for {encoding}", "data")
-    buf = _bytes_of(msg.data)
+    buf = bytes_of(msg.data)
     if buf.size < height * step:
-        raise FrameError(f"image data has {buf.size} bytes, fewer than height * step = {height} * {step} "
+        raise FrameError(f"{what} data has {buf.size} bytes, fewer than height * step = {height} * {step} "
                          f"= {height * step}", "data")
     rows = buf[: height * step].reshape(height, step)[:, :row_bytes]
     dtype = np.dtype(base)
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
-    u8 = _to_u8(np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels))
-    if channels == 1:
+    pixels = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels)
+    return pixels.astype(pixels.dtype.newbyteorder("="), copy=False)
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image (or anything with its fields) -> uint8 (H, W, 3) RGB, contiguous."""
+    encoding = str(msg.encoding)
+    u8 = _to_u8(image_pixels(msg))
+    if u8.shape[2] == 1:
         rgb = np.repeat(u8, 3, axis=2)
     elif encoding in ("bgr8", "bgra8"):
         rgb = u8[..., 2::-1]
@@ -146,7 +154,7 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     if "compresseddepth" in fmt.lower().replace(" ", ""):
         raise FrameError(f"unsupported CompressedImage format {fmt!r} (compressedDepth); "
                          "publish colour images as jpeg or png", "encoding")
-    buf = _bytes_of(msg.data)
+    buf = bytes_of(msg.data)
     if buf.size == 0:
         raise FrameError(f"CompressedImage (format {fmt!r}) has no data", "compressed")
     if buf[:8].tobytes() == b"\x89PNG\r\n\x1a\n":

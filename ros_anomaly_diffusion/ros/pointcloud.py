@@ -15,7 +15,7 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 
 from ..core import geometry
-from .image_codec import FrameError, _bytes_of, _layout
+from .image_codec import FrameError, bytes_of, image_pixels
 
 # PointField datatype -> numpy type, for the x, y, z fields cloud_to_points reads
 _FIELD_TYPES = {PointField.FLOAT32: np.float32, PointField.FLOAT64: np.float64}
@@ -63,7 +63,7 @@ def cloud_to_points(msg: Any) -> np.ndarray:
         raise ValueError(f"PointCloud2 x, y, z offsets {offsets} do not fit in point_step {step}")
     if row_step < width * step:
         raise ValueError(f"PointCloud2 row_step {row_step} is smaller than width * point_step = {width * step}")
-    buf = _bytes_of(msg.data)
+    buf = bytes_of(msg.data)
     if buf.size < height * row_step:
         raise ValueError(f"PointCloud2 data has {buf.size} bytes, fewer than height * row_step = "
                          f"{height} * {row_step} = {height * row_step}")
@@ -102,19 +102,5 @@ def depth_image_to_metres(msg: Any) -> np.ndarray:
     if encoding not in DEPTH_ENCODINGS:
         raise FrameError(f"unsupported depth encoding {encoding!r}; supported: 16UC1 (uint16 millimetres), "
                          "32FC1 (float metres)", "encoding")
-    base, _ = _layout(encoding)
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    if height <= 0 or width <= 0:
-        raise FrameError(f"depth image has zero size ({width}x{height} pixels)", "size")
-    dtype = np.dtype(base).newbyteorder(">" if msg.is_bigendian else "<")
-    row_bytes = width * dtype.itemsize
-    if step < row_bytes:
-        raise FrameError(f"step {step} is smaller than width * bytes per pixel = {width} * {dtype.itemsize} "
-                         f"= {row_bytes} for {encoding}", "data")
-    buf = _bytes_of(msg.data)
-    if buf.size < height * step:
-        raise FrameError(f"depth image data has {buf.size} bytes, fewer than height * step = "
-                         f"{height} * {step} = {height * step}", "data")
-    rows = np.ascontiguousarray(buf[: height * step].reshape(height, step)[:, :row_bytes])
-    pixels = rows.view(dtype).reshape(height, width)
-    return geometry.depth_to_metres(pixels.astype(dtype.newbyteorder("=")), encoding)
+    pixels = image_pixels(msg, "depth image")[..., 0]
+    return geometry.depth_to_metres(pixels, encoding)
