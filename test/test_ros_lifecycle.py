@@ -40,7 +40,7 @@ def newest_status(box, node_name: str):
 def test_transitions_gate_the_outputs_and_cleanup_releases_the_model(spawn, probe, tmp_path):
     from ros_anomaly_diffusion.core.families.pixel import init_checkpoint
 
-    # A "reference" UNet (~140 MB of weights): large enough that releasing it stands out from what
+    # A "reference" UNet (236 MB of weights): large enough that releasing it stands out from what
     # malloc_trim alone gives back after inference (see also the field test's notes).
     ckpt = init_checkpoint(tmp_path / "reference", preset="reference", image_size=(64, 80))
     weights_mb = (ckpt / "denoiser.safetensors").stat().st_size / 2**20
@@ -85,7 +85,7 @@ def test_transitions_gate_the_outputs_and_cleanup_releases_the_model(spawn, prob
     time.sleep(0.5)
     after = rss_mb(node.proc.pid)
     print(f"RSS {before:.1f} MB inactive -> {after:.1f} MB after cleanup ({weights_mb:.0f} MB of weights)")
-    # Measured: ~-300 MB for 140 MB of weights (the feature network and buffers go too); with the
+    # Measured: -307 MB for 236 MB of weights (the feature network and buffers go too); with the
     # Detector kept alive (a leak) it shrank by ~60 MB only.
     assert before - after > 0.75 * weights_mb, f"RSS {before:.1f} MB -> {after:.1f} MB after cleanup"
 
