@@ -106,7 +106,7 @@ def generate_launch_description():
     return LaunchDescription([
         # camera-sized frames over best effort for everything this launch starts (README)
         *large_frame_launch_actions(os.path.join(get_package_share_directory(PACKAGE), 'config')),
-        DeclareLaunchArgument('variant', default_value='ddim',
+        DeclareLaunchArgument('variant', default_value='knn',
                               description='optimization variant; loads config/<variant>.yaml'),
         DeclareLaunchArgument('namespace', default_value='', description='namespace of the detector'),
         DeclareLaunchArgument('image_topic', default_value='/camera/image',

@@ -91,7 +91,7 @@ def generate_launch_description():
         DeclareLaunchArgument('cameras', default_value='/camera/image_raw',
                               description='comma-separated camera topics (sensor_msgs/Image); one detector '
                                           'each, in the camera namespace (/front/image_raw -> /front)'),
-        DeclareLaunchArgument('variant', default_value='ddim',
+        DeclareLaunchArgument('variant', default_value='knn',
                               description='optimization variant; loads config/<variant>.yaml'),
         DeclareLaunchArgument('checkpoint', default_value='',
                               description='checkpoint folder (config.json + .safetensors)'),

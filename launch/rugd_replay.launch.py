@@ -57,7 +57,7 @@ def generate_launch_description():
         DeclareLaunchArgument('rate', default_value='5.0', description='frames per second'),
         DeclareLaunchArgument('loop', default_value='true', description='start again after the last frame'),
         DeclareLaunchArgument('image_topic', default_value='/camera/image', description='camera topic'),
-        DeclareLaunchArgument('variant', default_value='ddim', description='detector variant'),
+        DeclareLaunchArgument('variant', default_value='knn', description='detector variant'),
         DeclareLaunchArgument('namespace', default_value='', description='namespace of the detector'),
         DeclareLaunchArgument('use_sim_time', default_value='false', description='use /clock'),
         DeclareLaunchArgument('checkpoint', default_value='', description='checkpoint folder'),

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from .config import variant_settings
+from .core.settings import Settings
 
 # Each command imports what it runs (torch and diffusers, rclpy for the ROS commands) inside
 # its function: `--help` starts at once and a command pays only for its own imports.
@@ -27,7 +28,8 @@ def _settings(args):
 
 
 def _common_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", default="ddim", help="variant name (config/<variant>.yaml supplies its settings)")
+    p.add_argument("--variant", default=Settings().variant,
+                   help="variant name (config/<variant>.yaml supplies its settings); default: %(default)s")
     p.add_argument("--device", default=None, help="torch device (default: the variant's config)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one setting, e.g. --set steps=50 (repeatable)")

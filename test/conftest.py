@@ -211,8 +211,11 @@ def spawn_module():
     yield from _spawner()
 
 
-def detector_args(checkpoint: Path, *extra: str) -> list[str]:
-    return ["--ros-args", "-p", f"checkpoint:={checkpoint}", *extra]
+def detector_args(checkpoint: Path, *extra: str, variant: str | None = "ddim") -> list[str]:
+    """Node arguments for `checkpoint` (the tests' tiny checkpoints are pixel models, hence ddim;
+    variant=None leaves the variant to a parameter file)."""
+    return ["--ros-args", "-p", f"checkpoint:={checkpoint}", *(["-p", f"variant:={variant}"] if variant else []),
+            *extra]
 
 
 # --------------------------------------------------------------------------- the test's own ROS node

@@ -27,7 +27,7 @@ def test_export_writes_a_valid_onnx_denoiser(tmp_path):
     import onnx
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    assert cli(["-q", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "onnx")]) == 0
+    assert cli(["-q", "export", "--variant", "ddim", "--checkpoint", str(ckpt), "--out", str(tmp_path / "onnx")]) == 0
     model = onnx.load(str(tmp_path / "onnx" / "ddim_denoiser.onnx"))
     onnx.checker.check_model(model)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]

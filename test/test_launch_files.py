@@ -336,10 +336,12 @@ def test_rviz_config_shows_camera_overlay_and_mask():
 def test_detector_starts_with_each_parameter_file(variant, overrides, spawn, probe, tiny_checkpoint,
                                                   short_checkpoint, family_checkpoint):
     family = VARIANTS[variant].family
-    ckpt = family_checkpoint(family) if family != "pixel" else short_checkpoint if variant == "ddpm" else tiny_checkpoint
+    ckpt = (family_checkpoint(family) if family != "pixel" else short_checkpoint if variant == "ddpm"
+            else tiny_checkpoint)
     topic = f"/launch_{variant}/image"
     node = spawn("detector_node", "--ros-args", "--params-file", str(CONFIG / f"{variant}.yaml"),
-                 *detector_args(ckpt, *overrides, "-r", f"image:={topic}", "-r", f"__ns:=/lt_{variant}")[1:])
+                 *detector_args(ckpt, *overrides, "-r", f"image:={topic}", "-r", f"__ns:=/lt_{variant}",
+                                variant=None)[1:])
     node.wait_for_output(rf"variant {variant} \(NFE \d+\)", timeout=90)
     node.wait_for_output(f"listening on {topic}", timeout=30)
     masks = probe.collect(Image, f"/lt_{variant}/anomaly/mask")

@@ -235,7 +235,7 @@ def test_tampered_quantization_config_is_refused(small, tmp_path):
         with pytest.raises(ckpt.CheckpointError, match="denoiser.safetensors"):
             Q.load_denoiser(bad, ckpt.load_config(bad), "cpu", None)
     with pytest.raises(ckpt.CheckpointError, match="denoiser.safetensors"):
-        Detector(bad, Settings(checkpoint=str(bad), segments="none"))
+        Detector(bad, Settings(checkpoint=str(bad), variant="ddim", segments="none"))
     (bad / ckpt.CONFIG).write_text(json.dumps({**config, "quantization": {"precision": "int4", "layers": "all"}}))
     with pytest.raises(ckpt.CheckpointError, match="config.json"):
         Q.load_denoiser(bad, ckpt.load_config(bad), "cpu", None)

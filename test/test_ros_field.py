@@ -243,7 +243,8 @@ def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tin
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
     topic = f"/fault_{error}/image"
     node = DetectorNode(parameter_overrides=[
-        Parameter("checkpoint", value=str(tiny_checkpoint)), Parameter("steps", value=2),
+        Parameter("checkpoint", value=str(tiny_checkpoint)), Parameter("variant", value="ddim"),
+        Parameter("steps", value=2),
         Parameter("segments", value="none"), Parameter("qos_reliability", value="reliable"),
         Parameter("diagnostics_period", value=0.2)],
         cli_args=["--ros-args", "-r", f"image:={topic}", "-r", f"__ns:=/fault_{error}"])

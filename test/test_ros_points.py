@@ -57,8 +57,9 @@ def test_a_known_blob_lands_where_the_geometry_says(ros, probe, tiny_checkpoint,
 
     ns, topic = f"/pts_{mode}", f"/pts_{mode}_cam/image_raw"
     pitch = PITCH if mode == "ground" else 0.0
-    params = {"checkpoint": str(tiny_checkpoint), "steps": 2, "segments": "none", "qos_reliability": "reliable",
-              "pose_source": "static", "camera_xyz": [0.0, 0.0, HEIGHT], "point_stride": 4, "max_range": 50.0,
+    params = {"checkpoint": str(tiny_checkpoint), "variant": "ddim", "steps": 2, "segments": "none",
+              "qos_reliability": "reliable", "pose_source": "static", "camera_xyz": [0.0, 0.0, HEIGHT],
+              "point_stride": 4, "max_range": 50.0,
               "camera_rpy": [-math.pi / 2 - pitch, 0.0, -math.pi / 2], "diagnostics_period": 0.3}
     if mode == "depth":
         params["depth_topic"] = f"/pts_{mode}_cam/depth"

@@ -90,11 +90,11 @@ class Harness:
 
 
 def tiny_settings(checkpoint, **changes) -> Settings:
-    return Settings(checkpoint=str(checkpoint), steps=2, segments="none", **changes)
+    return Settings(checkpoint=str(checkpoint), variant="ddim", steps=2, segments="none", **changes)
 
 
 def test_the_mailbox_keeps_only_the_newest_frame():
-    h = Harness(Settings())
+    h = Harness(Settings(variant="ddim"))
     h.rt.load()
     for i in range(5):
         h.rt.submit(random_frame(seed=i), i)
@@ -140,7 +140,7 @@ def test_live_change_rebuild_and_a_failed_rebuild_keeps_the_old_model(tiny_check
 
 
 def test_release_frees_the_detector_and_load_brings_it_back():
-    h = Harness(Settings())
+    h = Harness(Settings(variant="ddim"))
     h.rt.load()
     h.rt.start()
     released = weakref.ref(h.rt.detector)
@@ -161,7 +161,7 @@ def test_release_frees_the_detector_and_load_brings_it_back():
 
 
 def test_the_worker_restarts_after_stop_and_a_frame_left_waiting_is_dropped():
-    h = Harness(Settings())
+    h = Harness(Settings(variant="ddim"))
     h.rt.load()
     h.rt.start()
     h.rt.stop()  # a deactivated node
@@ -176,7 +176,7 @@ def test_the_worker_restarts_after_stop_and_a_frame_left_waiting_is_dropped():
 
 
 def test_frames_above_max_input_pixels_are_downscaled_and_logged_once():
-    h = Harness(Settings(), max_input_pixels=10_000, source="/cam/image")
+    h = Harness(Settings(variant="ddim"), max_input_pixels=10_000, source="/cam/image")
     h.rt.load()
     big = np.zeros((200, 300, 3), np.uint8)
     for i in range(2):
@@ -196,7 +196,7 @@ def test_frames_above_max_input_pixels_are_downscaled_and_logged_once():
 
 
 def test_statistics_add_up_and_the_window_rates_them():
-    h = Harness(Settings(), source="cam", bad_input_log_period=0.0)
+    h = Harness(Settings(variant="ddim"), source="cam", bad_input_log_period=0.0)
     h.rt.load()
 
     def unreadable():
@@ -233,7 +233,7 @@ def test_statistics_add_up_and_the_window_rates_them():
 
 
 def test_health_rules():
-    h = Harness(Settings())
+    h = Harness(Settings(variant="ddim"))
     assert (h.rt.window().health().level, h.rt.window().health().message) == ("warn", "no model loaded")
     h.rt.load()
     verdict = h.rt.window().health()
@@ -257,7 +257,7 @@ def test_health_rules():
 
 
 def test_the_worker_thread_serves_frames_until_stopped():
-    h = Harness(Settings())
+    h = Harness(Settings(variant="ddim"))
     h.rt.load()
     h.rt.start()
     try:
@@ -288,7 +288,7 @@ def frame_number(i: int) -> np.ndarray:
 
 def test_the_stream_gets_the_filtered_flag_and_the_smoothed_mask():
     flags, smoothed = [], []
-    h = Harness(Settings(flag_window=3, flag_raise_count=2, flag_clear_count=2, score_ema_alpha=0.5),
+    h = Harness(Settings(variant="ddim", flag_window=3, flag_raise_count=2, flag_clear_count=2, score_ema_alpha=0.5),
                 kind=ScriptedDetector)
     h.rt._on_result = lambda token, rgb, r, det: (flags.append(r.ood_filtered), smoothed.append(r.mask_smoothed))
     h.rt.load()

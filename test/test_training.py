@@ -159,8 +159,8 @@ def test_a_resumed_trainer_goes_on_exactly_as_the_interrupted_one_would(tmp_path
 
 def test_eval_cli_writes_metrics_and_overlays(trained, scenes, tmp_path):
     out, _ = trained
-    code = cli(["-q", "eval", "--data", str(scenes), "--checkpoint", str(out), "--out", str(tmp_path),
-                "--set", "steps=2", "--set", "segments=none"])
+    code = cli(["-q", "eval", "--variant", "ddim", "--data", str(scenes), "--checkpoint", str(out),
+                "--out", str(tmp_path), "--set", "steps=2", "--set", "segments=none"])
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("pixel_ap", "pixel_auroc", "fpr95", "f_star", "frame_auroc", "latency_ms", "nfe"):
