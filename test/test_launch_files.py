@@ -159,6 +159,10 @@ def test_detection_launch_arguments_and_variant_default():
     assert "'node_names': ['anomaly_detector']" in src and "'bond_timeout': 0.0" in src
     assert args["variant"] in VARIANTS
     assert (CONFIG / f"{args['variant']}.yaml").is_file()
+    # one default: launch files, node and CLI (what measured best, README Results)
+    assert args["variant"] == Settings().variant == "knn"
+    for name in ("multi_camera.launch.py", "rugd_replay.launch.py"):
+        assert _declared_arguments(_tree(name))["variant"] == Settings().variant, name
     assert args["rviz"] == "false" and args["use_sim_time"] == "false"
     src = (LAUNCH / "anomaly_detection.launch.py").read_text()
     assert "get_package_share_directory" in src and "'config', variant + '.yaml'" in src
