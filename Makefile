@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test default-model
 setup:
 	./scripts/setup.sh
 
@@ -11,3 +11,8 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest test $(ARGS)
+
+# The model shipped in ros_anomaly_diffusion/models/default (MODEL_CARD.md): knn on the RUGD sample.
+default-model: setup
+	$(BIN)/ros-anomaly-diffusion train --variant knn --data ../shared/data/rugd-sample \
+		--out ros_anomaly_diffusion/models/default --seed 0

@@ -14,9 +14,11 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz")),
     ],
-    # the shipped TAEF2 autoencoder (MIT, see its README.md): weights, licence, attribution
+    # the shipped TAEF2 autoencoder (MIT, see its README.md): weights, licence, attribution; the
+    # default model (models/default/MODEL_CARD.md)
     package_data={PACKAGE: ["config/*.yaml", "models/taef2/*.safetensors", "models/taef2/LICENSE",
-                            "models/taef2/README.md"]},
+                            "models/taef2/README.md", "models/default/*.safetensors", "models/default/config.json",
+                            "models/default/MODEL_CARD.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

@@ -1,7 +1,10 @@
 """Anomaly detection on a camera topic, optionally with RViz.
 
-  ros2 launch ros_anomaly_diffusion anomaly_detection.launch.py \
-      checkpoint:=/path/to/checkpoint image_topic:=/camera/image [variant:=ddim] [rviz:=true]
+  ros2 launch ros_anomaly_diffusion anomaly_detection.launch.py image_topic:=/camera/image_raw \
+      [checkpoint:=/path/to/checkpoint variant:=knn|inversion|ddim|...] [rviz:=true]
+
+Without checkpoint the detector runs the model shipped with the package (knn on the RUGD
+sample, ros_anomaly_diffusion/models/default/MODEL_CARD.md).
 
 Arguments: variant (loads config/<variant>.yaml), namespace, image_topic (the node's `image`
 input is remapped to it), use_sim_time, checkpoint, device (empty: the value in the
@@ -113,7 +116,7 @@ def generate_launch_description():
                               description='camera topic (sensor_msgs/Image) the detector reads'),
         DeclareLaunchArgument('use_sim_time', default_value='false', description='use /clock'),
         DeclareLaunchArgument('checkpoint', default_value='',
-                              description='checkpoint folder (config.json + .safetensors)'),
+                              description='checkpoint folder; empty: the model shipped with the package'),
         DeclareLaunchArgument('device', default_value='',
                               description='torch device (cpu, cuda, cuda:N); empty: from the parameter file'),
         DeclareLaunchArgument('rviz', default_value='false',

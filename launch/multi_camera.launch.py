@@ -94,7 +94,7 @@ def generate_launch_description():
         DeclareLaunchArgument('variant', default_value='knn',
                               description='optimization variant; loads config/<variant>.yaml'),
         DeclareLaunchArgument('checkpoint', default_value='',
-                              description='checkpoint folder (config.json + .safetensors)'),
+                              description='checkpoint folder; empty: the model shipped with the package'),
         DeclareLaunchArgument('device', default_value='',
                               description='torch device (cpu, cuda, cuda:N); empty: from the parameter file'),
         DeclareLaunchArgument('use_sim_time', default_value='false', description='use /clock'),

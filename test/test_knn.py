@@ -108,3 +108,30 @@ def test_train_and_eval_cli(tmp_path):
                  "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["variant"] == "knn" and metrics["frames"] == 9 and metrics["nfe"] == 0
+
+
+def test_the_shipped_default_model_is_what_an_empty_checkpoint_means(rugd_sample):
+    """No checkpoint given: the model in models/default (knn on the RUGD sample), with its
+    calibration, its model card and its files installed by setup.py."""
+    import re as _re
+
+    from ros_anomaly_diffusion.core.runtime import checkpoint_problem
+    from ros_anomaly_diffusion.core.settings import Settings
+
+    det = Detector("", Settings(segments="none"))
+    assert det.directory == ckpt.DEFAULT_MODEL and det.variant.name == "knn" == Settings().variant
+    assert 0 < det.mask_threshold < 1 and 0 < det.frame_threshold < 1  # calibrated, not the 0.5 fallback
+    assert det.mask_threshold != 0.5 and det.frame_threshold != 0.5
+    config = ckpt.load_config(ckpt.DEFAULT_MODEL)
+    assert set(config["training"]["frames"]) <= {f.name for f in open_dataset(rugd_sample)}
+    card = (ckpt.DEFAULT_MODEL / "MODEL_CARD.md").read_text()
+    assert "make default-model" in card and "RUGD" in card and "licence" in card.lower()
+    frame = max((f for f in open_dataset(rugd_sample) if f.is_ood()), key=lambda f: int((f.label() == OOD).sum()))
+    r = det.process(frame.rgb())
+    assert r.score.shape == frame.label().shape
+    assert checkpoint_problem(Settings()) is None
+    assert "variant 'ddim' needs a 'pixel' one" in checkpoint_problem(Settings(variant="ddim"))
+    setup = (ckpt.DEFAULT_MODEL.parents[2] / "setup.py").read_text()
+    for name in sorted(p.name for p in ckpt.DEFAULT_MODEL.iterdir()):
+        assert any(_re.fullmatch(g.replace(".", r"\.").replace("*", ".*"), f"models/default/{name}")
+                   for g in _re.findall(r'"(models/default/[^"]+)"', setup)), f"setup.py does not install {name}"

@@ -127,3 +127,18 @@ def test_a_failed_configure_stays_unconfigured_and_says_why(spawn, probe, tiny_c
     assert change(probe, name, Transition.TRANSITION_CONFIGURE)
     assert state(probe, name) == State.PRIMARY_STATE_INACTIVE
     assert node.alive() and "Traceback" not in node.output
+
+
+def test_started_with_no_parameters_it_serves_the_shipped_model(spawn, probe):
+    """`ros2 run ros_anomaly_diffusion detector_node` with nothing but a remap: the default
+    variant and the model shipped with the package."""
+    from ros_anomaly_diffusion.core.checkpoint import DEFAULT_MODEL
+
+    node = spawn("detector_node", "--ros-args", "-r", "image:=/plain_cam/image_raw", "-r", "__ns:=/plain")
+    node.wait_for_output("listening on /plain_cam/image_raw", timeout=120)
+    assert f"using the model shipped with the package, {DEFAULT_MODEL}" in node.output
+    assert "variant knn" in node.output
+    masks = probe.collect(Image, "/plain/anomaly/mask")
+    pub = probe.publisher(Image, "/plain_cam/image_raw")
+    probe.wait_for_subscriber(pub)
+    assert stamp_of(send_until(probe, pub, masks, stamped_image(random_frame(seed=3), 77))) == (77, 0)

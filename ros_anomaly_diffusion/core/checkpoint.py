@@ -17,6 +17,14 @@ from torch import nn
 FORMAT = "ros_anomaly_diffusion/1"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
+# The model shipped with the package (its MODEL_CARD.md says how it was made): what an empty
+# `checkpoint` setting means.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+def resolve(checkpoint: str | Path | None) -> Path:
+    """The checkpoint folder a setting names; empty or None: the shipped default model."""
+    return DEFAULT_MODEL if checkpoint is None or str(checkpoint) == "" else Path(checkpoint)
 
 
 class CheckpointError(RuntimeError):

@@ -63,7 +63,7 @@ class Detector:
     def __init__(self, checkpoint_dir: str | Path, settings: Settings | None = None):
         settings = settings or Settings(checkpoint=str(checkpoint_dir))
         settings.validate()
-        self.directory = Path(checkpoint_dir)
+        self.directory = ckpt.resolve(checkpoint_dir)
         self.config = ckpt.load_config(self.directory)
         self.variant = get_variant(settings.variant)
         mismatch = family_mismatch(settings.variant, self.config, str(self.directory / ckpt.CONFIG))

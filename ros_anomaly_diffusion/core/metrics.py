@@ -191,13 +191,14 @@ def smiyc_metrics(
     """The SMIYC component-level figures at the benchmark's single threshold.
 
     pixel_f1_threshold: the threshold t (prediction = score > t) of the best pixel F1
-    (pixel_f1) on the pooled PR curve of the non-IGNORE pixels (pooled and subsampled as
-    in `pixel_metrics`); of equally good thresholds the highest, as the benchmark's
-    high-to-low sweep (its curve bins the scores, ours is exact). At t, per frame, GT instances are the 8-connected components of
-    OOD pixels; those under min_gt_area pixels are void: their pixels are removed from the
-    evaluation like IGNORE ones, so predicting them is neither right nor wrong and does not
-    count toward a component's area. Predicted components are the 8-connected components
-    of the prediction minus IGNORE pixels, those under min_pred_area pixels discarded.
+    (pixel_f1) on the pooled PR curve of the non-IGNORE pixels (pooled and subsampled as in
+    `pixel_metrics`); of equally good thresholds the highest, as the benchmark's high-to-low
+    sweep (its curve bins the scores, ours is exact). At t, per frame, GT instances are the
+    8-connected components of OOD pixels; those under min_gt_area pixels are void: their
+    pixels are removed from the evaluation like IGNORE ones, so predicting them is neither
+    right nor wrong and does not count toward a component's area. Predicted components are
+    the 8-connected components of the prediction minus IGNORE pixels, those under
+    min_pred_area pixels discarded.
       sIoU(K) = |K n P| / |(K u P) \\ A|  for a GT instance K, with P the union of the
           predicted components meeting K and A the other GT instances' pixels;
       PPV(P) = |P n GT| / |P|  for a predicted component P (its non-void pixels).

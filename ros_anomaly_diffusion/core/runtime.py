@@ -108,13 +108,15 @@ def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]
 
 
 def checkpoint_problem(settings: Settings) -> str | None:
-    """Why `settings.checkpoint` cannot serve `settings.variant` (missing, pickled, wrong family),
-    read from config.json alone: a cheap check before an expensive model build."""
+    """Why `settings.checkpoint` (empty: the shipped default model) cannot serve
+    `settings.variant` (missing, pickled, wrong family), read from config.json alone: a cheap
+    check before an expensive model build."""
+    directory = ckpt.resolve(settings.checkpoint)
     try:
-        config = ckpt.load_config(settings.checkpoint)
+        config = ckpt.load_config(directory)
     except ckpt.CheckpointError as err:
         return str(err)
-    return family_mismatch(settings.variant, config, f"checkpoint {settings.checkpoint}")
+    return family_mismatch(settings.variant, config, f"checkpoint {directory}")
 
 
 @dataclass(frozen=True)

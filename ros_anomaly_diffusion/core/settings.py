@@ -28,7 +28,8 @@ def _f(default, description: str, lo=None, hi=None, choices=None):
 class Settings:
     # The default is the variant that measured best on frames it never saw (README, Results)
     variant: str = _f("knn", "optimization variant, a name in the registry of core/variants.py")
-    checkpoint: str = _f("", "checkpoint folder (config.json + .safetensors files)")
+    checkpoint: str = _f("", "checkpoint folder (config.json + .safetensors files); empty: the model shipped with "
+                             "the package (knn on the RUGD sample, models/default/MODEL_CARD.md)")
     device: str = _f("cpu", "torch device: cpu, cuda or cuda:N", choices=None)
     cuda_fallback: bool = _f(True, "when CUDA is asked for but absent: true runs on CPU with a warning, "
                                    "false refuses to start")

@@ -243,10 +243,10 @@ class DetectorNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Load the model (and its calibration) and create the outputs; inactive on success."""
         s = self._runtime.settings
+        if not s.checkpoint:
+            self.get_logger().info(f"no checkpoint parameter: using the model shipped with the package, "
+                                   f"{ckpt.DEFAULT_MODEL} (its MODEL_CARD.md says what it is)")
         try:
-            if not s.checkpoint:
-                raise StartupError("parameter 'checkpoint' is empty: pass the checkpoint folder, e.g. "
-                                   "--ros-args -p checkpoint:=/path/to/checkpoint")
             self._points = self._make_points()
             self._runtime.load()
         except (StartupError, ckpt.CheckpointError, ValueError, RuntimeError, OSError) as err:
