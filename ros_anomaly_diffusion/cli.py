@@ -1,4 +1,4 @@
-"""`ros-anomaly-diffusion` command line: train, eval, calibrate, synth, replay, bag, demo."""
+"""`ros-anomaly-diffusion` command line: train, eval, detect, calibrate, synth, replay, bag, demo."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,8 @@ def _settings(args):
         if not sep:
             raise SystemExit(f"--set expects key=value, got {item!r}")
         overrides[key] = yaml.safe_load(value)
-    return variant_settings(args.variant, checkpoint=str(args.checkpoint), device=args.device, **overrides)
+    checkpoint = str(args.checkpoint) if args.checkpoint else ""  # empty: the shipped model
+    return variant_settings(args.variant, checkpoint=checkpoint, device=args.device, **overrides)
 
 
 def _common_run(p: argparse.ArgumentParser) -> None:
@@ -134,6 +135,28 @@ def cmd_export(args) -> None:
     print(f"{path}: input x {shapes[0]}, t ({shapes[0][0]},)")
 
 
+def cmd_detect(args) -> None:
+    from .core.detector import Detector
+    from .engine.detect import detect
+    from .ros.sources import FrameSource
+
+    source = FrameSource(args.source, args.bag_topic)
+    settings = _settings(args)
+    det = Detector(settings.checkpoint, settings)
+    log = logging.getLogger("ros_anomaly_diffusion")
+
+    def skip(index, which, err):
+        log.warning("skipping unreadable frame %d (%s) of %s: %s", index, which, source.description, err)
+
+    frames = ((f.name, f.rgb) for f in source.iterate(skip))
+    summary = detect(det, frames, args.out, total=source.length or None, progress=not args.quiet)
+    for reason in summary["skipped"]:
+        log.warning("skipped (the detector refused it): %s", reason)
+    print(f"{summary['frames']} frames of {source.description} with variant {det.settings.variant} "
+          f"({det.directory}): {summary['ood_frames']} flagged per frame, {summary['ood_filtered_frames']} by the "
+          f"filtered flag; overlays/, masks/, scores/ and frames.csv written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ros-anomaly-diffusion", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -218,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _common_run(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("detect", help="run a model on unlabelled frames (image folder, rosbag2 or video): "
+                                      "overlays, masks, score maps and frames.csv")
+    p.add_argument("--source", required=True, type=Path, help="image folder, rosbag2 or video file")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the shipped model)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--bag-topic", default=None, help="image topic of a bag with several")
+    _common_run(p)
+    p.set_defaults(func=cmd_detect)
 
     # The ROS commands parse their own arguments (they run as nodes too).
     for name, help_ in (("replay", "publish a folder or rosbag2 as a camera topic"),

@@ -15,7 +15,8 @@ from sensor_msgs.msg import Image
 from conftest import NodeProcess, random_frame, stamp_of
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.ros import bag, image_codec
-from ros_anomaly_diffusion.ros.replay_node import PARAMETERS, ReplayNode, ReplaySource
+from ros_anomaly_diffusion.ros.replay_node import PARAMETERS, ReplayNode
+from ros_anomaly_diffusion.ros.sources import FrameSource
 
 # The graph tests wait for conditions, never for fixed times: long limits cost nothing on an
 # idle machine and keep them correct on a loaded one (processes start and discover slowly).
@@ -98,8 +99,8 @@ def test_compressed_topics_and_topic_choice(tmp_path, frames3):
         np.testing.assert_array_equal(rgb, ref)
     # the replay node picks its topic by the same rule
     with pytest.raises(ValueError, match="several image topics .*; choose one with bag_topic"):
-        ReplaySource(out)
-    source = ReplaySource(out, "rear/image/compressed")
+        FrameSource(out)
+    source = FrameSource(out, "rear/image/compressed")
     assert (source.bag_topic, source.length) == ("/rear/image/compressed", 3)
 
 
@@ -207,7 +208,7 @@ def test_folder_source_skips_an_unreadable_image(tmp_path):
     png = (tmp_path / "frame_2.png").read_bytes()
     (tmp_path / "frame_2.png").write_bytes(png[: len(png) // 2])  # a truncated file
     errors = []
-    got = [rgb for _, _, rgb in ReplaySource(tmp_path).iterate(lambda i, which, err: errors.append((i, which)))]
+    got = [f.rgb for f in FrameSource(tmp_path).iterate(lambda i, which, err: errors.append((i, which)))]
     assert len(got) == 5
     for rgb, i in zip(got, (0, 1, 3, 4, 5)):
         np.testing.assert_array_equal(rgb, frames[i])

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import rclpy
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
@@ -42,8 +40,9 @@ from rosbags.rosbag2 import ReaderError
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from . import bag, image_codec, transport
+from . import image_codec, transport
 from .params import ParamSpec, declare_parameters
+from .sources import FrameSource
 
 NODE_NAME = "image_replay"
 # How long the end of a replay waits for reliable subscribers to acknowledge the last frames.
@@ -65,42 +64,6 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in (
 )}
 
 
-class ReplaySource:
-    """Frames of a folder or bag, restartable: iterate() yields (stamp_ns | None, frame_id | None, rgb)
-    for every readable frame and passes each unreadable one to on_error(index, which, err)."""
-
-    def __init__(self, path: str | Path, bag_topic: str | None = None):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"replay source {self.path} does not exist")
-        self.is_bag = bag.is_bag(self.path)
-        if self.is_bag:
-            topics = bag.image_topics(self.path)
-            self.bag_topic = bag.pick_image_topic(self.path, topics, bag_topic or None, option="bag_topic")
-            self.length = topics[self.bag_topic][1]
-            self.description = f"rosbag2 {self.path}"
-        else:
-            from ..core.data import open_dataset
-
-            self.dataset = open_dataset(self.path)
-            self.length = len(self.dataset)
-            self.description = f"image folder {self.path}"
-
-    def iterate(self, on_error: Callable[[int, str, Exception], None]
-                ) -> Iterator[tuple[int | None, str | None, np.ndarray]]:
-        if self.is_bag:
-            yield from bag.iter_bag_frames(self.path, self.bag_topic,
-                                           lambda i, t, err: on_error(i, f"bag time {t} ns", err))
-        else:
-            for i, frame in enumerate(self.dataset):
-                try:
-                    rgb = frame.rgb()
-                except (OSError, ValueError) as err:
-                    on_error(i, str(frame.image_path), err)
-                    continue
-                yield None, None, rgb
-
-
 class ReplayNode(Node):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
@@ -119,7 +82,7 @@ class ReplayNode(Node):
                              "e.g. --ros-args -p source:=/data/rugd")
         if not self.rate_hz > 0:
             raise ValueError(f"rate_hz must be > 0, got {self.rate_hz}")
-        self.source = ReplaySource(g("source"), g("bag_topic") or None)
+        self.source = FrameSource(g("source"), g("bag_topic") or None)
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
         self.pub = self.create_publisher(Image, g("topic"), qos)
@@ -174,7 +137,7 @@ class ReplayNode(Node):
             else:  # looping over it would spin for ever without publishing
                 self._finish(f"no readable frame in {self.source.description}", failed=True)
             return
-        stamp_ns, frame_id, rgb = item
+        stamp_ns, frame_id, rgb = item.stamp_ns, item.frame_id, item.rgb
         header = Header()
         if self.stamp_source == "bag" and stamp_ns is not None:
             header.stamp = Time(nanoseconds=stamp_ns).to_msg()
