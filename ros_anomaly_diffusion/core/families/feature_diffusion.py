@@ -225,7 +225,7 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     if mode == "edit" and "edit_scores" not in config:
         raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the feature edit "
                                    "(a checkpoint trained before the feature_edit variant): train it again")
-    features = checkpoint_features(directory, config, device)
+    features = checkpoint_features(directory, config, device, settings.backend)
     mean, std = load_feature_stats(directory, config)
     net = load_denoiser(directory, config, device, settings)  # quantized as stored or as settings ask
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))

@@ -125,7 +125,7 @@ def features_config(size: tuple[int, int], channels: int) -> dict:
             "grid": [size[0] // GRID_STRIDE, size[1] // GRID_STRIDE]}
 
 
-def checkpoint_features(directory: Path, config: dict, device) -> StackedFeatures:
+def checkpoint_features(directory: Path, config: dict, device, backend: str = "torch") -> StackedFeatures:
     """The shared backbone with the taps a checkpoint was trained on: its recorded blocks, or
     LEGACY_BLOCKS for a config without them. Refused (CheckpointError) where those taps do
     not give the recorded strides and channel count, so it never runs on other features."""
@@ -139,7 +139,7 @@ def checkpoint_features(directory: Path, config: dict, device) -> StackedFeature
         blocks = tuple(LEGACY_BLOCKS[s] for s in rec["strides"])
         log.info("%s: no recorded feature blocks; using the taps it was made with, blocks %s", path, blocks)
     try:
-        features = shared_features(blocks, rec["grid_stride"], device)
+        features = shared_features(blocks, rec["grid_stride"], device, backend)
     except ValueError as e:
         raise ckpt.CheckpointError(f"{path}: {e}") from e
     with torch.inference_mode():

@@ -96,7 +96,7 @@ class KnnScorer:
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> KnnScorer:
-    features = checkpoint_features(directory, config, device)
+    features = checkpoint_features(directory, config, device, settings.backend)
     mean, std = load_feature_stats(directory, config)
     bank = ckpt.load_tensors(directory, "bank").get("vectors")
     if bank is None or bank.ndim != 2 or bank.shape[1] != config["features"]["channels"] or not len(bank):

@@ -16,7 +16,6 @@ from ..analysis import FeatureDistance
 from ..data import Frame
 from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, unet_config
-from ..networks.deploy import accelerate
 from ..networks.quantization import load_denoiser
 from ..samplers import GuidedDDPM, NoiseSchedule, ScheduleConfig, edit_and_reconstruction
 from ..scorer import ScoreOutput
@@ -84,9 +83,7 @@ def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, set
 def build(directory: Path, config: dict, settings: Settings, device: torch.device,
           sampler: str = "ddim") -> EditingScorer:
     """The scorer of the variant that edits with `sampler` (ddpm or ddim)."""
-    net, schedule = load_pixel_denoiser(directory, config, device, settings)
-    net, how = accelerate(net, (1, net.config["in_channels"], *config["image_size"]), device)
-    log.info("denoiser runs %s", how if how.startswith("tensorrt") else f"eager: {how}")
+    net, schedule = load_pixel_denoiser(directory, config, device, settings)  # on settings.backend
     return EditingScorer(net, schedule, settings, sampler, device)
 
 

@@ -180,10 +180,14 @@ _SHARED: dict[tuple, StackedFeatures] = {}
 
 
 def shared_features(blocks: tuple[int, ...] = FEATURE_BLOCKS, grid_stride: int = GRID_STRIDE,
-                    device: str | torch.device = "cpu") -> StackedFeatures:
-    """One StackedFeatures per (tapped blocks, grid, device) in a process: it is read-only, so
-    every scorer shares it and a model reload does not rebuild the backbone."""
-    key = (tuple(sorted(int(b) for b in blocks)), int(grid_stride), str(torch.device(device)))
+                    device: str | torch.device = "cpu", backend: str = "torch") -> StackedFeatures:
+    """One StackedFeatures per (tapped blocks, grid, device, backend) in a process: it is
+    read-only, so every scorer shares it and a model reload does not rebuild the backbone.
+    backend: Settings.backend (deploy.with_backend; "tensorrt" runs the backbone eager)."""
+    from .deploy import with_backend
+
+    key = (tuple(sorted(int(b) for b in blocks)), int(grid_stride), str(torch.device(device)), backend)
     if key not in _SHARED:
-        _SHARED[key] = StackedFeatures(key[0], key[1]).to(device)
+        net = StackedFeatures(key[0], key[1]).to(device)
+        _SHARED[key] = net if backend == "tensorrt" else with_backend(net, backend, device, inputs=("x",))[0]
     return _SHARED[key]

@@ -1,9 +1,14 @@
-"""GPU deployment: TensorRT compilation of a denoiser, with an on-disk engine cache, and
-ONNX export for other runtimes.
+"""Where the networks run (Settings.backend): torch eager, ONNX Runtime, or TensorRT.
 
-`accelerate()` compiles with torch-tensorrt (fp16) when CUDA and torch_tensorrt are both
-present, caching the compiled module under a key of (weights, input shape, precision),
-and warms it up; otherwise it returns the eager module and the one-line reason.
+- `with_backend(net, backend, device, inputs)`: the one switch. "torch" returns the module;
+  "onnxruntime" wraps it in `OrtModule` (exported to ONNX once per weights and input shape,
+  batch dynamic, cached on disk, run by ONNX Runtime's CPU provider); "tensorrt" compiles with
+  torch-tensorrt (`accelerate`). A backend whose package or device is missing is refused with
+  a ValueError saying what to install.
+- `compile_cached()` compiles with torch-tensorrt (fp16), caching the compiled module under a
+  key of (weights, input shape, precision), and warms it up; a compiler failure returns the
+  eager module and the one-line reason.
+- `export_onnx()`: the denoiser as ONNX for other runtimes (TensorRT's trtexec on a Jetson).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path.home() / ".cache" / "ros_anomaly_diffusion" / "trt"
+ONNX_CACHE = Path.home() / ".cache" / "ros_anomaly_diffusion" / "onnx"
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def cache_key(net: nn.Module, shape: tuple[int, ...], precision: str) -> str:
@@ -37,18 +44,6 @@ class _Timestepped(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, t)
-
-
-def accelerate(net: nn.Module, shape: tuple[int, ...], device: torch.device,
-               cache_dir: Path = DEFAULT_CACHE, warmup: int = 3) -> tuple[nn.Module, str]:
-    """(module to run, reason it runs eager or 'tensorrt fp16 (cached|compiled)')."""
-    if device.type != "cuda":
-        return net, f"device {device} is not CUDA"
-    try:
-        import torch_tensorrt
-    except ImportError:
-        return net, "torch_tensorrt is not installed"
-    return compile_cached(net, shape, device, torch_tensorrt, cache_dir, warmup)
 
 
 def compile_cached(net: nn.Module, shape: tuple[int, ...], device: torch.device, trt,
@@ -92,3 +87,92 @@ def export_onnx(net: nn.Module, shape: tuple[int, ...], path: str | Path, opset:
     torch.onnx.export(_Timestepped(net.float().eval().cpu()), example, str(path), input_names=["x", "t"],
                       output_names=["out"], opset_version=opset, dynamo=False)
     return path
+
+
+class OrtModule(nn.Module):
+    """A module run by ONNX Runtime (CPU): same call, same outputs (within float rounding).
+
+    The wrapped module is exported on the first call with each input shape (batch dynamic) to
+    `cache_dir/<weights and shape key>.onnx`, reused by later processes. A denoiser's integer
+    timestep argument becomes a (batch,) int64 tensor, as in the export. Attributes other than
+    the call (e.g. a denoiser's `config`) are the wrapped module's."""
+
+    def __init__(self, net: nn.Module, inputs: tuple[str, ...] = ("x",), cache_dir: Path | None = None,
+                 threads: int | None = None):
+        import onnxruntime
+
+        super().__init__()
+        self.net, self.inputs, self.cache_dir = net.eval(), tuple(inputs), Path(cache_dir or ONNX_CACHE)
+        self._ort, self._threads = onnxruntime, threads or torch.get_num_threads()
+        self._sessions: dict[tuple, object] = {}
+        self.exported: list[Path] = []  # files this instance exported (not found in the cache)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["net"], name)
+
+    def _session(self, args: tuple[torch.Tensor, ...]):
+        key = tuple(tuple(a.shape[1:]) for a in args)
+        if key not in self._sessions:
+            path = self.cache_dir / f"{cache_key(self.net, (0, *key[0]), 'onnx')}.onnx"
+            if not path.is_file():
+                self._export(args, path)
+            options = self._ort.SessionOptions()
+            options.intra_op_num_threads = self._threads
+            # no busy-waiting between runs: ORT's spinning threads would take the cores from
+            # the torch ops (resize, analysis) that run between its calls
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._sessions[key] = self._ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return self._sessions[key]
+
+    def _export(self, args: tuple[torch.Tensor, ...], path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        module = _Timestepped(self.net) if len(args) == 2 else self.net
+        tmp = path.with_suffix(f".{id(self)}.tmp")  # a concurrent process never reads a half-written file
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(module, tuple(a.cpu() for a in args), str(tmp), input_names=list(self.inputs),
+                              output_names=["out"], opset_version=18, dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in (*self.inputs, "out")})
+        tmp.replace(path)
+        self.exported.append(path)
+        log.info("exported %s for ONNX Runtime: %s", type(self.net).__name__, path)
+
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        args = (x, *rest)
+        if len(args) == 2 and not torch.is_tensor(args[1]):  # a denoiser's integer timestep
+            args = (x, torch.full((x.shape[0],), int(args[1]), dtype=torch.long))
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(self.inputs, args)}
+        out = self._session(args).run(None, feed)[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def with_backend(net: nn.Module, backend: str, device: torch.device | str, inputs: tuple[str, ...] = ("x", "t"),
+                 shape: tuple[int, ...] | None = None) -> tuple[nn.Module, str]:
+    """(module to run, how it runs) for Settings.backend; ValueError when the backend cannot
+    run here (package not installed, wrong device). `shape` (TensorRT only): the input shape."""
+    device = torch.device(device)
+    if backend == "torch":
+        return net, "torch eager"
+    if backend == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'onnxruntime' runs on the CPU here, not on {device}: use backend "
+                             "'tensorrt' (or 'torch') on a GPU")
+        try:
+            return OrtModule(net, inputs), "onnxruntime (CPU)"
+        except ImportError:
+            raise ValueError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from None
+    if backend == "tensorrt":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {device}")
+        try:
+            import torch_tensorrt
+        except ImportError:
+            raise ValueError("backend 'tensorrt' needs torch_tensorrt (JetPack's or pip install torch-tensorrt); "
+                             "or export ONNX (`ros-anomaly-diffusion export`) for trtexec") from None
+        if shape is None:
+            raise ValueError("backend 'tensorrt' is available for the pixel family's denoiser only; export the "
+                             "others as ONNX for trtexec")
+        return compile_cached(net, shape, device, torch_tensorrt)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .denoisers import build_denoiser
+from .deploy import with_backend
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,8 @@ def load_denoiser(directory: str | Path, config: dict, device: torch.device | st
     The loader of every family with a denoiser (pixel UNet, latent DiT, features UNet).
     A checkpoint written by `quantize_checkpoint` loads quantized as it was written;
     otherwise `settings.quantization` ("none", "fp16", "int8") with
-    `settings.quantize_layers` quantizes the float weights on the fly.
+    `settings.quantize_layers` quantizes the float weights on the fly. The result runs on
+    `settings.backend` (deploy.with_backend).
     """
     net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"])
     q = checkpoint_quantization(directory, config)
@@ -401,7 +403,13 @@ def load_denoiser(directory: str | Path, config: dict, device: torch.device | st
                             Path(directory), q["precision"], q["layers"], wanted, settings.quantize_layers)
         else:
             _quantize_denoiser(net, config, wanted, settings.quantize_layers)
-    return net.to(device).eval()
+    net = net.to(device).eval()
+    backend = getattr(settings, "backend", "torch") if settings is not None else "torch"
+    unet = config["denoiser"]["config"]
+    shape = (1, unet["in_channels"], *unet["sample_size"]) if config["denoiser"]["kind"] == "unet" else None
+    net, how = with_backend(net, backend, device, shape=shape)
+    log.info("denoiser runs on %s", how)
+    return net
 
 
 def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, precision: str,
