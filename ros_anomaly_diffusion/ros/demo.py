@@ -1,7 +1,9 @@
 """`ros-anomaly-diffusion demo`: the whole path on one machine, over real ROS 2 topics.
 
 1. data: a synthetic off-road sequence with known anomalies (or --data, a RUGD folder);
-2. model: trains a small one (or reuses the one in OUT/model);
+2. model: on the synthetic sequence, trains a small diffusion model (ddim; reused from
+   OUT/model next time); with --data, the model shipped with the package (knn on the RUGD
+   sample), unless --variant or --retrain asks to train one on that data;
 3. graph: `replay` and `detector_node` run as separate processes talking over DDS;
    this process subscribes to the camera and the detector's outputs like any other
    node would, and matches each result to its frame by the input stamp;
@@ -30,6 +32,7 @@ from . import transport
 from .processes import spawn, stop
 
 NS = "/demo"
+SHIPPED_VARIANT = "knn"  # the variant of ckpt.DEFAULT_MODEL (its config.json says so; a test checks)
 CAMERA = f"{NS}/camera/image_raw"
 
 
@@ -38,7 +41,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="RUGD-format folder (default: a generated synthetic sequence)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
-    p.add_argument("--variant", default="ddim")
+    p.add_argument("--variant", default=None, help="variant to train (default: ddim on the synthetic sequence; "
+                                                  "with --data, the shipped model, no training)")
     p.add_argument("--train-steps", type=int, default=800, help="training steps if no model is in OUT/model")
     p.add_argument("--retrain", action="store_true", help="train even if OUT/model exists")
     p.add_argument("--rate", type=float, default=2.0, help="camera rate in Hz (frames the model cannot keep "
@@ -61,6 +65,12 @@ def prepare(args) -> tuple[Path, Path]:
 
 
 def ensure_model(args, train_dir: Path) -> Path:
+    if args.data and not args.retrain and args.variant in (None, SHIPPED_VARIANT):
+        args.variant = SHIPPED_VARIANT
+        print(f"using the model shipped with the package, {ckpt.DEFAULT_MODEL} ({SHIPPED_VARIANT} on the RUGD "
+              f"sample; --variant V or --retrain trains one on {args.data})", flush=True)
+        return ckpt.DEFAULT_MODEL
+    args.variant = args.variant or "ddim"
     model = args.out / "model"
     if (model / ckpt.CONFIG).is_file() and not args.retrain:
         ckpt.load_config(model)
@@ -188,7 +198,8 @@ def demo_main(argv: list[str] | None = None) -> int:
         rclpy.try_shutdown()
     metrics = report(args, frames, collector, model)
     print(json.dumps({k: v for k, v in metrics.items() if k != "checkpoint"}, indent=2))
-    print(f"overlays, sheet.png and metrics.json written to {args.out}")
+    print(f"pictures: {args.out / 'sheet.png'} (input, score, overlay, ground truth) and "
+          f"{args.out / 'overlays'}/; metrics: {args.out / 'metrics.json'}; node logs: {args.out / 'logs'}")
     if len(collector.done()) < len(frames):
         print(f"warning: only {len(collector.done())} of {len(frames)} frames got a result before the timeout",
               file=sys.stderr)
