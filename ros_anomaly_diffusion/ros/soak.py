@@ -37,8 +37,9 @@ def frames(data: Path | None, n: int = 8) -> list[np.ndarray]:
 def parse(argv):
     p = argparse.ArgumentParser(prog="ros-anomaly-diffusion soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--variant", default="ddim")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the shipped model)")
+    p.add_argument("--variant", default=None, help="variant (default: the detector's default, that of the "
+                                                   "shipped model)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of camera input")
     p.add_argument("--rate", type=float, default=30.0, help="camera rate in Hz")
     p.add_argument("--data", type=Path, help="frames to publish (default: random 640x480 frames)")
@@ -72,10 +73,14 @@ def soak_main(argv: list[str] | None = None) -> int:
     from ..config import config_dir
     from .image_codec import rgb_to_image
 
+    from ..core.settings import Settings
+
+    variant = args.variant or Settings().variant
+    checkpoint = ["-p", f"checkpoint:={args.checkpoint.resolve()}"] if args.checkpoint else []  # none: shipped
     params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
     node = spawn([str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", "image:=/soak/image",
-                  "-r", "__ns:=/soak", "--params-file", str(config_dir() / f"{args.variant}.yaml"),
-                  "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"variant:={args.variant}",
+                  "-r", "__ns:=/soak", "--params-file", str(config_dir() / f"{variant}.yaml"),
+                  *checkpoint, "-p", f"variant:={variant}",
                   "-p", "diagnostics_period:=1.0", *params])
     # A context of its own: callers (tests, tools) may have initialised rclpy already.
     context = rclpy.Context()
@@ -90,14 +95,17 @@ def soak_main(argv: list[str] | None = None) -> int:
     diagnostics = NodeCounters()
     client.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.on_message, 10)
     spin = lambda seconds: executor.spin_once(timeout_sec=seconds)  # noqa: E731
-    images = frames(args.data)
+    # Messages built once: the camera must not be the bottleneck it measures (a 1.1 MB frame
+    # takes milliseconds to convert); each publish only stamps a header.
+    messages = [rgb_to_image(rgb, _header(client)) for rgb in frames(args.data)]
     report = {}
     arrivals = latencies = np.zeros(0)
     try:
         # Wait for the node to load its model and answer a first frame.
         deadline = time.monotonic() + 120
         while not results and time.monotonic() < deadline and node.poll() is None:
-            pub.publish(rgb_to_image(images[0], _header(client)))
+            messages[0].header = _header(client)
+            pub.publish(messages[0])
             spin(0.5)
         if not results:
             raise RuntimeError("the detector produced no result within 120 s")
@@ -111,7 +119,9 @@ def soak_main(argv: list[str] | None = None) -> int:
         sent, period, start = 0, 1.0 / args.rate, time.monotonic()
         next_t = start
         while time.monotonic() - start < args.duration and node.poll() is None:
-            pub.publish(rgb_to_image(images[sent % len(images)], _header(client)))
+            msg = messages[sent % len(messages)]
+            msg.header = _header(client)
+            pub.publish(msg)
             sent += 1
             next_t += period
             while time.monotonic() < next_t:
