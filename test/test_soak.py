@@ -18,7 +18,8 @@ def test_soak_keeps_up_without_backlog_loss_or_growth(tmp_path, rugd_sample):
     # qos_depth 10: with the default depth 1 a node whose executor is starved of CPU (other
     # jobs on a busy CI machine) lets DDS replace frames before its callback sees them, which
     # the soak cannot tell from transport loss; this test is about the transport.
-    code = cli(["soak", "--checkpoint", str(ckpt), "--variant", "ddim", "--duration", "40", "--rate", "30", "--warmup", "3",
+    code = cli(["soak", "--checkpoint", str(ckpt), "--variant", "ddim", "--duration", "40", "--rate", "30",
+                "--warmup", "3",
                 "--data", str(rugd_sample), "--set", "steps=30", "--set", "segments=none", "--set", "qos_depth=10",
                 "--max-loss", "0.05", "--json", str(report)])
     r = json.loads(report.read_text())
