@@ -1,12 +1,16 @@
-"""One anomaly detector per camera, all with the same model settings.
+"""Anomaly detection on several cameras with the same model settings.
 
   ros2 launch ros_anomaly_diffusion multi_camera.launch.py \
-      cameras:=/front/image_raw,/rear/image_raw checkpoint:=/path/to/checkpoint \
-      [variant:=ddim] [device:=cuda] [use_sim_time:=false]
+      cameras:=/front/image_raw,/rear/image_raw [checkpoint:=/path/to/checkpoint] \
+      [variant:=knn] [device:=cuda] [use_sim_time:=false] [one_model:=true]
 
 Arguments: cameras (comma-separated sensor_msgs/Image topics), variant (loads
 config/<variant>.yaml for every detector), checkpoint, device (empty: the value in the
-variant's parameter file), use_sim_time.
+variant's parameter file), use_sim_time, one_model.
+
+one_model:=true (the default): one detector_node (node anomaly_detector, no namespace) serves
+every camera with one copy of the model, the newest frame of each camera in one batch
+(`cameras` parameter). one_model:=false: one detector_node per camera, as below.
 
 Each camera gets its own detector_node (node name anomaly_detector) in a namespace derived
 from its topic: the topic without its last name component, i.e. the camera's own namespace
@@ -18,39 +22,16 @@ would share a namespace are refused with a message. Every detector loads its own
 the model (on a GPU: one copy per camera in GPU memory).
 """
 import os
-import re
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from ros_anomaly_diffusion.ros.cameras import camera_namespaces
 from ros_anomaly_diffusion.ros.transport import large_frame_launch_actions
 
 PACKAGE = 'ros_anomaly_diffusion'
-
-
-def camera_namespaces(cameras):
-    """'/front/image_raw, /rear/image_raw' -> [('/front/image_raw', 'front'), ('/rear/image_raw', 'rear')]."""
-    pairs = []
-    for topic in (t.strip() for t in cameras.split(',')):
-        if not topic:
-            continue
-        parts = [p for p in topic.split('/') if p]
-        if not parts or any(not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*', p) for p in parts):
-            raise RuntimeError('cameras: %r is not a valid topic name' % topic)
-        namespace = '/'.join(parts[:-1]) if len(parts) > 1 else parts[0]
-        pairs.append(('/' + '/'.join(parts), namespace))
-    if not pairs:
-        raise RuntimeError('cameras is empty: give one or more image topics, e.g. '
-                           'cameras:=/front/image_raw,/rear/image_raw')
-    seen = {}
-    for topic, namespace in pairs:
-        if namespace in seen:
-            raise RuntimeError('cameras %s and %s would both run in namespace /%s; give topics in '
-                               'different camera namespaces' % (seen[namespace], topic, namespace))
-        seen[namespace] = topic
-    return pairs
 
 
 def _truthy(text):
@@ -72,6 +53,16 @@ def _launch_nodes(context):
         overrides['checkpoint'] = arg('checkpoint')
     if arg('device'):
         overrides['device'] = arg('device')
+    pairs = camera_namespaces(arg('cameras'))
+    if _truthy(arg('one_model')):
+        return [Node(
+            package=PACKAGE,
+            executable='detector_node',
+            name='anomaly_detector',
+            parameters=[params_file, dict(overrides, cameras=','.join(topic for topic, _ in pairs))],
+            output='screen',
+            emulate_tty=True,
+        )]
     return [Node(
         package=PACKAGE,
         executable='detector_node',
@@ -81,7 +72,7 @@ def _launch_nodes(context):
         remappings=[('image', topic)],
         output='screen',
         emulate_tty=True,
-    ) for topic, namespace in camera_namespaces(arg('cameras'))]
+    ) for topic, namespace in pairs]
 
 
 def generate_launch_description():
@@ -98,5 +89,7 @@ def generate_launch_description():
         DeclareLaunchArgument('device', default_value='',
                               description='torch device (cpu, cuda, cuda:N); empty: from the parameter file'),
         DeclareLaunchArgument('use_sim_time', default_value='false', description='use /clock'),
+        DeclareLaunchArgument('one_model', default_value='true',
+                              description='true: one detector process and one model for every camera'),
         OpaqueFunction(function=_launch_nodes),
     ])

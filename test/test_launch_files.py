@@ -186,32 +186,27 @@ def test_replay_launch_passes_only_known_arguments_and_parameters():
     assert {"source", "topic", "rate_hz", "loop"} <= names
 
 
-def launch_function(name: str, func: str):
-    """A plain-Python helper function of a launch file, compiled on its own (the file itself
-    imports `launch`, which is not installable here)."""
-    tree = _tree(name)
-    (fdef,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func]
-    scope = {"re": re}
-    exec(compile(ast.Module(body=[fdef], type_ignores=[]), name, "exec"), scope)
-    return scope[func]
-
-
 def test_multi_camera_launch_arguments_and_one_node_per_camera():
     name = "multi_camera.launch.py"
     tree = _tree(name)
     args = _declared_arguments(tree)
-    assert set(args) >= {"cameras", "variant", "checkpoint", "device", "use_sim_time"}
-    assert args["variant"] in VARIANTS and args["use_sim_time"] == "false"
+    assert set(args) >= {"cameras", "variant", "checkpoint", "device", "use_sim_time", "one_model"}
+    assert args["variant"] in VARIANTS and args["use_sim_time"] == "false" and args["one_model"] == "true"
     src = (LAUNCH / name).read_text()
     assert "'config', variant + '.yaml'" in src and "remappings=[('image', topic)]" in src
-    assert "namespace=namespace" in src and "for topic, namespace in camera_namespaces(arg('cameras'))" in src
+    assert "pairs = camera_namespaces(arg('cameras'))" in src and "for topic, namespace in pairs" in src
+    assert "namespace=namespace" in src
+    # one_model: one node whose `cameras` parameter (which exists) lists every topic
+    assert "cameras=','.join(topic for topic, _ in pairs)" in src and "cameras" in NODE_PARAMETERS
+    assert "from ros_anomaly_diffusion.ros.cameras import camera_namespaces" in src
     # the shared arguments reach every node the same way as in anomaly_detection.launch.py
     for key in ("checkpoint", "device", "variant", "use_sim_time"):
         assert f"'{key}'" in src.split("def _launch_nodes", 1)[1]
-    (node,) = _calls(tree, "Node")
-    assert _kwargs(node, _constants(tree))["name"] == "anomaly_detector"
+    nodes = _calls(tree, "Node")
+    assert len(nodes) == 2 and all(_kwargs(n, _constants(tree))["name"] == "anomaly_detector" for n in nodes)
 
-    ns = launch_function(name, "camera_namespaces")
+    from ros_anomaly_diffusion.ros.cameras import camera_namespaces as ns
+
     assert ns("/front/image_raw,/rear/image_raw") == [("/front/image_raw", "front"), ("/rear/image_raw", "rear")]
     assert ns(" /robot/left/image_rect , ,right/image_raw,/image_raw ") == [
         ("/robot/left/image_rect", "robot/left"), ("/right/image_raw", "right"), ("/image_raw", "image_raw")]
@@ -227,7 +222,9 @@ def test_two_cameras_two_detectors_each_answers_its_own_frames(spawn, probe, tin
     """What multi_camera.launch.py starts for cameras:=/cam_a/image_raw,/cam_b/image_raw: two
     detector_node processes, namespaces from the launch file's own rule, each remapped to its
     camera, both fed at the same time."""
-    pairs = launch_function("multi_camera.launch.py", "camera_namespaces")("/cam_a/image_raw,/cam_b/image_raw")
+    from ros_anomaly_diffusion.ros.cameras import camera_namespaces
+
+    pairs = camera_namespaces("/cam_a/image_raw,/cam_b/image_raw")
     assert [n for _, n in pairs] == ["cam_a", "cam_b"]
     nodes, masks, pubs = {}, {}, {}
     for topic, ns in pairs:

@@ -255,15 +255,15 @@ def test_failed_inference_skips_the_frame_and_the_next_is_served(ros, probe, tin
         exc = (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if error == "oom"
                else RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
         calls = []
-        process = node.runtime.detector.process
+        process_batch = node.runtime.detector.process_batch
 
-        def fails_once(rgb):
+        def fails_once(frames):
             calls.append(1)
             if len(calls) == 1:
                 raise exc
-            return process(rgb)
+            return process_batch(frames)
 
-        monkeypatch.setattr(node.runtime.detector, "process", fails_once)
+        monkeypatch.setattr(node.runtime.detector, "process_batch", fails_once)
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         executor.add_node(node)
         spinner.start()

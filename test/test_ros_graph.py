@@ -334,3 +334,42 @@ def test_image_codec_is_what_the_node_uses():
     # guards the helper above: as_array decodes what the codec encodes
     rgb = random_frame(9, 11, seed=4)
     np.testing.assert_array_equal(as_array(image_codec.rgb_to_image(rgb)), rgb)
+
+
+def test_one_node_serves_several_cameras_each_under_its_own_namespace_and_headers(spawn, probe, tiny_checkpoint):
+    """cameras:=A,B: one process, one model; every result of camera A is published under /mc_a with
+    A's header only, B's under /mc_b, while both cameras stream at once."""
+    cams = {"mc_a": "/mc_a/image_raw", "mc_b": "/mc_b/image_raw"}
+    node = spawn("detector_node", *detector_args(tiny_checkpoint, "-p", "steps:=2", "-p", "segments:=none",
+                                                 "-p", f"cameras:={','.join(cams.values())}",
+                                                 "-r", "__ns:=/mc"))
+    node.wait_for_output(r"listening on /mc_a/image_raw, /mc_a/camera_info, /mc_b/image_raw", timeout=90)
+    assert node.output.count("model loaded in") == 1  # one copy of the model
+    masks = {ns: probe.collect(Image, f"/{ns}/anomaly/mask") for ns in cams}
+    scores = {ns: probe.collect(Image, f"/{ns}/anomaly/score") for ns in cams}
+    pubs = {ns: probe.publisher(Image, topic) for ns, topic in cams.items()}
+    for pub in pubs.values():
+        probe.wait_for_subscriber(pub)
+    k = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(len(m) >= 4 for m in masks.values()):
+        for j, (ns, pub) in enumerate(pubs.items()):  # both at once, stamps interleaved
+            pub.publish(stamped_image(random_frame(seed=k), 700 + 2 * k + j, frame_id=f"{ns}_optical"))
+        k += 1
+        probe.spin_for(0.2)
+    for ns in cams:
+        assert len(masks[ns]) >= 4, ns
+        assert {m.header.frame_id for _, m in masks[ns] + scores[ns]} == {f"{ns}_optical"}, ns
+        parity = 0 if ns == "mc_a" else 1
+        assert all((stamp_of(m)[0] - 700) % 2 == parity for _, m in masks[ns]), ns  # its own frames only
+    assert node.alive() and "Traceback" not in node.output
+
+
+def test_cameras_refuse_single_camera_parameters(ros, tiny_checkpoint):
+    from ros_anomaly_diffusion.ros.detector_node import DetectorNode, StartupError
+
+    with pytest.raises(StartupError, match="camera_info_topic and depth_topic are for a single camera"):
+        DetectorNode(parameter_overrides=[Parameter("cameras", value="/a/image_raw,/b/image_raw"),
+                                          Parameter("depth_topic", value="/a/depth")])
+    with pytest.raises(StartupError, match="would both run in namespace /a"):
+        DetectorNode(parameter_overrides=[Parameter("cameras", value="/a/image_raw,/a/image_rect")])

@@ -69,7 +69,7 @@ def test_a_known_blob_lands_where_the_geometry_says(ros, probe, tiny_checkpoint,
     spinner = threading.Thread(target=executor.spin, daemon=True)
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        node.runtime.detector.process = blob_result
+        node.runtime.detector.process_batch = lambda frames: [blob_result(f) for f in frames]
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         assert node.camera_info_topic == f"/pts_{mode}_cam/camera_info"  # beside the image
         executor.add_node(node)

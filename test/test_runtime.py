@@ -30,11 +30,16 @@ class StubDetector:
     def __init__(self, checkpoint, settings: Settings):
         self.settings = settings
         self.shapes: list[tuple] = []
+        self.batches: list[int] = []  # frames per model call
         self.fail: Exception | None = None  # raised by the next process()
 
     def update(self, **changes) -> list[str]:
         self.settings = self.settings.updated(**changes)
         return []
+
+    def process_batch(self, frames: list[np.ndarray]) -> list[FrameResult]:
+        self.batches.append(len(frames))
+        return [self.process(rgb) for rgb in frames]
 
     def process(self, rgb: np.ndarray) -> FrameResult:
         validate_frame(rgb)
@@ -324,3 +329,24 @@ def test_one_family_rule_for_the_detector_and_the_runtime(tiny_checkpoint):
     assert checkpoint_problem(knn) == (f"checkpoint {tiny_checkpoint} holds a 'pixel' model, "
                                        f"variant 'knn' needs a 'knn' one")
     assert checkpoint_problem(Settings(checkpoint=str(tiny_checkpoint), variant="ddim")) is None
+
+
+def test_the_newest_frame_of_each_source_goes_through_the_model_in_one_batch():
+    h = Harness(Settings(variant="ddim", flag_window=2, flag_raise_count=2, flag_clear_count=1, flag_hysteresis=0.0),
+                kind=ScriptedDetector)
+    seen = []
+    h.rt._on_result = lambda token, rgb, r, det: seen.append((token, r.frame_score, r.ood_filtered))
+    h.rt.load()
+    h.rt.submit(frame_number(0), "front old", source="front")
+    h.rt.submit(frame_number(1), "front", source="front")  # replaces front's older frame only
+    h.rt.submit(frame_number(0), "rear", source="rear")
+    h.rt.step()
+    assert h.rt.detector.batches == [2]  # one model call for both cameras
+    assert seen == [("front", 0.9, False), ("rear", 0.1, False)]  # each with its own frame
+    s = h.rt.stats()
+    assert (s.received, s.processed, s.dropped) == (3, 2, 1)
+    # flags are per source: front's second high score raises its flag (2 of 2), which one
+    # filter shared with rear's low score in between would not
+    h.rt.submit(frame_number(4), "front again", source="front")
+    h.rt.step()
+    assert seen[-1] == ("front again", 0.9, True) and h.rt.detector.batches == [2, 1]

@@ -1,8 +1,9 @@
 """The detector at run time, without ROS: what a node (or any frame source) needs around a Detector.
 
-- **Mailbox**: one slot. `submit()` drops a frame in and returns at once; a newer frame
-  replaces an unprocessed one (counted as dropped), so a slow model never builds a backlog
-  and results always describe the newest frame available when the model got free.
+- **Mailbox**: one slot per source (camera). `submit()` drops a frame in and returns at once;
+  a newer frame of the same source replaces an unprocessed one (counted as dropped), so a slow
+  model never builds a backlog and results always describe the newest frame available when
+  the model got free. The newest frame of every source goes through the model in one batch.
 - **Model host**: `load()` builds the Detector in the caller's thread (errors propagate: a
   managed node's configure transition fails with them), `release()` drops it so its CPU/GPU
   memory goes back to the system; `step()` (called in a loop by the worker thread of
@@ -10,9 +11,10 @@
   next frame, others by rebuilding the Detector; a failed rebuild keeps the old model and
   reports the settings set back. `start()` and `stop()` may alternate (a node deactivated and
   activated again); a frame waiting when the worker stops is dropped.
-- **Over the stream**: every result gets the temporally filtered OOD flag (`ood_filtered`,
-  core/temporal.FlagFilter with the flag_* settings) and, with score_ema_alpha < 1, the mask of
-  the score map's moving average (`mask_smoothed`); both restart when the worker starts again.
+- **Over the stream**: every result gets its source's temporally filtered OOD flag
+  (`ood_filtered`, core/temporal.FlagFilter with the flag_* settings) and, with
+  score_ema_alpha < 1, the mask of its source's score-map moving average (`mask_smoothed`);
+  both restart when the worker starts again.
 - **Downscaling**: frames above `max_input_pixels` are shrunk (INTER_AREA, aspect kept), which
   bounds memory and output size whatever the camera sends; the outputs keep that size.
 - **Statistics and health**: `stats()` (totals), `window()` (what happened since the previous
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .detector import Detector
+from .detector import Detector, validate_frame
 from .settings import Settings
 from .temporal import FlagFilter, ScoreMapEMA
 from .variants import family_mismatch
@@ -57,20 +59,21 @@ class BadInput(Exception):
 
 
 class Mailbox:
-    """One slot: put() replaces an unconsumed item (counted in `replaced`)."""
+    """One slot per source (camera): put() replaces that source's unconsumed item (counted in
+    `replaced`); take() hands over every source's item at once."""
 
     def __init__(self):
         self._cv = threading.Condition()
-        self._item = None
+        self._items: dict[Any, Any] = {}
         self._closed = False
         self._poked = False
         self.replaced = 0
 
-    def put(self, item) -> None:
+    def put(self, item, source: Any = 0) -> None:
         with self._cv:
-            if self._item is not None:
+            if source in self._items:
                 self.replaced += 1
-            self._item = item
+            self._items[source] = item
             self._cv.notify()
 
     def poke(self) -> None:
@@ -79,11 +82,12 @@ class Mailbox:
             self._poked = True
             self._cv.notify()
 
-    def take(self, timeout: float):
+    def take(self, timeout: float) -> dict[Any, Any]:
+        """{source: item} of every source with a waiting item (empty on timeout or a poke)."""
         with self._cv:
-            self._cv.wait_for(lambda: self._item is not None or self._closed or self._poked, timeout)
-            item, self._item, self._poked = self._item, None, False
-            return item
+            self._cv.wait_for(lambda: self._items or self._closed or self._poked, timeout)
+            items, self._items, self._poked = self._items, {}, False
+            return items
 
     def close(self) -> None:
         with self._cv:
@@ -91,11 +95,10 @@ class Mailbox:
             self._cv.notify_all()
 
     def reopen(self) -> None:
-        """Accept items again after close(); an item left over counts as replaced."""
+        """Accept items again after close(); items left over count as replaced."""
         with self._cv:
-            if self._item is not None:
-                self.replaced += 1
-            self._item, self._closed, self._poked = None, False, False
+            self.replaced += len(self._items)
+            self._items, self._closed, self._poked = {}, False, False
 
 
 def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int] | None:
@@ -242,8 +245,8 @@ class Runtime:
         self._model_ms: list[float] = []
         self._last_input: float | None = None
         self._window_start = (time.monotonic(), 0, 0, 0)
-        self._flag = FlagFilter(settings.flag_filter())
-        self._ema: ScoreMapEMA | None = None
+        self._flags: dict[Any, FlagFilter] = {}  # per source
+        self._emas: dict[Any, ScoreMapEMA] = {}
 
     # ------------------------------------------------------------------ state (any thread)
 
@@ -303,13 +306,13 @@ class Runtime:
 
     # ------------------------------------------------------------------ frames in (any thread)
 
-    def submit(self, frame: np.ndarray | Callable[[], np.ndarray], token: Any = None) -> None:
-        """Hand over the newest frame (or its decoder); returns at once."""
+    def submit(self, frame: np.ndarray | Callable[[], np.ndarray], token: Any = None, source: Any = 0) -> None:
+        """Hand over the newest frame (or its decoder) of `source` (a camera); returns at once."""
         now = time.monotonic()
         with self._lock:
             self._received += 1
             self._last_input = now
-        self._mailbox.put((frame, token, now))
+        self._mailbox.put((frame, token, now), source)
 
     # ------------------------------------------------------------------ worker
 
@@ -322,8 +325,7 @@ class Runtime:
         # a fresh event per worker: one that outlived stop()'s join (a very slow frame) stays stopped
         self._stop = threading.Event()
         self._mailbox.reopen()
-        self._flag.reset()  # a stream that stopped says nothing about the one that starts
-        self._ema = None
+        self._flags, self._emas = {}, {}  # a stream that stopped says nothing about the one that starts
         self._worker = threading.Thread(target=self._work, args=(self._stop,), name="anomaly_inference",
                                         daemon=True)
         self._worker.start()
@@ -352,12 +354,12 @@ class Runtime:
     def step(self, timeout: float = 0.0, stop: threading.Event | None = None) -> None:
         """Wait up to `timeout` s for a frame or a settings change, apply the settings, then
         process the frame (if any); nothing once `stop` (the worker's) is set."""
-        item = self._mailbox.take(timeout)
+        items = self._mailbox.take(timeout)
         if stop is not None and stop.is_set() or self._detector is None:
             return
         self._apply_settings()
-        if item is not None:
-            self._process(*item, stop=stop)
+        if items:
+            self._process(items, stop)
 
     def _apply_settings(self) -> None:
         det = self._detector
@@ -408,45 +410,55 @@ class Runtime:
                 f"Logged once; the count is frames_downscaled in /diagnostics")
         return small
 
-    def _process(self, frame, token, received: float, stop: threading.Event | None = None) -> None:
-        try:
-            rgb = self._downscale(frame() if callable(frame) else frame)
-        except BadInput as err:
-            self._bad_input(err.kind, err)
+    def _process(self, items: dict[Any, tuple], stop: threading.Event | None = None) -> None:
+        """Decode every source's frame, run the model once on all that are usable, deliver."""
+        ready = []  # (source, rgb, token, received)
+        for source, (frame, token, received) in items.items():
+            try:
+                rgb = self._downscale(frame() if callable(frame) else frame)
+                validate_frame(rgb)
+            except BadInput as err:
+                self._bad_input(err.kind, err)
+                continue
+            except ValueError as err:  # a frame the model cannot take (e.g. too small)
+                self._bad_input("frame", err)
+                continue
+            ready.append((source, rgb, token, received))
+        if not ready:
             return
         det = self._detector
         try:
-            result = det.process(rgb)
-        except ValueError as err:  # a frame the model cannot take (e.g. too small)
-            self._bad_input("frame", err)
-            return
+            results = det.process_batch([rgb for _, rgb, _, _ in ready])
         except torch.cuda.OutOfMemoryError as err:
-            self._inference_failed(err, det, oom=True)
+            self._inference_failed(err, det, len(ready), oom=True)
             return
         except Exception as err:
-            self._inference_failed(err, det)
+            self._inference_failed(err, det, len(ready))
             return
-        if stop is not None and stop.is_set():  # stopped during inference: no result after stop()
-            return
-        self._over_stream(result, det)
-        self._on_result(token, rgb, result, det)
-        latency = time.monotonic() - received
-        with self._lock:  # counted once delivered: a processed frame's results are out
-            self._processed += 1
-            self._latency.append(latency)
-            self._model_ms.append(result.timings_ms.get("model", float("nan")))
+        for (source, rgb, token, received), result in zip(ready, results):
+            if stop is not None and stop.is_set():  # stopped during inference: no result after stop()
+                return
+            self._over_stream(result, det, source)
+            self._on_result(token, rgb, result, det)
+            latency = time.monotonic() - received
+            with self._lock:  # counted once delivered: a processed frame's results are out
+                self._processed += 1
+                self._latency.append(latency)
+                self._model_ms.append(result.timings_ms.get("model", float("nan")))
 
-    def _over_stream(self, result, det) -> None:
+    def _over_stream(self, result, det, source: Any) -> None:
         s = det.settings
-        if self._flag.config != s.flag_filter():
-            self._flag.reconfigure(s.flag_filter())
-        result.ood_filtered = self._flag.update(result.frame_score, det.frame_threshold)
+        flag = self._flags.setdefault(source, FlagFilter(s.flag_filter()))
+        if flag.config != s.flag_filter():
+            flag.reconfigure(s.flag_filter())
+        result.ood_filtered = flag.update(result.frame_score, det.frame_threshold)
         if s.score_ema_alpha >= 1.0:
-            self._ema = None
+            self._emas.pop(source, None)
             return
-        if self._ema is None or self._ema.alpha != s.score_ema_alpha:
-            self._ema = ScoreMapEMA(s.score_ema_alpha)
-        result.mask_smoothed = self._ema.update(result.score) > det.mask_threshold
+        ema = self._emas.get(source)
+        if ema is None or ema.alpha != s.score_ema_alpha:
+            ema = self._emas[source] = ScoreMapEMA(s.score_ema_alpha)
+        result.mask_smoothed = ema.update(result.score) > det.mask_threshold
 
     def _bad_input(self, kind: str, err: Exception) -> None:
         with self._lock:
@@ -456,9 +468,9 @@ class Runtime:
             self._log.warning(f"bad input frame on {self.source} ({kind}): {err}; frame skipped "
                               f"({count} {kind} error(s) so far)")
 
-    def _inference_failed(self, err: Exception, det, oom: bool = False) -> None:
+    def _inference_failed(self, err: Exception, det, frames: int = 1, oom: bool = False) -> None:
         with self._lock:
-            self._inference_errors += 1
+            self._inference_errors += frames
             count = self._inference_errors
         if oom or det.device.type == "cuda":
             torch.cuda.empty_cache()  # give the failed attempt's blocks back before the next frame

@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import rclpy
@@ -107,6 +108,7 @@ from ..core import checkpoint as ckpt
 from ..core.runtime import SETTING_NAMES, BadInput, Health, Runtime, Throttle
 from ..core.settings import Settings
 from . import image_codec, transport
+from .cameras import camera_namespaces
 from .points import AnomalyPoints, PointsConfig, TfPoses, tf_available
 from .params import NODE_PARAMETERS, as_declared_type, declare_parameters, settings_parameters
 
@@ -121,6 +123,20 @@ OUTPUTS = {"mask": Image, "score": Image, "overlay": Image, "edited": Image, "oo
            "ood_score": Float32, "ood_stamped": DiagnosticArray, "points": PointCloud2}
 _POINTS_SKIPS = ("no_camera_info", "camera", "transform", "no_depth", "depth")
 _POINTS_LIVE = ("max_range", "point_stride", "ground_z", "depth_tolerance", "camera_xyz", "camera_rpy")
+
+
+def _beside(image_topic: str) -> str:
+    return image_topic.rsplit("/", 1)[0] + "/camera_info"
+
+
+@dataclass
+class Camera:
+    """One camera the node serves: its image topic, where its outputs go, its CameraInfo."""
+    topic: str  # resolved image topic
+    prefix: str  # outputs are <prefix>/<name>: "anomaly" (single camera) or /<camera namespace>/anomaly
+    info_topic: str
+    outputs: dict[str, LifecyclePublisher] = field(default_factory=dict)
+    points: AnomalyPoints | None = None
 
 
 def _ms(value: float | None) -> str:
@@ -162,16 +178,18 @@ class DetectorNode(LifecycleNode):
         except ValueError as err:
             raise StartupError(f"invalid parameter: {err}") from None
         self._node_params = {n: values[n] for n in NODE_PARAMETERS}
+        try:
+            self._cameras = self._camera_list()
+        except (RuntimeError, ValueError) as err:
+            raise StartupError(f"invalid parameter: {err}") from None
         self._runtime = Runtime(
-            settings, max_input_pixels=values["max_input_pixels"], source=self.resolve_topic_name("image"),
+            settings, max_input_pixels=values["max_input_pixels"], source=", ".join(c.topic for c in self._cameras),
             bad_input_log_period=values["bad_input_log_period"], on_result=self._publish, on_revert=self._revert,
             log=self.get_logger())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.state = "unconfigured"  # the lifecycle state, as the transitions below leave it
         self._problem = ""  # why the last configure failed (diagnostics)
-        self._outputs: dict[str, LifecyclePublisher] = {}
         self._inputs = []
-        self._points: AnomalyPoints | None = None
         self._throttle = Throttle()
         # /diagnostics in every state: a manager or an operator sees why a node is not running
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -207,8 +225,10 @@ class DetectorNode(LifecycleNode):
         self._node_params.update(node_changes)
         if "max_input_pixels" in node_changes:
             self._runtime.max_input_pixels = node_changes["max_input_pixels"]
-        if self._points is not None and set(node_changes) & set(_POINTS_LIVE):
-            self._points.config = self._points_config()
+        if set(node_changes) & set(_POINTS_LIVE):
+            for cam in self._cameras:
+                if cam.points is not None:
+                    cam.points.config = self._points_config()
         return SetParametersResult(successful=True)
 
     def _points_config(self) -> PointsConfig:
@@ -218,21 +238,36 @@ class DetectorNode(LifecycleNode):
                             depth_tolerance=np_["depth_tolerance"], camera_xyz=tuple(np_["camera_xyz"]),
                             camera_rpy=tuple(np_["camera_rpy"]))
 
-    def _make_points(self) -> AnomalyPoints:
+    def _make_points(self) -> list[AnomalyPoints]:
+        """One AnomalyPoints per camera, sharing one tf2 listener."""
         source = self._node_params["pose_source"]
         if source == "tf" and not tf_available():
             raise StartupError("pose_source is 'tf' but tf2_ros cannot be imported (source your ROS 2 setup); "
                                "use pose_source:=static with camera_xyz / camera_rpy")
         tf = TfPoses(self, self._node_params["target_frame"]) if source != "static" and tf_available() else None
-        return AnomalyPoints(self._points_config(), tf, depth=bool(self._node_params["depth_topic"]))
+        return [AnomalyPoints(self._points_config(), tf, depth=bool(self._node_params["depth_topic"]))
+                for _ in self._cameras]
+
+    def _camera_list(self) -> list[Camera]:
+        """The `image` input, or one Camera per `cameras` topic (outputs in its namespace)."""
+        np_ = self._node_params
+        if not np_["cameras"]:
+            topic = self.resolve_topic_name("image")
+            info = np_["camera_info_topic"]  # default: camera_info beside the image (image_pipeline's rule)
+            return [Camera(topic, "anomaly", self.resolve_topic_name(info) if info else _beside(topic))]
+        if np_["camera_info_topic"] or np_["depth_topic"]:
+            raise ValueError("camera_info_topic and depth_topic are for a single camera; with cameras, each "
+                             "camera's CameraInfo is read beside its image topic and points use the ground plane")
+        return [Camera(topic, f"/{ns}/anomaly", _beside(topic)) for topic, ns in camera_namespaces(np_["cameras"])]
+
+    @property
+    def cameras(self) -> list[Camera]:
+        return self._cameras
 
     @property
     def camera_info_topic(self) -> str:
-        """camera_info_topic, or camera_info beside the image topic (image_pipeline's rule)."""
-        topic = self._node_params["camera_info_topic"]
-        if topic:
-            return self.resolve_topic_name(topic)
-        return self._runtime.source.rsplit("/", 1)[0] + "/camera_info"
+        """The (first) camera's CameraInfo topic."""
+        return self._cameras[0].info_topic
 
     def _revert(self, running: Settings, names: list[str]) -> None:
         """The worker could not apply a change: the parameters show the running values again."""
@@ -247,7 +282,8 @@ class DetectorNode(LifecycleNode):
             self.get_logger().info(f"no checkpoint parameter: using the model shipped with the package, "
                                    f"{ckpt.DEFAULT_MODEL} (its MODEL_CARD.md says what it is)")
         try:
-            self._points = self._make_points()
+            for cam, points in zip(self._cameras, self._make_points()):
+                cam.points = points
             self._runtime.load()
         except (StartupError, ckpt.CheckpointError, ValueError, RuntimeError, OSError) as err:
             self._problem = str(err) if isinstance(err, StartupError) else f"cannot load the model: {err}"
@@ -256,8 +292,9 @@ class DetectorNode(LifecycleNode):
         self._problem = ""
         out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.VOLATILE)
-        self._outputs = {name: self.create_lifecycle_publisher(msg_type, f"anomaly/{name}", out_qos)
-                         for name, msg_type in OUTPUTS.items()}
+        for cam in self._cameras:
+            cam.outputs = {name: self.create_lifecycle_publisher(msg_type, f"{cam.prefix}/{name}", out_qos)
+                           for name, msg_type in OUTPUTS.items()}
         self.state = "inactive"
         return super().on_configure(state)
 
@@ -268,28 +305,31 @@ class DetectorNode(LifecycleNode):
             history=HistoryPolicy.KEEP_LAST, depth=int(np_["qos_depth"]), durability=DurabilityPolicy.VOLATILE,
             reliability=ReliabilityPolicy.BEST_EFFORT if np_["qos_reliability"] == "best_effort"
             else ReliabilityPolicy.RELIABLE)
-        self._inputs = [self.create_subscription(Image, "image", self._on_image, in_qos)]
-        inputs = [self._runtime.source]
-        if np_["subscribe_compressed"]:
-            topic = self._runtime.source.rstrip("/") + "/compressed"
-            self._inputs.append(self.create_subscription(CompressedImage, topic, self._on_compressed, in_qos))
-            inputs.append(topic)
         # camera_info and depth: the sensor-data profile matches reliable and best-effort drivers alike
         sensor = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT,
                             durability=DurabilityPolicy.VOLATILE)
-        self._inputs.append(self.create_subscription(CameraInfo, self.camera_info_topic,
-                                                            self._points.on_camera_info, sensor))
-        inputs.append(self.camera_info_topic)
-        if np_["depth_topic"]:
-            self._inputs.append(self.create_subscription(Image, np_["depth_topic"], self._points.on_depth,
-                                                                sensor))
+        self._inputs, inputs = [], []
+        for i, cam in enumerate(self._cameras):
+            self._inputs.append(self.create_subscription(Image, cam.topic, self._on_image(i), in_qos))
+            inputs.append(cam.topic)
+            if np_["subscribe_compressed"]:
+                topic = cam.topic.rstrip("/") + "/compressed"
+                self._inputs.append(self.create_subscription(CompressedImage, topic, self._on_compressed(i), in_qos))
+                inputs.append(topic)
+            self._inputs.append(self.create_subscription(CameraInfo, cam.info_topic, cam.points.on_camera_info,
+                                                         sensor))
+            inputs.append(cam.info_topic)
+        if np_["depth_topic"]:  # a single camera (_camera_list)
+            self._inputs.append(self.create_subscription(Image, np_["depth_topic"], self._cameras[0].points.on_depth,
+                                                         sensor))
             inputs.append(self.resolve_topic_name(np_["depth_topic"]))
         self._runtime.start()
         self.state = "active"
         result = super().on_activate(state)
         self.get_logger().info(
             f"listening on {', '.join(inputs)} ({np_['qos_reliability']}, depth {np_['qos_depth']}); "
-            f"publishing {self.resolve_topic_name('anomaly')}/{{{','.join(OUTPUTS)}}}")
+            f"publishing {', '.join(self.resolve_topic_name(c.prefix) for c in self._cameras)}/"
+            f"{{{','.join(OUTPUTS)}}}")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -328,10 +368,10 @@ class DetectorNode(LifecycleNode):
 
     def _release(self) -> None:
         self._runtime.release()
-        self._points = None
-        for pub in self._outputs.values():
-            self.destroy_lifecycle_publisher(pub)
-        self._outputs = {}
+        for cam in self._cameras:
+            for pub in cam.outputs.values():
+                self.destroy_lifecycle_publisher(pub)
+            cam.outputs, cam.points = {}, None
 
     def start(self) -> bool:
         """autostart: configure and activate now; False (reason logged) if configure failed."""
@@ -351,26 +391,30 @@ class DetectorNode(LifecycleNode):
 
     # ------------------------------------------------------------------ callbacks (executor thread)
 
-    def _on_image(self, msg: Image) -> None:
-        self._runtime.submit(_decoder(msg, image_codec.image_to_rgb), msg.header)
+    def _on_image(self, camera: int):
+        """The image callback of camera `camera`: its frame goes to the runtime as that source."""
+        return lambda msg: self._runtime.submit(_decoder(msg, image_codec.image_to_rgb), (camera, msg.header),
+                                                source=camera)
 
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._runtime.submit(_decoder(msg, image_codec.compressed_to_rgb), msg.header)
+    def _on_compressed(self, camera: int):
+        return lambda msg: self._runtime.submit(_decoder(msg, image_codec.compressed_to_rgb), (camera, msg.header),
+                                                source=camera)
 
     # ------------------------------------------------------------------ results (worker thread)
 
-    def _publish(self, header, rgb, result, det) -> None:
+    def _publish(self, token, rgb, result, det) -> None:
         if self.state != "active":  # a frame that finished while deactivating
             return
+        camera, header = token
         try:
-            self._publish_result(header, rgb, result, det)
+            self._publish_result(self._cameras[camera], header, rgb, result, det)
         except Exception:
             if rclpy.ok(context=self.context):
                 raise
             # shutting down (Ctrl-C during inference): nothing left to publish to
 
-    def _publish_result(self, header, rgb, result, det) -> None:
-        out = self._outputs
+    def _publish_result(self, cam: Camera, header, rgb, result, det) -> None:
+        out = cam.outputs
         out["mask"].publish(image_codec.mask_to_image(result.mask, header))
         out["score"].publish(image_codec.score_to_image(result.score, header))
         flag = bool(result.ood_filtered)
@@ -395,7 +439,7 @@ class DetectorNode(LifecycleNode):
         if (self._node_params["publish_edited"] and result.edited is not None
                 and out["edited"].get_subscription_count() > 0):
             out["edited"].publish(image_codec.rgb_to_image(result.edited, header))
-        points = self._points
+        points = cam.points
         if self._node_params["publish_points"] and points is not None and out["points"].get_subscription_count() > 0:
             mask = result.mask if result.mask_smoothed is None else result.mask_smoothed
             cloud, reason = points.cloud(header, mask)
@@ -434,12 +478,13 @@ class DetectorNode(LifecycleNode):
             "checkpoint": det.settings.checkpoint if det else desired.checkpoint,
             "input_topic": self._runtime.source,
         }
-        points = self._points
-        if points is not None:
-            times = points.take_times()
-            values.update({"points_pose_source": points.pose_source,
+        pts = [c.points for c in self._cameras if c.points is not None]
+        if pts:
+            times = [t for p in pts for t in p.take_times()]
+            values.update({"points_pose_source": pts[0].pose_source,
                            "points_p50_ms": _ms(float(np.median(times)) if times else None),
-                           **{f"points_skipped_{k}": str(points.skipped.get(k, 0)) for k in _POINTS_SKIPS}})
+                           **{f"points_skipped_{k}": str(sum(p.skipped.get(k, 0) for p in pts))
+                              for k in _POINTS_SKIPS}})
         if self.state == "active":
             health = w.health()
         elif self._problem:

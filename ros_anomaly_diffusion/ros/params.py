@@ -68,6 +68,9 @@ NODE_PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in (
     ParamSpec("max_input_pixels", MAX_INPUT_PIXELS, "frames with more pixels than this are downscaled "
               "(INTER_AREA, aspect ratio kept) before the detector; the outputs then have the downscaled "
               "resolution (same aspect ratio, input header)", 4096, 1_000_000_000),
+    ParamSpec("cameras", "", "comma-separated image topics served by this node with one model (the newest frame "
+              "of each in one batch); each camera's outputs go to its namespace (/front/image_raw -> "
+              "/front/anomaly/mask) with its headers; empty: the single `image` input", read_only=True),
     # anomaly points (ros/points.py)
     ParamSpec("publish_points", True, "publish anomaly/points (sensor_msgs/PointCloud2 of the anomalous pixels in "
               "target_frame; computed only while someone subscribes and CameraInfo has arrived)"),
