@@ -1,6 +1,8 @@
 """ROS 2 node `anomaly_detector`: camera frames in, anomaly mask / score / OOD flag out.
 
-Subscriptions (relative names, remap them):
+Subscriptions (relative names, remap them; with cameras:=/front/image_raw,/rear/image_raw one node
+serves several cameras with one model: every input below per camera, every output under the
+camera's namespace, /front/anomaly/mask, ..., with that camera's headers):
   image                 sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, mono16, 16UC1, 32FC1, 32FC3)
   <image>/compressed    sensor_msgs/CompressedImage (jpeg/png), only with subscribe_compressed:=true;
                         the name follows the resolved image topic (image_transport convention)
