@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("replay", "publish a folder or rosbag2 as a camera topic"),
                         ("bag", "convert an image folder into a rosbag2"),
                         ("demo", "end-to-end demo over real ROS 2 topics"),
-                        ("soak", "drive a detector_node with a fast camera; report drops, latency, memory")):
+                        ("soak", "drive a detector_node with a fast camera; report drops, latency, memory"),
+                        ("camsoak", "N cameras against one multi-camera detector (or N detectors): rates, "
+                                    "latency, memory")):
         sub.add_parser(name, help=help_, add_help=False)
     return parser
 
@@ -263,13 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] in ("replay", "bag", "demo", "soak"):
+    if argv and argv[0] in ("replay", "bag", "demo", "soak", "camsoak"):
         if argv[0] == "replay":
             from .ros.replay_node import replay_main as run
         elif argv[0] == "bag":
             from .ros.bag import bag_main as run
         elif argv[0] == "soak":
             from .ros.soak import soak_main as run
+        elif argv[0] == "camsoak":
+            from .ros.camsoak import camsoak_main as run
         else:
             from .ros.demo import demo_main as run
         return run(argv[1:]) or 0

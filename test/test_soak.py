@@ -1,10 +1,12 @@
 """The soak command: a 30 Hz camera of full-size frames against a slower model, accounted from
-both ends; and its backlog judge on synthetic latency series."""
+both ends; and its backlog judge on synthetic latency series. The camsoak command: several
+cameras against one multi-camera detector or one detector each."""
 import json
 import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
@@ -92,3 +94,19 @@ def test_stop_interrupts_a_node_and_kills_one_that_ignores_it(tmp_path):
     stubborn = spawn(_child(tmp_path, "signal.SIG_IGN"))
     _wait_ready(tmp_path)
     assert stop(stubborn, timeout=1.0) == "up\n" and stubborn.returncode == -9
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_camsoak_reports_every_camera_with_one_or_n_detectors(tmp_path, separate):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    report = tmp_path / "camsoak.json"
+    code = cli(["camsoak", "--cameras", "2", "--checkpoint", str(ckpt), "--variant", "ddim", "--duration", "6",
+                "--rate", "5", "--set", "steps=2", "--set", "segments=none", "--json", str(report)]
+               + (["--separate"] if separate else []))
+    r = json.loads(report.read_text())
+    assert code == 0, r
+    assert r["detector_processes"] == (2 if separate else 1) and r["frames_in_per_camera"] >= 25
+    for cam in ("cam0", "cam1"):
+        c = r["per_camera"][cam]
+        assert c["processed"] > 0 and c["foreign_frames"] == 0 and c["latency_p50_ms"] > 0, (cam, c)
+    assert r["rss_end_mb"] > 0
