@@ -1,4 +1,5 @@
-"""`ros-anomaly-diffusion` command line: train, eval, detect, calibrate, synth, replay, bag, demo."""
+"""`ros-anomaly-diffusion` command line: train, eval, detect, calibrate, synth, bench, replay, bag, demo,
+soak, camsoak."""
 from __future__ import annotations
 
 import argparse
