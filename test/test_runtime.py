@@ -14,7 +14,7 @@ import torch
 
 from conftest import random_frame
 from ros_anomaly_diffusion.core.detector import Detector, FrameResult, validate_frame
-from ros_anomaly_diffusion.core.runtime import BadInput, Runtime, downscaled_size
+from ros_anomaly_diffusion.core.runtime import STAGES, BadInput, Runtime, downscaled_size
 from ros_anomaly_diffusion.core.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -230,6 +230,9 @@ def test_statistics_add_up_and_the_window_rates_them():
 
     w = h.rt.window()
     assert (w.received, w.processed, w.inference_errors, len(w.latency_s)) == (5, 1, 1, 1)
+    # where the processed frame's time went: every stage once, decode and publish measured here
+    assert {k: len(v) for k, v in w.stages_ms.items()} == {k: 1 for k in STAGES}
+    assert w.stage_p50_ms("decode") >= 0 and w.stage_p50_ms("publish") >= 0
     assert w.input_rate_hz == pytest.approx(5 / w.seconds) and w.model_p50_ms == 1.0
     assert w.latency_p50_ms == w.latency_max_ms >= 0
     w2 = h.rt.window()  # a new window: nothing happened in it

@@ -115,7 +115,9 @@ class Detector:
         for f in frames:
             validate_frame(f)
         t0 = time.perf_counter()
-        out = self.scorer(self._to_model(frames))
+        batch = self._to_model(frames)
+        t_resized = time.perf_counter()
+        out = self.scorer(batch)
         maps = out.maps.float().cpu().numpy()
         own = None if out.frame_scores is None else out.frame_scores.float().cpu().numpy()  # variant's frame score
         t1 = time.perf_counter()
@@ -138,7 +140,8 @@ class Detector:
         t2 = time.perf_counter()
         per = 1000.0 / len(frames)
         for r in results:
-            r.timings_ms = {"model": (t1 - t0) * per, "post": (t2 - t1) * per, "total": (t2 - t0) * per}
+            r.timings_ms = {"resize": (t_resized - t0) * per, "network": (t1 - t_resized) * per,
+                            "model": (t1 - t0) * per, "post": (t2 - t1) * per, "total": (t2 - t0) * per}
         return results
 
     def process(self, rgb: np.ndarray) -> FrameResult:

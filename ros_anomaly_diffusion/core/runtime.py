@@ -48,6 +48,10 @@ from .temporal import FlagFilter, ScoreMapEMA
 from .variants import family_mismatch
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
+# Where a processed frame's time goes: decoding (and downscaling) the message, resizing to the
+# model, the networks, post-processing (segments, upsampling, frame score), the caller's
+# on_result (publishing the outputs).
+STAGES = ("decode", "resize", "network", "post", "publish")
 
 
 class BadInput(Exception):
@@ -152,6 +156,7 @@ class Window:
     inference_errors: int
     latency_s: tuple[float, ...]  # submit() to result delivered, per processed frame
     model_ms: tuple[float, ...]  # the Detector's own model time, per processed frame
+    stages_ms: dict[str, tuple[float, ...]]  # STAGES, per processed frame
     end: float  # time.monotonic() at the end
 
     @property
@@ -173,6 +178,10 @@ class Window:
     @property
     def model_p50_ms(self) -> float | None:
         return float(np.nanmedian(self.model_ms)) if self.model_ms else None
+
+    def stage_p50_ms(self, stage: str) -> float | None:
+        values = self.stages_ms.get(stage, ())
+        return float(np.nanmedian(values)) if values else None
 
     def health(self) -> Health:
         s = self.stats
@@ -243,6 +252,7 @@ class Runtime:
         self._bad: Counter = Counter()
         self._latency: list[float] = []
         self._model_ms: list[float] = []
+        self._stages: dict[str, list[float]] = {k: [] for k in STAGES}
         self._last_input: float | None = None
         self._window_start = (time.monotonic(), 0, 0, 0)
         self._flags: dict[Any, FlagFilter] = {}  # per source
@@ -412,8 +422,9 @@ class Runtime:
 
     def _process(self, items: dict[Any, tuple], stop: threading.Event | None = None) -> None:
         """Decode every source's frame, run the model once on all that are usable, deliver."""
-        ready = []  # (source, rgb, token, received)
+        ready = []  # (source, rgb, token, received, decode ms)
         for source, (frame, token, received) in items.items():
+            t0 = time.perf_counter()
             try:
                 rgb = self._downscale(frame() if callable(frame) else frame)
                 validate_frame(rgb)
@@ -423,28 +434,33 @@ class Runtime:
             except ValueError as err:  # a frame the model cannot take (e.g. too small)
                 self._bad_input("frame", err)
                 continue
-            ready.append((source, rgb, token, received))
+            ready.append((source, rgb, token, received, (time.perf_counter() - t0) * 1000))
         if not ready:
             return
         det = self._detector
         try:
-            results = det.process_batch([rgb for _, rgb, _, _ in ready])
+            results = det.process_batch([rgb for _, rgb, _, _, _ in ready])
         except torch.cuda.OutOfMemoryError as err:
             self._inference_failed(err, det, len(ready), oom=True)
             return
         except Exception as err:
             self._inference_failed(err, det, len(ready))
             return
-        for (source, rgb, token, received), result in zip(ready, results):
+        for (source, rgb, token, received, decode_ms), result in zip(ready, results):
             if stop is not None and stop.is_set():  # stopped during inference: no result after stop()
                 return
             self._over_stream(result, det, source)
+            t0 = time.perf_counter()
             self._on_result(token, rgb, result, det)
+            stages = {"decode": decode_ms, "publish": (time.perf_counter() - t0) * 1000,
+                      **{k: result.timings_ms.get(k, float("nan")) for k in ("resize", "network", "post")}}
             latency = time.monotonic() - received
             with self._lock:  # counted once delivered: a processed frame's results are out
                 self._processed += 1
                 self._latency.append(latency)
                 self._model_ms.append(result.timings_ms.get("model", float("nan")))
+                for k, v in stages.items():
+                    self._stages[k].append(v)
 
     def _over_stream(self, result, det, source: Any) -> None:
         s = det.settings
@@ -498,8 +514,10 @@ class Runtime:
             stats = self._stats()
             t0, received, processed, errors = self._window_start
             latency, model = tuple(self._latency), tuple(self._model_ms)
+            stages = {k: tuple(v) for k, v in self._stages.items()}
             self._latency, self._model_ms = [], []
+            self._stages = {k: [] for k in STAGES}
             self._window_start = (now, stats.received, stats.processed, stats.inference_errors)
         return Window(stats=stats, seconds=max(now - t0, 1e-6), received=stats.received - received,
                       processed=stats.processed - processed, inference_errors=stats.inference_errors - errors,
-                      latency_s=latency, model_ms=model, end=now)
+                      latency_s=latency, model_ms=model, stages_ms=stages, end=now)

@@ -107,7 +107,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Bool, Float32
 
 from ..core import checkpoint as ckpt
-from ..core.runtime import SETTING_NAMES, BadInput, Health, Runtime, Throttle
+from ..core.runtime import SETTING_NAMES, STAGES, BadInput, Health, Runtime, Throttle
 from ..core.settings import Settings
 from . import image_codec, transport
 from .cameras import camera_namespaces
@@ -464,6 +464,7 @@ class DetectorNode(LifecycleNode):
             "latency_p50_ms": _ms(w.latency_p50_ms),
             "latency_max_ms": _ms(w.latency_max_ms),
             "model_p50_ms": _ms(w.model_p50_ms),
+            **{f"stage_{k}_p50_ms": _ms(w.stage_p50_ms(k)) for k in STAGES},
             "frames_received": str(s.received),
             "frames_processed": str(s.processed),
             "frames_dropped": str(s.dropped),

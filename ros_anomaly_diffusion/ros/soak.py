@@ -7,9 +7,10 @@ frames_received (counted by the node, from its /diagnostics), lost_in_transport 
 difference: the middleware lost them), dropped_by_design (received but replaced by a newer
 frame before the model was free), processed, bad input and inference errors. It also
 reports latency percentiles (input stamp to arrival of the mask) and the node's resident
-memory at start and end, and exits non-zero when the node died, lost more than --max-loss
-of the frames in transport, fell behind (see `backlog_failures`) or grew in memory past
---max-growth.
+memory at start and end and where a processed frame's time goes inside the node (median over
+the /diagnostics windows of decode, resize, network, post, publish), and exits non-zero when
+the node died, lost more than --max-loss of the frames in transport, fell behind (see
+`backlog_failures`) or grew in memory past --max-growth.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.procmem import rss_mb
+from ..core.runtime import STAGES
 from .processes import spawn, stop
 
 
@@ -114,7 +116,7 @@ def soak_main(argv: list[str] | None = None) -> int:
             spin(0.1)
         before = diagnostics.settled(spin, timeout=30.0)
         results.clear()
-        diagnostics.model_ms.clear()
+        diagnostics.clear()
         rss_start = rss_mb(node.pid)
         sent, period, start = 0, 1.0 / args.rate, time.monotonic()
         next_t = start
@@ -130,6 +132,8 @@ def soak_main(argv: list[str] | None = None) -> int:
         rss_end = rss_mb(node.pid)
         arrivals, latencies = _series(results, start)
         report = _report(args, sent, arrivals, latencies, before, after, diagnostics.model_ms, rss_start, rss_end)
+        report["node_stages_p50_ms"] = {k: round(float(np.nanmedian(v)), 2) if v else None
+                                        for k, v in diagnostics.stages_ms.items()}
         report["node_alive"] = node.poll() is None
     except (KeyboardInterrupt, RuntimeError) as err:
         report["error"] = str(err) or "interrupted"
@@ -161,16 +165,25 @@ class NodeCounters:
         self.latest: dict[str, str] | None = None
         self.seen = 0
         self.model_ms: list[float] = []
+        self.stages_ms: dict[str, list[float]] = {k: [] for k in STAGES}  # per-window p50s
 
     def on_message(self, msg) -> None:
         for status in msg.status:
             if status.name.endswith(": anomaly detection"):
                 self.latest = {kv.key: kv.value for kv in status.values}
                 self.seen += 1
-                try:
-                    self.model_ms.append(float(self.latest.get("model_p50_ms", "nan")))
-                except ValueError:  # "n/a": no frame in that window
-                    pass
+                for key, box in (("model_p50_ms", self.model_ms),
+                                 *((f"stage_{k}_p50_ms", self.stages_ms[k]) for k in STAGES)):
+                    try:
+                        box.append(float(self.latest.get(key, "nan")))
+                    except ValueError:  # "n/a": no frame in that window
+                        pass
+
+    def clear(self) -> None:
+        """Forget the per-window figures (the warm-up's)."""
+        self.model_ms.clear()
+        for box in self.stages_ms.values():
+            box.clear()
 
     def settled(self, spin, timeout: float) -> dict[str, int]:
         """Counters from a status published after this call, once every received frame has an
