@@ -27,6 +27,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from ros_anomaly_diffusion.config import variant_params_file
 from ros_anomaly_diffusion.ros.transport import large_frame_launch_actions
 
 PACKAGE = 'ros_anomaly_diffusion'
@@ -53,12 +54,7 @@ def _launch_nodes(context):
     share = get_package_share_directory(PACKAGE)
     arg = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
     variant = arg('variant')
-    params_file = os.path.join(share, 'config', variant + '.yaml')
-    if not os.path.isfile(params_file):
-        known = sorted(f[:-5] for f in os.listdir(os.path.join(share, 'config'))
-                       if f.endswith('.yaml') and not f.startswith('nav2_'))
-        raise RuntimeError('no parameter file config/%s.yaml for variant %r; variants: %s'
-                           % (variant, variant, ', '.join(known)))
+    params_file = str(variant_params_file(variant))
     use_sim_time = _truthy(arg('use_sim_time'))
     overrides = {'variant': variant, 'use_sim_time': use_sim_time}
     if arg('checkpoint'):

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .core.settings import Settings
+from .core.settings import VARIANT_NAMES, Settings
 
 PACKAGE = "ros_anomaly_diffusion"
 
@@ -35,12 +35,19 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"no config folder for {PACKAGE}; looked in {[str(c) for c in candidates]}")
 
 
-def variant_settings(variant: str, **overrides: Any) -> Settings:
-    """Settings of config/<variant>.yaml (the launch file's parameter file), then overrides."""
+def variant_params_file(variant: str) -> Path:
+    """config/<variant>.yaml, the variant's parameter file (launch files, CLI, tools); a
+    FileNotFoundError naming the registered variants when there is none."""
     path = config_dir() / f"{variant}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no parameter file for variant {variant!r}")
-    doc = yaml.safe_load(path.read_text()) or {}
+        raise FileNotFoundError(f"{path}: no parameter file for variant {variant!r}; variants: "
+                                f"{', '.join(VARIANT_NAMES)}")
+    return path
+
+
+def variant_settings(variant: str, **overrides: Any) -> Settings:
+    """Settings of config/<variant>.yaml (the launch file's parameter file), then overrides."""
+    doc = yaml.safe_load(variant_params_file(variant).read_text()) or {}
     params = doc.get("/**", {}).get("ros__parameters", {})
     known = {f.name for f in fields(Settings)}
     values = {k: v for k, v in params.items() if k in known}

@@ -165,7 +165,7 @@ def test_detection_launch_arguments_and_variant_default():
         assert _declared_arguments(_tree(name))["variant"] == Settings().variant, name
     assert args["rviz"] == "false" and args["use_sim_time"] == "false"
     src = (LAUNCH / "anomaly_detection.launch.py").read_text()
-    assert "get_package_share_directory" in src and "'config', variant + '.yaml'" in src
+    assert "params_file = str(variant_params_file(variant))" in src
     assert "remappings=[('image', image_topic)]" in src
 
 
@@ -193,7 +193,7 @@ def test_multi_camera_launch_arguments_and_one_node_per_camera():
     assert set(args) >= {"cameras", "variant", "checkpoint", "device", "use_sim_time", "one_model"}
     assert args["variant"] in VARIANTS and args["use_sim_time"] == "false" and args["one_model"] == "true"
     src = (LAUNCH / name).read_text()
-    assert "'config', variant + '.yaml'" in src and "remappings=[('image', topic)]" in src
+    assert "params_file = str(variant_params_file(variant))" in src and "remappings=[('image', topic)]" in src
     assert "pairs = camera_namespaces(arg('cameras'))" in src and "for topic, namespace in pairs" in src
     assert "namespace=namespace" in src
     # one_model: one node whose `cameras` parameter (which exists) lists every topic
@@ -291,6 +291,17 @@ def test_variant_specific_values():
     assert ddpm["ddpm_guidance_scale"] == 3000.0
     for p in (ddim, ddpm):
         assert p["device"] == "cpu" and p["segments"] == "auto"
+
+
+def test_a_variant_without_a_parameter_file_is_refused_naming_the_variants():
+    """What the launch files, demo and soaks load: config/<variant>.yaml, or an error listing the
+    registered variants (not every YAML in config/: the Nav2 example is not a variant)."""
+    from ros_anomaly_diffusion.config import variant_params_file
+
+    assert variant_params_file("knn").read_text() == (CONFIG / "knn.yaml").read_text()  # share/ or source tree
+    with pytest.raises(FileNotFoundError, match=r"no parameter file for variant 'nope'; variants: ddpm, ddim, "
+                                                r"inversion, feature_edit, knn, dcae$"):
+        variant_params_file("nope")
 
 
 def test_nav2_costmap_example_takes_the_detector_points():

@@ -41,12 +41,12 @@ def parse(argv):
 
 
 def _node_cmd(args, variant: str, cameras: list[str], ns: str) -> list[str]:
-    from ..config import config_dir
+    from ..config import variant_params_file
 
     checkpoint = ["-p", f"checkpoint:={args.checkpoint.resolve()}"] if args.checkpoint else []
     params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
     return [str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", f"__ns:={ns}",
-            "--params-file", str(config_dir() / f"{variant}.yaml"), *checkpoint, "-p", f"variant:={variant}",
+            "--params-file", str(variant_params_file(variant)), *checkpoint, "-p", f"variant:={variant}",
             "-p", f"cameras:={','.join(cameras)}", *params]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..config import config_dir
+from ..config import variant_params_file
 from ..core import checkpoint as ckpt
 from ..core.data import open_dataset
 from ..core.synthetic import make_synthetic_dataset
@@ -165,7 +165,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     os.environ.update(env)
     bindir = Path(sys.executable).parent
     detector = spawn([str(bindir / "detector_node"), "--ros-args", "-r", f"__ns:={NS}", "-r", f"image:={CAMERA}",
-                      "--params-file", str(config_dir() / f"{args.variant}.yaml"),
+                      "--params-file", str(variant_params_file(args.variant)),
                       "-p", f"checkpoint:={model.resolve()}", "-p", f"variant:={args.variant}"],
                      args.out / "logs" / "detector.log", env)
     replay = spawn([str(bindir / "ros-anomaly-diffusion"), "replay", "--source", str(test_dir), "--topic", CAMERA,

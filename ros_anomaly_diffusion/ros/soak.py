@@ -72,7 +72,7 @@ def soak_main(argv: list[str] | None = None) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from ..config import config_dir
+    from ..config import variant_params_file
     from .image_codec import rgb_to_image
 
     from ..core.settings import Settings
@@ -81,7 +81,7 @@ def soak_main(argv: list[str] | None = None) -> int:
     checkpoint = ["-p", f"checkpoint:={args.checkpoint.resolve()}"] if args.checkpoint else []  # none: shipped
     params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
     node = spawn([str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", "image:=/soak/image",
-                  "-r", "__ns:=/soak", "--params-file", str(config_dir() / f"{variant}.yaml"),
+                  "-r", "__ns:=/soak", "--params-file", str(variant_params_file(variant)),
                   *checkpoint, "-p", f"variant:={variant}",
                   "-p", "diagnostics_period:=1.0", *params])
     # A context of its own: callers (tests, tools) may have initialised rclpy already.
