@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.procmem import rss_mb
 from .processes import spawn, stop
-from .soak import frames
+from .soak import camera_header, camera_client, detector_command, frames, publish_at_rate
 
 ROOT = "/camsoak"
 
@@ -40,96 +40,64 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def _node_cmd(args, variant: str, cameras: list[str], ns: str) -> list[str]:
-    from ..config import variant_params_file
-
-    checkpoint = ["-p", f"checkpoint:={args.checkpoint.resolve()}"] if args.checkpoint else []
-    params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
-    return [str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", f"__ns:={ns}",
-            "--params-file", str(variant_params_file(variant)), *checkpoint, "-p", f"variant:={variant}",
-            "-p", f"cameras:={','.join(cameras)}", *params]
-
-
 def camsoak_main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
     from . import transport
 
     transport.apply_large_frame_defaults()
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
     from ..core.settings import Settings
     from .image_codec import rgb_to_image
-    from .soak import _header
 
     variant = args.variant or Settings().variant
     names = [f"cam{k}" for k in range(args.cameras)]
     topics = [f"{ROOT}/{n}/image_raw" for n in names]
-    if args.separate:
-        nodes = [spawn(_node_cmd(args, variant, [t], f"{ROOT}/{n}_node")) for n, t in zip(names, topics)]
-    else:
-        nodes = [spawn(_node_cmd(args, variant, topics, f"{ROOT}/node"))]
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    client = rclpy.create_node("camsoak_cameras", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(client)
-    pubs = [client.create_publisher(Image, t, qos_profile_sensor_data) for t in topics]
-    masks: dict[str, list[tuple[str, float]]] = {n: [] for n in names}  # (frame_id, latency s)
-    for n in names:
-        client.create_subscription(Image, f"{ROOT}/{n}/anomaly/mask", lambda m, n=n: masks[n].append(
-            (m.header.frame_id, time.time() - (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9))), 50)
-    spin = lambda seconds: executor.spin_once(timeout_sec=seconds)  # noqa: E731
-    images = [rgb_to_image(rgb, _header(client)) for rgb in frames(args.data)]
+    groups = [([t], f"{ROOT}/{n}_node") for n, t in zip(names, topics)] if args.separate else [(topics, f"{ROOT}/node")]
+    nodes = [spawn(detector_command(args, variant, "-r", f"__ns:={ns}", "-p", f"cameras:={','.join(cams)}"))
+             for cams, ns in groups]
     report: dict = {"cameras": args.cameras, "separate": args.separate, "rate_hz": args.rate,
                     "duration_s": args.duration, "detector_processes": len(nodes)}
+
+    def alive() -> bool:
+        return all(p.poll() is None for p in nodes)
+
     try:
-        deadline = time.monotonic() + 180  # every camera answered once: models loaded, graph connected
-        while not all(masks.values()) and time.monotonic() < deadline and all(p.poll() is None for p in nodes):
-            for n, pub in zip(names, pubs):
-                msg = images[0]
-                msg.header = _header(client)
-                msg.header.frame_id = n
-                pub.publish(msg)
-            spin(0.5)
-        if not all(masks.values()):
-            raise RuntimeError("not every camera got a result within 180 s")
-        for box in masks.values():
-            box.clear()
-        rss_start = sum(rss_mb(p.pid) for p in nodes)
-        sent, period, start = 0, 1.0 / args.rate, time.monotonic()
-        next_t = start
-        while time.monotonic() - start < args.duration and all(p.poll() is None for p in nodes):
-            for n, pub in zip(names, pubs):
-                msg = images[sent % len(images)]
-                msg.header = _header(client)
-                msg.header.frame_id = n
-                pub.publish(msg)
-            sent += 1
-            next_t += period
-            while time.monotonic() < next_t:
-                spin(max(0.0, next_t - time.monotonic()))
-        end = time.monotonic() + 3.0  # the last results in flight
-        while time.monotonic() < end:
-            spin(0.1)
-        report.update(frames_in_per_camera=sent, rss_start_mb=rss_start, rss_end_mb=sum(rss_mb(p.pid) for p in nodes))
-        per = {}
-        for n in names:
-            lat = np.array([t for _, t in masks[n]]) * 1000
-            per[n] = {"processed": len(lat), "processed_hz": len(lat) / args.duration,
-                      "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-                      "latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-                      "foreign_frames": sum(fid != n for fid, _ in masks[n])}
-        report["per_camera"] = per
-        report["nodes_alive"] = all(p.poll() is None for p in nodes)
+        with camera_client("camsoak_cameras") as (client, spin):
+            pubs = [client.create_publisher(Image, t, qos_profile_sensor_data) for t in topics]
+            masks: dict[str, list[tuple[str, float]]] = {n: [] for n in names}  # (frame_id, latency s)
+            for n in names:
+                client.create_subscription(Image, f"{ROOT}/{n}/anomaly/mask", lambda m, n=n: masks[n].append(
+                    (m.header.frame_id, time.time() - (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9))), 50)
+            images = [rgb_to_image(rgb, camera_header(client)) for rgb in frames(args.data)]
+            cameras = [(pub, images, n) for pub, n in zip(pubs, names)]
+            deadline = time.monotonic() + 180  # every camera answered once: models loaded, graph connected
+            while not all(masks.values()) and time.monotonic() < deadline and alive():
+                publish_at_rate(client, spin, [(pub, images[:1], n) for pub, _, n in cameras], 2.0, 0.5, alive)
+            if not all(masks.values()):
+                raise RuntimeError("not every camera got a result within 180 s")
+            for box in masks.values():
+                box.clear()
+            rss_start = sum(rss_mb(p.pid) for p in nodes)
+            sent = publish_at_rate(client, spin, cameras, args.rate, args.duration, alive)
+            end = time.monotonic() + 3.0  # the last results in flight
+            while time.monotonic() < end:
+                spin(0.1)
+            report.update(frames_in_per_camera=sent, rss_start_mb=rss_start,
+                          rss_end_mb=sum(rss_mb(p.pid) for p in nodes))
+            per = {}
+            for n in names:
+                lat = np.array([t for _, t in masks[n]]) * 1000
+                per[n] = {"processed": len(lat), "processed_hz": len(lat) / args.duration,
+                          "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+                          "latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+                          "foreign_frames": sum(fid != n for fid, _ in masks[n])}
+            report["per_camera"] = per
+            report["nodes_alive"] = alive()
     except (KeyboardInterrupt, RuntimeError) as err:
         report["error"] = str(err) or "interrupted"
     finally:
-        executor.shutdown()
-        client.destroy_node()
-        rclpy.try_shutdown(context=context)
         for p in nodes:
             stop(p, timeout=20)
     text = json.dumps(report, indent=2)

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,58 @@ def frames(data: Path | None, n: int = 8) -> list[np.ndarray]:
         return [f.rgb() for f in list(open_dataset(data))[:n]]
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def detector_command(args, variant: str, *ros_args: str) -> list[str]:
+    """detector_node's command line for a soak: the variant's parameter file, args.checkpoint
+    (none: the shipped model), args.set values, then `ros_args`."""
+    from ..config import variant_params_file
+
+    checkpoint = ["-p", f"checkpoint:={args.checkpoint.resolve()}"] if args.checkpoint else []
+    params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
+    return [str(Path(sys.executable).parent / "detector_node"), "--ros-args", *ros_args,
+            "--params-file", str(variant_params_file(variant)), *checkpoint, "-p", f"variant:={variant}", *params]
+
+
+@contextmanager
+def camera_client(name: str):
+    """(node, spin(seconds)) in an rclpy context of its own (callers, tests and tools, may have
+    initialised rclpy already); shut down on exit."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    client = rclpy.create_node(name, context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(client)
+    try:
+        yield client, lambda seconds: executor.spin_once(timeout_sec=seconds)
+    finally:
+        executor.shutdown()
+        client.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def publish_at_rate(client, spin, cameras, rate: float, duration: float, alive) -> int:
+    """Publish each camera's prebuilt messages in turn, `rate` rounds a second for `duration`
+    seconds (while alive()), each with a fresh header (frame_id: the camera's, or the
+    default); spin between rounds. cameras: [(publisher, messages, frame_id or None)].
+    Returns the rounds published."""
+    sent, period, start = 0, 1.0 / rate, time.monotonic()
+    next_t = start
+    while time.monotonic() - start < duration and alive():
+        for pub, messages, frame_id in cameras:
+            msg = messages[sent % len(messages)]
+            msg.header = camera_header(client)
+            if frame_id:
+                msg.header.frame_id = frame_id
+            pub.publish(msg)
+        sent += 1
+        next_t += period
+        while time.monotonic() < next_t:
+            spin(max(0.0, next_t - time.monotonic()))
+    return sent
 
 
 def parse(argv):
@@ -66,81 +119,57 @@ def soak_main(argv: list[str] | None = None) -> int:
     from . import transport
 
     transport.apply_large_frame_defaults()  # this camera and the node: full-size frames over best effort
-    import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from ..config import variant_params_file
+    from ..core.settings import Settings
     from .image_codec import rgb_to_image
 
-    from ..core.settings import Settings
-
-    variant = args.variant or Settings().variant
-    checkpoint = ["-p", f"checkpoint:={args.checkpoint.resolve()}"] if args.checkpoint else []  # none: shipped
-    params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
-    node = spawn([str(Path(sys.executable).parent / "detector_node"), "--ros-args", "-r", "image:=/soak/image",
-                  "-r", "__ns:=/soak", "--params-file", str(variant_params_file(variant)),
-                  *checkpoint, "-p", f"variant:={variant}",
-                  "-p", "diagnostics_period:=1.0", *params])
-    # A context of its own: callers (tests, tools) may have initialised rclpy already.
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    client = rclpy.create_node("soak_camera", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(client)
-    pub = client.create_publisher(Image, "/soak/image", qos_profile_sensor_data)
-    results: list[tuple[float, float]] = []  # (arrival, latency) per mask
-    client.create_subscription(Image, "/soak/anomaly/mask", lambda m: results.append(
-        (time.monotonic(), time.time() - (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9))), 10)
-    diagnostics = NodeCounters()
-    client.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.on_message, 10)
-    spin = lambda seconds: executor.spin_once(timeout_sec=seconds)  # noqa: E731
-    # Messages built once: the camera must not be the bottleneck it measures (a 1.1 MB frame
-    # takes milliseconds to convert); each publish only stamps a header.
-    messages = [rgb_to_image(rgb, _header(client)) for rgb in frames(args.data)]
+    node = spawn(detector_command(args, args.variant or Settings().variant, "-r", "image:=/soak/image",
+                                  "-r", "__ns:=/soak", "-p", "diagnostics_period:=1.0"))
     report = {}
     arrivals = latencies = np.zeros(0)
     try:
-        # Wait for the node to load its model and answer a first frame.
-        deadline = time.monotonic() + 120
-        while not results and time.monotonic() < deadline and node.poll() is None:
-            messages[0].header = _header(client)
-            pub.publish(messages[0])
-            spin(0.5)
-        if not results:
-            raise RuntimeError("the detector produced no result within 120 s")
-        end_warm = time.monotonic() + args.warmup
-        while time.monotonic() < end_warm:
-            spin(0.1)
-        before = diagnostics.settled(spin, timeout=30.0)
-        results.clear()
-        diagnostics.clear()
-        rss_start = rss_mb(node.pid)
-        sent, period, start = 0, 1.0 / args.rate, time.monotonic()
-        next_t = start
-        while time.monotonic() - start < args.duration and node.poll() is None:
-            msg = messages[sent % len(messages)]
-            msg.header = _header(client)
-            pub.publish(msg)
-            sent += 1
-            next_t += period
-            while time.monotonic() < next_t:
-                spin(max(0.0, next_t - time.monotonic()))
-        after = diagnostics.settled(spin, timeout=30.0)
-        rss_end = rss_mb(node.pid)
-        arrivals, latencies = _series(results, start)
-        report = _report(args, sent, arrivals, latencies, before, after, diagnostics.model_ms, rss_start, rss_end)
-        report["node_stages_p50_ms"] = {k: round(float(np.nanmedian(v)), 2) if v else None
-                                        for k, v in diagnostics.stages_ms.items()}
-        report["node_alive"] = node.poll() is None
+        with camera_client("soak_camera") as (client, spin):
+            pub = client.create_publisher(Image, "/soak/image", qos_profile_sensor_data)
+            results: list[tuple[float, float]] = []  # (arrival, latency) per mask
+            client.create_subscription(Image, "/soak/anomaly/mask", lambda m: results.append(
+                (time.monotonic(), time.time() - (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9))), 10)
+            diagnostics = NodeCounters()
+            client.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.on_message, 10)
+            # Messages built once: the camera must not be the bottleneck it measures (a 1.1 MB
+            # frame takes milliseconds to convert); each publish only stamps a header.
+            messages = [rgb_to_image(rgb, camera_header(client)) for rgb in frames(args.data)]
+            # Wait for the node to load its model and answer a first frame.
+            deadline = time.monotonic() + 120
+            while not results and time.monotonic() < deadline and node.poll() is None:
+                messages[0].header = camera_header(client)
+                pub.publish(messages[0])
+                spin(0.5)
+            if not results:
+                raise RuntimeError("the detector produced no result within 120 s")
+            end_warm = time.monotonic() + args.warmup
+            while time.monotonic() < end_warm:
+                spin(0.1)
+            before = diagnostics.settled(spin, timeout=30.0)
+            results.clear()
+            diagnostics.clear()
+            rss_start = rss_mb(node.pid)
+            start = time.monotonic()
+            sent = publish_at_rate(client, spin, [(pub, messages, None)], args.rate, args.duration,
+                                   lambda: node.poll() is None)
+            after = diagnostics.settled(spin, timeout=30.0)
+            rss_end = rss_mb(node.pid)
+            arrivals, latencies = _series(results, start)
+            report = _report(args, sent, arrivals, latencies, before, after, diagnostics.model_ms, rss_start,
+                             rss_end)
+            report["node_stages_p50_ms"] = {k: round(float(np.nanmedian(v)), 2) if v else None
+                                            for k, v in diagnostics.stages_ms.items()}
+            report["node_alive"] = node.poll() is None
     except (KeyboardInterrupt, RuntimeError) as err:
         report["error"] = str(err) or "interrupted"
     finally:
-        executor.shutdown()
-        client.destroy_node()
-        rclpy.try_shutdown(context=context)
         out = stop(node, timeout=20)
         report["node_exit_code"] = node.returncode
         report["node_traceback"] = "Traceback" in out
@@ -265,7 +294,7 @@ def _judge(r: dict, args, arrivals: np.ndarray, latencies: np.ndarray) -> list[s
     return fails
 
 
-def _header(node):
+def camera_header(node):
     from std_msgs.msg import Header
 
     h = Header()
