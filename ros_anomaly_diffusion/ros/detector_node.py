@@ -263,10 +263,6 @@ class DetectorNode(LifecycleNode):
         return [Camera(topic, f"/{ns}/anomaly", _beside(topic)) for topic, ns in camera_namespaces(np_["cameras"])]
 
     @property
-    def cameras(self) -> list[Camera]:
-        return self._cameras
-
-    @property
     def camera_info_topic(self) -> str:
         """The (first) camera's CameraInfo topic."""
         return self._cameras[0].info_topic
@@ -337,9 +333,7 @@ class DetectorNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop listening and publishing; the model stays loaded."""
         self.state = "inactive"  # first: a frame finishing now is not published
-        for sub in self._inputs:
-            self.destroy_subscription(sub)
-        self._inputs = []
+        self._unsubscribe()
         self._runtime.stop()
         self.get_logger().info("deactivated: frames are ignored, the model stays loaded")
         return super().on_deactivate(state)
@@ -361,14 +355,18 @@ class DetectorNode(LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         """An exception in a transition: release what there is and go back to unconfigured."""
         self.get_logger().error(f"error in a lifecycle transition from {state.label}: releasing the model")
-        for sub in self._inputs:
-            self.destroy_subscription(sub)
-        self._inputs = []
         self._release()
         self.state = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
 
+    def _unsubscribe(self) -> None:
+        for sub in self._inputs:
+            self.destroy_subscription(sub)
+        self._inputs = []
+
     def _release(self) -> None:
+        """Inputs, model and outputs: what configure and activate made."""
+        self._unsubscribe()
         self._runtime.release()
         for cam in self._cameras:
             for pub in cam.outputs.values():
