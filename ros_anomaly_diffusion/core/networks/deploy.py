@@ -3,7 +3,7 @@
 - `with_backend(net, backend, device, inputs)`: the one switch. "torch" returns the module;
   "onnxruntime" wraps it in `OrtModule` (exported to ONNX once per weights and input shape,
   batch dynamic, cached on disk, run by ONNX Runtime's CPU provider); "tensorrt" compiles with
-  torch-tensorrt (`accelerate`). A backend whose package or device is missing is refused with
+  torch-tensorrt (`compile_cached`). A backend whose package or device is missing is refused with
   a ValueError saying what to install.
 - `compile_cached()` compiles with torch-tensorrt (fp16), caching the compiled module under a
   key of (weights, input shape, precision), and warms it up; a compiler failure returns the
@@ -84,9 +84,17 @@ def export_onnx(net: nn.Module, shape: tuple[int, ...], path: str | Path, opset:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = (torch.randn(shape), torch.full((shape[0],), 500, dtype=torch.long))
-    torch.onnx.export(_Timestepped(net.float().eval().cpu()), example, str(path), input_names=["x", "t"],
-                      output_names=["out"], opset_version=opset, dynamo=False)
+    _onnx_export(_Timestepped(net.float().eval().cpu()), example, path, ("x", "t"), opset=opset)
     return path
+
+
+def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: tuple[str, ...],
+                 dynamic_batch: bool = False, opset: int = 18) -> None:
+    """torch.onnx.export with the package's names (inputs as given, output "out"); with
+    dynamic_batch, dimension 0 of every input and the output is free."""
+    dynamic = {n: {0: "batch"} for n in (*input_names, "out")} if dynamic_batch else None
+    torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=["out"],
+                      opset_version=opset, dynamo=False, dynamic_axes=dynamic)
 
 
 class OrtModule(nn.Module):
@@ -132,9 +140,7 @@ class OrtModule(nn.Module):
         module = _Timestepped(self.net) if len(args) == 2 else self.net
         tmp = path.with_suffix(f".{id(self)}.tmp")  # a concurrent process never reads a half-written file
         with torch.inference_mode(False), torch.no_grad():
-            torch.onnx.export(module, tuple(a.cpu() for a in args), str(tmp), input_names=list(self.inputs),
-                              output_names=["out"], opset_version=18, dynamo=False,
-                              dynamic_axes={n: {0: "batch"} for n in (*self.inputs, "out")})
+            _onnx_export(module, tuple(a.cpu() for a in args), tmp, self.inputs, dynamic_batch=True)
         tmp.replace(path)
         self.exported.append(path)
         log.info("exported %s for ONNX Runtime: %s", type(self.net).__name__, path)
