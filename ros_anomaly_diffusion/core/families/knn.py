@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import checkpoint as ckpt
 from ..data import Frame
 from ..networks.backbone import StackedFeatures, shared_features
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .feature_space import (channel_stats, checkpoint_features, extract_features, features_config, input_size,
-                            load_feature_stats, random_frame_features, standardise, to_unit)
+from .feature_space import (FrameGraphs, channel_stats, checkpoint_features, extract_features, features_config,
+                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, query_groups: torch.Tenso
     distance is then recomputed directly, so a query equal to a bank vector scores exactly
     0. With groups, bank vectors of the query's own group are skipped (leave-one-out)."""
     q2 = queries.square().sum(1, keepdim=True)
-    best = torch.full((len(queries),), float("inf"), device=queries.device)
-    index = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
+    # shaped after the queries, not sized by len(): an ONNX export keeps the query count free
+    best = torch.full_like(q2[:, 0], float("inf"))
+    index = torch.zeros_like(q2[:, 0], dtype=torch.long)
     for start in range(0, len(bank), _CHUNK):
         b = bank[start:start + _CHUNK]
         d2 = torch.addmm(q2 + b.square().sum(1)[None], queries, b.T, alpha=-2.0)
@@ -63,24 +65,23 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, query_groups: torch.Tenso
     return torch.linalg.vector_norm(queries - bank[index], dim=1), index
 
 
-class KnnScorer:
-    """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(maps in [0, 1] at the analysis size, None)."""
+class KnnGraph(nn.Module):
+    """The knn scorer's whole computation for one analysis size: frames (B, 3, h, w) in [0, 1]
+    -> pixel maps (B, H, W) in [0, 1] (feature_space.FrameGraphs runs it on the backend)."""
 
-    nfe = 0  # no network evaluations beyond the backbone
+    def __init__(self, features: StackedFeatures, bank: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 size: tuple[int, int], stats: dict):
+        super().__init__()
+        self.features, self.size, self.stats = features, tuple(size), stats
+        self.register_buffer("bank", bank)
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1))
+        self.register_buffer("std", std.reshape(1, -1, 1, 1))
 
-    def __init__(self, bank: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, stats: dict, settings: Settings,
-                 device: torch.device, features: StackedFeatures | None = None):
-        self.features = features or shared_features(device=device)
-        self.bank = bank.to(device).contiguous()
-        self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
-        self.stats = stats
-        self.apply(settings)
+    @property
+    def signature(self) -> str:
+        """The constants baked into the graph besides the buffers (deploy.OnnxModule's cache key)."""
+        return f"knn:{self.size}:{sorted(self.stats.items())}"
 
-    def apply(self, s: Settings) -> None:
-        self.size = (s.analysis_height, s.analysis_width)
-        self.settings = s
-
-    @torch.inference_mode()
     def distances(self, batch01: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) -> (B, h/16, w/16) nearest-neighbour distances in standardised feature space."""
         z = (self.features(batch01) - self.mean) / self.std
@@ -88,15 +89,48 @@ class KnnScorer:
         d, _ = nearest(z.permute(0, 2, 3, 1).reshape(-1, c), self.bank)
         return d.reshape(b, h, w)
 
+    def forward(self, batch01: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.distances(batch01).unsqueeze(1), size=self.size, mode="bilinear",
+                           align_corners=False).squeeze(1)
+        return to_unit((up - self.stats["mean"]) / self.stats["std"])
+
+
+class KnnScorer:
+    """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(maps in [0, 1] at the analysis size, None).
+    Runs a KnnGraph on settings.backend (feature_space.FrameGraphs)."""
+
+    nfe = 0  # no network evaluations beyond the backbone
+
+    def __init__(self, bank: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, stats: dict, settings: Settings,
+                 device: torch.device, features: StackedFeatures | None = None):
+        self.features = features or shared_features(device=device)
+        self.bank = bank.to(device).contiguous()
+        self.mean, self.std = mean.to(device), std.to(device)
+        self.stats = stats
+        self._graphs = FrameGraphs(device, outputs=("maps",))
+        self.apply(settings)
+
+    def _graph(self, size: tuple[int, int]) -> KnnGraph:
+        return KnnGraph(self.features, self.bank, self.mean, self.std, size, self.stats)
+
+    def apply(self, s: Settings) -> None:
+        self.size = (s.analysis_height, s.analysis_width)
+        self.graph = self._graphs.get((self.size,), s, lambda: self._graph(self.size))
+        self.settings = s
+
+    @torch.inference_mode()
+    def distances(self, batch01: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) -> (B, h/16, w/16) nearest-neighbour distances (torch)."""
+        return self._graph(self.size).distances(batch01)
+
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        d = self.distances(batch01)
-        up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
-        return ScoreOutput(to_unit((up - self.stats["mean"]) / self.stats["std"]), None)
+        return ScoreOutput(self.graph(batch01), None)
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> KnnScorer:
-    features = checkpoint_features(directory, config, device, settings.backend)
+    parts = parts_settings(settings)  # one graph per frame on an ONNX runtime
+    features = checkpoint_features(directory, config, device, parts.backend, parts.precision)
     mean, std = load_feature_stats(directory, config)
     bank = ckpt.load_tensors(directory, "bank").get("vectors")
     if bank is None or bank.ndim != 2 or bank.shape[1] != config["features"]["channels"] or not len(bank):

@@ -1,8 +1,9 @@
-"""Where the networks run (Settings.backend): torch eager, ONNX Runtime, or TensorRT.
+"""Where the networks run (Settings.backend): torch eager, ONNX Runtime, OpenVINO, or TensorRT.
 
 - `with_backend(net, backend, device, inputs)`: the one switch. "torch" returns the module;
-  "onnxruntime" wraps it in `OrtModule` (exported to ONNX once per weights and input shape,
-  batch dynamic, cached on disk, run by ONNX Runtime's CPU provider); "tensorrt" compiles with
+  "onnxruntime" and "openvino" wrap it in an `OnnxModule` (exported to ONNX once per weights and
+  input shape, batch dynamic, cached on disk, run by ONNX Runtime's CPU provider or compiled by
+  OpenVINO's CPU plugin per batch size); "tensorrt" compiles with
   torch-tensorrt (`compile_cached`). A backend whose package or device is missing is refused with
   a ValueError saying what to install.
 - `compile_cached()` compiles with torch-tensorrt (fp16), caching the compiled module under a
@@ -23,7 +24,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path.home() / ".cache" / "ros_anomaly_diffusion" / "trt"
 ONNX_CACHE = Path.home() / ".cache" / "ros_anomaly_diffusion" / "onnx"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+ONNX_BACKENDS = ("onnxruntime", "openvino")  # the backends that run exported ONNX files
 
 
 def cache_key(net: nn.Module, shape: tuple[int, ...], precision: str) -> str:
@@ -89,30 +91,32 @@ def export_onnx(net: nn.Module, shape: tuple[int, ...], path: str | Path, opset:
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: tuple[str, ...],
-                 dynamic_batch: bool = False, opset: int = 18) -> None:
-    """torch.onnx.export with the package's names (inputs as given, output "out"); with
-    dynamic_batch, dimension 0 of every input and the output is free."""
-    dynamic = {n: {0: "batch"} for n in (*input_names, "out")} if dynamic_batch else None
-    torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=["out"],
+                 dynamic_batch: bool = False, opset: int = 18, output_names: tuple[str, ...] = ("out",)) -> None:
+    """torch.onnx.export with the package's names; with dynamic_batch, dimension 0 of every
+    input and output is free."""
+    dynamic = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
+    torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=list(output_names),
                       opset_version=opset, dynamo=False, dynamic_axes=dynamic)
 
 
-class OrtModule(nn.Module):
-    """A module run by ONNX Runtime (CPU): same call, same outputs (within float rounding).
+class OnnxModule(nn.Module):
+    """A module run by an ONNX runtime on the CPU: same call, same outputs (within float rounding).
 
     The wrapped module is exported on the first call with each input shape (batch dynamic) to
     `cache_dir/<weights and shape key>.onnx`, reused by later processes. A denoiser's integer
-    timestep argument becomes a (batch,) int64 tensor, as in the export. Attributes other than
-    the call (e.g. a denoiser's `config`) are the wrapped module's."""
+    timestep argument becomes a (batch,) int64 tensor, as in the export. A module with several
+    outputs (`outputs` names them) returns a tuple. `signature`: whatever else the module bakes
+    into its graph as constants (not in its state_dict), part of the cache key. Attributes
+    other than the call (e.g. a denoiser's `config`) are the wrapped module's. Subclasses
+    load an exported file (`_load`) and run it (`_run`)."""
 
     def __init__(self, net: nn.Module, inputs: tuple[str, ...] = ("x",), cache_dir: Path | None = None,
-                 threads: int | None = None):
-        import onnxruntime
-
+                 threads: int | None = None, outputs: tuple[str, ...] = ("out",), signature: str = ""):
         super().__init__()
         self.net, self.inputs, self.cache_dir = net.eval(), tuple(inputs), Path(cache_dir or ONNX_CACHE)
-        self._ort, self._threads = onnxruntime, threads or torch.get_num_threads()
-        self._sessions: dict[tuple, object] = {}
+        self.outputs, self.signature = tuple(outputs), signature
+        self._threads = threads or torch.get_num_threads()
+        self._runners: dict[tuple, object] = {}
         self.exported: list[Path] = []  # files this instance exported (not found in the cache)
 
     def __getattr__(self, name: str):
@@ -121,44 +125,109 @@ class OrtModule(nn.Module):
         except AttributeError:
             return getattr(self._modules["net"], name)
 
-    def _session(self, args: tuple[torch.Tensor, ...]):
-        key = tuple(tuple(a.shape[1:]) for a in args)
-        if key not in self._sessions:
-            path = self.cache_dir / f"{cache_key(self.net, (0, *key[0]), 'onnx')}.onnx"
-            if not path.is_file():
-                self._export(args, path)
-            options = self._ort.SessionOptions()
-            options.intra_op_num_threads = self._threads
-            # no busy-waiting between runs: ORT's spinning threads would take the cores from
-            # the torch ops (resize, analysis) that run between its calls
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[key] = self._ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return self._sessions[key]
+    def _onnx_file(self, args: tuple[torch.Tensor, ...]) -> Path:
+        shape = (0, *args[0].shape[1:])  # batch free
+        path = self.cache_dir / f"{cache_key(self.net, shape, 'onnx' + self.signature)}.onnx"
+        if not path.is_file():
+            self._export(args, path)
+        return path
 
     def _export(self, args: tuple[torch.Tensor, ...], path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         module = _Timestepped(self.net) if len(args) == 2 else self.net
         tmp = path.with_suffix(f".{id(self)}.tmp")  # a concurrent process never reads a half-written file
         with torch.inference_mode(False), torch.no_grad():
-            _onnx_export(module, tuple(a.cpu() for a in args), tmp, self.inputs, dynamic_batch=True)
+            _onnx_export(module, tuple(a.cpu() for a in args), tmp, self.inputs, dynamic_batch=True,
+                         output_names=self.outputs)
         tmp.replace(path)
         self.exported.append(path)
-        log.info("exported %s for ONNX Runtime: %s", type(self.net).__name__, path)
+        log.info("exported %s for %s: %s", type(self.net).__name__, type(self).__name__, path)
 
-    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+    def _shape_key(self, args: tuple[torch.Tensor, ...]) -> tuple:
+        """Inputs that share a runner: the same shapes but the batch (the export's batch is dynamic)."""
+        return tuple(tuple(a.shape[1:]) for a in args)
+
+    def _load(self, path: Path, args: tuple[torch.Tensor, ...]):
+        raise NotImplementedError
+
+    def _run(self, runner, feed: dict) -> list:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor | tuple[torch.Tensor, ...]:
         args = (x, *rest)
         if len(args) == 2 and not torch.is_tensor(args[1]):  # a denoiser's integer timestep
             args = (x, torch.full((x.shape[0],), int(args[1]), dtype=torch.long))
+        key = self._shape_key(args)
+        if key not in self._runners:
+            self._runners[key] = self._load(self._onnx_file(args), args)
         feed = {n: a.detach().cpu().numpy() for n, a in zip(self.inputs, args)}
-        out = self._session(args).run(None, feed)[0]
-        return torch.from_numpy(out).to(x.device)
+        out = tuple(torch.from_numpy(o).to(x.device) for o in self._run(self._runners[key], feed))
+        return out if len(self.outputs) > 1 else out[0]
+
+
+class OrtModule(OnnxModule):
+    """OnnxModule on ONNX Runtime's CPU provider: one session per input shape, any batch."""
+
+    def __init__(self, net: nn.Module, inputs: tuple[str, ...] = ("x",), **options):
+        import onnxruntime
+
+        super().__init__(net, inputs, **options)
+        self._ort = onnxruntime
+
+    def _load(self, path: Path, args: tuple[torch.Tensor, ...]):
+        options = self._ort.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        # threads spin inside a run (2 ms of 15 for inversion) but stop when it returns: spinning
+        # between runs took the cores from the resize and post-processing around them
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        return self._ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _run(self, session, feed: dict) -> list:
+        return session.run(None, feed)
+
+
+class OvModule(OnnxModule):
+    """OnnxModule on OpenVINO's CPU plugin, compiled for each full input shape (batch included):
+    static shapes let it plan its kernels; a new batch size costs one compilation of the cached
+    ONNX file. precision "bf16" runs bf16 arithmetic where the CPU has it (AMX, AVX512-BF16),
+    fp32 elsewhere (logged once)."""
+
+    def __init__(self, net: nn.Module, inputs: tuple[str, ...] = ("x",), precision: str = "fp32", **options):
+        import openvino
+
+        super().__init__(net, inputs, **options)
+        self._ov, self._core, self.precision = openvino, openvino.Core(), precision
+
+    def _shape_key(self, args: tuple[torch.Tensor, ...]) -> tuple:
+        return tuple(tuple(a.shape) for a in args)
+
+    def _load(self, path: Path, args: tuple[torch.Tensor, ...]):
+        model = self._core.read_model(str(path))
+        model.reshape({name: self._ov.PartialShape(list(a.shape)) for name, a in zip(self.inputs, args)})
+        # explicit f32: OpenVINO's own default is bf16 on CPUs that have it, which changes the numbers
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self._threads,
+                  "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[self.precision]}
+        compiled = self._core.compile_model(model, "CPU", config)
+        runs = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if self.precision == "bf16" and "bf16" not in runs and not self._runners:
+            log.warning("precision bf16 asked, but this CPU runs OpenVINO in %s (no AMX or AVX512-BF16)", runs)
+        return compiled.create_infer_request()
+
+    def _run(self, request, feed: dict) -> list:
+        request.infer(feed)
+        return [request.get_output_tensor(i).data.copy() for i in range(len(self.outputs))]
 
 
 def with_backend(net: nn.Module, backend: str, device: torch.device | str, inputs: tuple[str, ...] = ("x", "t"),
-                 shape: tuple[int, ...] | None = None) -> tuple[nn.Module, str]:
-    """(module to run, how it runs) for Settings.backend; ValueError when the backend cannot
-    run here (package not installed, wrong device). `shape` (TensorRT only): the input shape."""
+                 shape: tuple[int, ...] | None = None, precision: str = "fp32",
+                 **onnx_options) -> tuple[nn.Module, str]:
+    """(module to run, how it runs) for Settings.backend and Settings.precision; ValueError when
+    the backend cannot run here (package not installed, wrong device). `shape` (TensorRT only):
+    the input shape; onnx_options: OnnxModule's `outputs` and `signature`."""
     device = torch.device(device)
+    if precision != "fp32" and backend != "openvino":
+        raise ValueError(f"precision {precision!r} runs on backend 'openvino' only, not {backend!r}")
     if backend == "torch":
         return net, "torch eager"
     if backend == "onnxruntime":
@@ -166,9 +235,17 @@ def with_backend(net: nn.Module, backend: str, device: torch.device | str, input
             raise ValueError(f"backend 'onnxruntime' runs on the CPU here, not on {device}: use backend "
                              "'tensorrt' (or 'torch') on a GPU")
         try:
-            return OrtModule(net, inputs), "onnxruntime (CPU)"
+            return OrtModule(net, inputs, **onnx_options), "onnxruntime (CPU)"
         except ImportError:
             raise ValueError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from None
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'openvino' runs on the CPU here, not on {device}: use backend "
+                             "'tensorrt' (or 'torch') on a GPU")
+        try:
+            return OvModule(net, inputs, precision, **onnx_options), f"openvino (CPU, {precision})"
+        except ImportError:
+            raise ValueError("backend 'openvino' needs the openvino package: pip install openvino") from None
     if backend == "tensorrt":
         if device.type != "cuda":
             raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {device}")

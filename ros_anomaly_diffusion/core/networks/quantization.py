@@ -383,7 +383,7 @@ def load_denoiser(directory: str | Path, config: dict, device: torch.device | st
     A checkpoint written by `quantize_checkpoint` loads quantized as it was written;
     otherwise `settings.quantization` ("none", "fp16", "int8") with
     `settings.quantize_layers` quantizes the float weights on the fly. The result runs on
-    `settings.backend` (deploy.with_backend).
+    `settings.backend` with `settings.precision` (deploy.with_backend).
     """
     net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"])
     q = checkpoint_quantization(directory, config)
@@ -407,7 +407,8 @@ def load_denoiser(directory: str | Path, config: dict, device: torch.device | st
     backend = getattr(settings, "backend", "torch") if settings is not None else "torch"
     unet = config["denoiser"]["config"]
     shape = (1, unet["in_channels"], *unet["sample_size"]) if config["denoiser"]["kind"] == "unet" else None
-    net, how = with_backend(net, backend, device, shape=shape)
+    precision = getattr(settings, "precision", "fp32") if settings is not None else "fp32"
+    net, how = with_backend(net, backend, device, shape=shape, precision=precision)
     log.info("denoiser runs on %s", how)
     return net
 
