@@ -8,14 +8,22 @@
 * `iter_bag_frames` / `iter_bag_images`: the frames of an Image or CompressedImage topic of
   any rosbag2 as RGB arrays, for replay and offline evaluation; undecodable messages are
   reported and skipped. `pick_image_topic` is the rule for which topic that is.
+* `bag_frames(path, topic=None) -> list[BagFrame]`: the messages of that image topic as lazy
+  frames for `core.datasets.FrameDataset` (training straight from bags): indexing reads no
+  image, `BagFrame.rgb()` reads and decodes its one message.
 * `bag_main(argv)`: the `ros-anomaly-diffusion bag` subcommand.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import os
 import sys
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +32,7 @@ from . import image_codec
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
 STORAGES = ("sqlite3", "mcap")
 BAG_VERSION = 8
 
@@ -96,8 +105,13 @@ def image_topics(path: str | Path) -> dict[str, tuple[str, int]]:
     from rosbags.rosbag2 import Reader
 
     with Reader(path) as reader:
-        return {c.topic: (c.msgtype, c.msgcount) for c in reader.connections
-                if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)}
+        return {c.topic: (c.msgtype, c.msgcount) for c in reader.connections if c.msgtype in IMAGE_TYPES}
+
+
+def _decode(store, msgtype: str, raw: bytes):
+    """(message, uint8 RGB) of one serialised Image / CompressedImage."""
+    msg = store.deserialize_cdr(raw, msgtype)
+    return msg, (image_codec.image_to_rgb(msg) if msgtype == IMAGE_TYPE else image_codec.compressed_to_rgb(msg))
 
 
 def pick_image_topic(path: str | Path, topics: Iterable[str], topic: str | None = None,
@@ -132,14 +146,12 @@ def iter_bag_frames(path: str | Path, topic: str | None = None,
         raise FileNotFoundError(f"bag {path} does not exist")
     store = _typestore()
     with Reader(path) as reader:
-        conns = [c for c in reader.connections if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)]
+        conns = [c for c in reader.connections if c.msgtype in IMAGE_TYPES]
         want = pick_image_topic(path, (c.topic for c in conns), topic)
         conns = [c for c in conns if c.topic == want]
         for index, (conn, bag_time, raw) in enumerate(reader.messages(connections=conns)):
             try:
-                msg = store.deserialize_cdr(raw, conn.msgtype)
-                rgb = (image_codec.image_to_rgb(msg) if conn.msgtype == IMAGE_TYPE
-                       else image_codec.compressed_to_rgb(msg))
+                msg, rgb = _decode(store, conn.msgtype, raw)
             except (SerdeError, ValueError) as err:  # image_codec.FrameError is a ValueError
                 if on_error is None:
                     log.warning("skipping undecodable message %d (bag time %d ns) on %s in %s: %s",
@@ -156,6 +168,115 @@ def iter_bag_images(path: str | Path, topic: str | None = None,
     """(stamp in ns, uint8 RGB) per message of the bag's image topic; see iter_bag_frames."""
     for stamp, _frame_id, rgb in iter_bag_frames(path, topic, on_error):
         yield stamp, rgb
+
+
+# --------------------------------------------------------------------------- lazy frames of a bag
+
+# Open Readers, (pid, bag) -> Reader, least recently used first. Keyed by the process id: a
+# DataLoader worker forked from a process that had a bag open inherits its Reader, whose file
+# offset (mcap) or SQLite connection it must not use; it opens its own. Inherited entries are
+# left alone (closing them in the child could disturb the parent's). One lock serialises the
+# cache and the reads of a process (an mcap Reader seeks in one shared file object); a child
+# gets a fresh lock, in case another thread held it at the fork.
+_READERS: OrderedDict = OrderedDict()
+_READERS_LOCK = threading.RLock()
+MAX_OPEN_BAGS = 16  # per process; more bags than this are reopened as they come round
+
+
+def _fresh_lock() -> None:
+    global _READERS_LOCK
+    _READERS_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock)
+
+
+def _bag_reader(bag: Path):
+    """This process's open Reader of `bag` (opened on first use); call with _READERS_LOCK held."""
+    from rosbags.rosbag2 import Reader
+
+    pid = os.getpid()
+    key = (pid, bag)
+    reader = _READERS.get(key)
+    if reader is not None:
+        _READERS.move_to_end(key)
+        return reader
+    reader = Reader(bag)
+    reader.open()
+    _READERS[key] = reader
+    own = [k for k in _READERS if k[0] == pid]
+    for old in own[:-MAX_OPEN_BAGS]:
+        _READERS.pop(old).close()
+    return reader
+
+
+@dataclass(frozen=True)
+class BagFrame:
+    """One message of a bag's image topic, read and decoded only by `rgb()` (a frame-like for
+    `core.datasets.FrameDataset`). `timestamp` is its bag time (ns), `index` its position on the
+    topic (as `iter_bag_frames` counts), `tie` its position among the topic's messages with the
+    same bag time (0 unless several share it)."""
+
+    name: str
+    bag: Path
+    topic: str
+    timestamp: int
+    index: int
+    tie: int = 0
+
+    def rgb(self) -> np.ndarray:
+        """uint8 (H, W, 3) RGB of this message. ValueError when it cannot be deserialised or
+        decoded (or is no longer in the bag); errors of the bag itself (missing, unreadable) as
+        rosbags raises them."""
+        with _READERS_LOCK:
+            reader = _bag_reader(self.bag)
+            conns = [c for c in reader.connections if c.topic == self.topic and c.msgtype in IMAGE_TYPES]
+            if not conns:  # (no connections would mean no filter at all to Reader.messages)
+                raise ValueError(f"bag {self.bag} has no Image/CompressedImage topic {self.topic!r}")
+            # a time window of one nanosecond: every message of the topic at this bag time, in the
+            # order the full read gives them (mcap: chunk offset, then record order; sqlite3: the
+            # timestamp index, so row order)
+            window = reader.messages(connections=conns, start=self.timestamp, stop=self.timestamp + 1)
+            try:
+                found = next(itertools.islice(window, self.tie, None), None)
+            finally:
+                window.close()
+        if found is None:
+            raise ValueError(f"{self.name}: no message {self.tie} at bag time {self.timestamp} ns on {self.topic} "
+                             f"in {self.bag} (the bag changed since it was indexed?)")
+        conn, _, raw = found
+        try:
+            return _decode(_typestore(), conn.msgtype, raw)[1]
+        except Exception as err:  # message bytes are data: any failure to read them is a bad message
+            raise ValueError(f"undecodable message {self.index} (bag time {self.timestamp} ns) on {self.topic} "
+                             f"in {self.bag}: {type(err).__name__}: {err}") from err
+
+    def label(self) -> None:
+        return None
+
+
+def bag_frames(path: str | Path, topic: str | None = None) -> list[BagFrame]:
+    """Every message of the bag's image topic (`pick_image_topic`'s rule) as a `BagFrame`
+    named f"{bag stem}_{index:06d}", in bag order. One pass that decodes no image (rosbags
+    still reads each message's bytes)."""
+    from rosbags.rosbag2 import Reader
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"bag {path} does not exist")
+    bag = path.resolve()  # workers may run elsewhere; the cache key is the same for every frame
+    stem = bag.stem if bag.is_file() else bag.name
+    with Reader(path) as reader:
+        conns = [c for c in reader.connections if c.msgtype in IMAGE_TYPES]
+        want = pick_image_topic(path, (c.topic for c in conns), topic)
+        conns = [c for c in conns if c.topic == want]
+        ties: Counter[int] = Counter()
+        frames = []
+        for index, (_conn, bag_time, _raw) in enumerate(reader.messages(connections=conns)):
+            t = int(bag_time)
+            frames.append(BagFrame(f"{stem}_{index:06d}", bag, want, t, index, ties[t]))
+            ties[t] += 1
+    return frames
 
 
 def bag_main(argv: list[str] | None = None) -> int:
