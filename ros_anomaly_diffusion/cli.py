@@ -121,19 +121,40 @@ def cmd_export(args) -> None:
     import numpy as np
 
     from .core.detector import Detector
-    from .core.networks.deploy import export_onnx
+    from .core.networks.deploy import TRT_OPSET, export_frame_graph, export_onnx, trtexec_command
 
-    args.set = (args.set or []) + ["steps=1", "inversion_steps=2", "segments=none"]
+    args.set = (args.set or []) + ["segments=none", "backend=torch", "precision=fp32"]  # torch modules to export
     det = Detector(args.checkpoint, _settings(args))
-    net = getattr(det.scorer, "net", None)
-    if net is None:
-        raise ValueError(f"variant {args.variant!r} has no denoiser to export")
-    shapes = []  # the denoiser's real input shape, seen on one dummy frame
-    hook = net.register_forward_pre_hook(lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
-    det.process(np.zeros((*det.model_size, 3), np.uint8))
-    hook.remove()
-    path = export_onnx(net, shapes[0], args.out / f"{args.variant}_denoiser.onnx")
-    print(f"{path}: input x {shapes[0]}, t ({shapes[0][0]},)")
+    dynamic = args.dynamic_batch is not None
+    batch = args.dynamic_batch if dynamic else args.batch  # dynamic: the largest, for trtexec's profile
+    if batch < 1:
+        raise ValueError(f"{'--dynamic-batch MAX' if dynamic else '--batch'} must be >= 1, got {batch}")
+    options = {"opset": args.opset or TRT_OPSET, "dynamic_batch": dynamic, "precision": args.precision}
+    graph, net = getattr(det.scorer, "graph", None), getattr(det.scorer, "net", None)
+    if graph is not None:  # knn, inversion: the whole frame (backbone, model, maps) as one graph
+        exported = export_frame_graph(graph, (batch, 3, *det.model_size), args.out / f"{args.variant}_frame.onnx",
+                                      **options)
+    elif net is not None:  # the denoiser net(x, t), run several times a frame
+        class Seen(Exception):
+            pass
+
+        def seen(module, inputs):  # its real input shape, on one dummy frame, which stops there
+            shapes.append(tuple(inputs[0].shape))
+            raise Seen
+
+        shapes, hook = [], net.register_forward_pre_hook(seen)
+        try:
+            det.process(np.zeros((*det.model_size, 3), np.uint8))
+        except Seen:
+            pass
+        finally:
+            hook.remove()
+        exported = export_onnx(net, (batch, *shapes[0][1:]), args.out / f"{args.variant}_denoiser.onnx", **options)
+    else:
+        raise ValueError(f"variant {args.variant!r} has neither a frame graph nor a denoiser to export")
+    print(exported.summary())
+    print("build the TensorRT engine on the robot (an engine is specific to its GPU and TensorRT version):")
+    print(f"  {trtexec_command(exported, batch)}")
 
 
 def cmd_detect(args) -> None:
@@ -237,10 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selected: attention projections and ResNet convs; all: every Conv2d and Linear")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("export", help="write the variant's denoiser as ONNX")
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p = sub.add_parser("export", help="write what a variant runs as ONNX for TensorRT's trtexec (Jetson): the "
+                                      "whole frame graph of knn and inversion (<variant>_frame.onnx), the "
+                                      "denoiser of the others (<variant>_denoiser.onnx); prints the trtexec command")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the shipped model)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _common_run(p)
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, metavar="N",
+                       help="fixed batch size of the graph (default: %(default)s; a multi-camera node batches "
+                            "its cameras)")
+    batch.add_argument("--dynamic-batch", type=int, nargs="?", const=4, default=None, metavar="MAX",
+                       help="leave the batch dimension free; TensorRT then needs an optimisation profile, "
+                            "trtexec --minShapes=x:1x3xHxW --optShapes=x:MAXx3xHxW --maxShapes=x:MAXx3xHxW "
+                            "(and t:1 / t:MAX for a denoiser), printed with MAX (default 4: the batch the "
+                            "engine is tuned for and the largest it takes)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp32 (default): the recommended route for TensorRT 8.x/10.x (JetPack 5/6), "
+                        "`trtexec --fp16` builds an fp16 engine from the fp32 graph, choosing per layer; "
+                        "fp16: the graph itself in half precision (weights, inputs, outputs; the score "
+                        "arithmetic of a frame graph stays fp32) for runtimes that take an fp16 graph, "
+                        "e.g. TensorRT strongly typed (trtexec --stronglyTyped; TensorRT 11 has no --fp16)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: 17, the highest that TensorRT 8.5/8.6 of JetPack 5.1/6.0 parses; "
+                        "TensorRT 10.x parses up to 20)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("detect", help="run a model on unlabelled frames (image folder, rosbag2 or video): "

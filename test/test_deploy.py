@@ -1,5 +1,6 @@
 """Backends on a CPU machine: ONNX Runtime for real (parity with torch on real RUGD frames, the
-export cache), TensorRT refused with what it needs; ONNX export that loads and matches."""
+export cache), TensorRT refused with what it needs; the `export` command's ONNX for TensorRT (frame
+graphs and denoisers; fixed or free batch; fp32 or fp16) that checks, loads and matches torch."""
 import sys
 
 import numpy as np
@@ -92,15 +93,156 @@ def test_engine_cache_key_follows_weights_shape_and_precision():
     assert k != cache_key(net, (1, 3, 32, 40), "fp16")
 
 
-def test_export_writes_a_valid_onnx_denoiser(tmp_path):
+def _onnx_io(model) -> dict[str, tuple[str, list]]:
+    """name -> (element type, dims: an int, or the name of a free dimension) of each input and output."""
     import onnx
 
+    return {v.name: (onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
+                     [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+            for v in (*model.graph.input, *model.graph.output)}
+
+
+def _conv_weight_types(model) -> set[str]:
+    import onnx
+
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    return {onnx.TensorProto.DataType.Name(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "Conv" and n.input[1] in inits}
+
+
+def _export(tmp_path, capsys, *args) -> tuple[object, str, str]:
+    """Runs `export`; (the loaded and checked ONNX model, its path, the printed text)."""
+    import onnx
+
+    out = tmp_path / "onnx"
+    assert cli(["-q", "export", "--out", str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    path = next(out.glob("*.onnx"))
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    return model, str(path), printed
+
+
+@pytest.mark.parametrize("options, batch, dtype", [([], 1, "FLOAT"), (["--batch", "2"], 2, "FLOAT"),
+                                                   (["--dynamic-batch"], "batch", "FLOAT"),
+                                                   (["--precision", "fp16", "--opset", "18"], 1, "FLOAT16")])
+def test_export_writes_a_valid_onnx_denoiser(options, batch, dtype, tmp_path, capsys):
+    """A pixel variant exports its denoiser net(x, t): fixed batch 1 by default, --batch N, a free
+    batch, or the whole denoiser in float16; at TensorRT's opset unless told; ONNX Runtime runs
+    it as torch does; the trtexec line names the file, with the shape range of a free batch."""
+    import onnxruntime
+
+    from ros_anomaly_diffusion.config import variant_settings
+    from ros_anomaly_diffusion.core.detector import Detector
+
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    assert cli(["-q", "export", "--variant", "ddim", "--checkpoint", str(ckpt), "--out", str(tmp_path / "onnx")]) == 0
-    model = onnx.load(str(tmp_path / "onnx" / "ddim_denoiser.onnx"))
-    onnx.checker.check_model(model)
-    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    assert [i.name for i in model.graph.input] == ["x", "t"] and dims == [1, 3, 32, 40]
+    model, path, printed = _export(tmp_path, capsys, "--variant", "ddim", "--checkpoint", str(ckpt), *options)
+    assert path.endswith("ddim_denoiser.onnx")
+    assert _onnx_io(model) == {"x": (dtype, [batch, 3, 32, 40]), "t": ("INT64", [batch]),
+                               "out": (dtype, [batch, 3, 32, 40])}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset == (18 if "--opset" in options else 17)  # default: what JetPack 5.1/6.0's TensorRT parses
+    assert _conv_weight_types(model) == {dtype}
+    trtexec = f"trtexec --onnx={path} --saveEngine={path[:-5]}.plan " + ("--fp16" if dtype == "FLOAT" else
+                                                                         "--stronglyTyped")
+    if batch == "batch":  # the optimisation profile a free batch needs: 1 to 4 (the default MAX)
+        trtexec += " --minShapes=x:1x3x32x40,t:1 --optShapes=x:4x3x32x40,t:4 --maxShapes=x:4x3x32x40,t:4"
+    assert printed.splitlines()[-1].strip() == trtexec
+    net = Detector(str(ckpt), variant_settings("ddim", checkpoint=str(ckpt))).scorer.net
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in ((1, 3) if batch == "batch" else (batch,)):
+        x, t = torch.randn(n, 3, 32, 40), torch.tensor([10, 500, 999][:n] if n > 1 else [500])
+        with torch.no_grad():
+            want = net(x, t).numpy()
+        got = session.run(None, {"x": x.numpy().astype(np.float16 if dtype == "FLOAT16" else np.float32),
+                                 "t": t.numpy()})[0]
+        assert np.abs(got.astype(np.float32) - want).max() < (1e-2 if dtype == "FLOAT16" else 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["knn", "inversion"])
+@pytest.mark.parametrize("options", [[], ["--dynamic-batch"], ["--batch", "2"], ["--precision", "fp16"]])
+def test_export_writes_the_frame_graph_that_onnxruntime_runs_as_torch(variant, options, rugd_sample,
+                                                                      family_checkpoint, tmp_path, capsys):
+    """knn (the shipped model: no --checkpoint) and inversion export what the node runs per frame,
+    their whole frame graph: input x, outputs maps (and frames). On a real RUGD frame at the model
+    size (and its mirror images, batched) ONNX Runtime gives torch's maps and frame scores within
+    1e-4 (float16 graph: 1e-2), at the fixed batch, or any batch where it is free; no If is left
+    (TensorRT refuses the exporter's squeeze guard, whose branches differ in rank)."""
+    import cv2
+    import onnxruntime
+
+    from ros_anomaly_diffusion.config import variant_settings
+    from ros_anomaly_diffusion.core.data import open_dataset
+    from ros_anomaly_diffusion.core.detector import Detector
+
+    ckpt = "" if variant == "knn" else str(family_checkpoint("feature_diffusion"))
+    model, path, printed = _export(tmp_path, capsys, "--variant", variant, *(["--checkpoint", ckpt] if ckpt else []),
+                                   *options)
+    det = Detector(ckpt, variant_settings(variant, checkpoint=ckpt))  # torch: the reference
+    h, w = det.model_size
+    ah, aw = det.settings.analysis_height, det.settings.analysis_width
+    batch = {"--dynamic-batch": "batch", "--batch": 2}.get(next(iter(options), None), 1)
+    dtype = "FLOAT16" if "fp16" in options else "FLOAT"
+    outputs = {"maps": (dtype, [batch, ah, aw])} | ({"frames": (dtype, [batch])} if variant == "inversion" else {})
+    assert path.endswith(f"{variant}_frame.onnx") and _onnx_io(model) == {"x": (dtype, [batch, 3, h, w]), **outputs}
+    assert [o.name for o in model.graph.output] == list(outputs)
+    assert _conv_weight_types(model) == {dtype}  # fp16: the networks' weights
+    assert "If" not in {n.op_type for n in model.graph.node}
+    shapes = "".join(f" --{k}Shapes=x:{n}x3x{h}x{w}" for k, n in (("min", 1), ("opt", 4), ("max", 4))
+                     if batch == "batch")  # the profile a free batch needs: 1 to 4 (the default MAX)
+    flag = "--fp16" if dtype == "FLOAT" else "--stronglyTyped"
+    assert printed.splitlines()[-1].strip() == f"trtexec --onnx={path} --saveEngine={path[:-5]}.plan {flag}{shapes}"
+
+    rgb = next(iter(open_dataset(rugd_sample))).rgb()
+    x = torch.from_numpy(cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[None].float() / 255
+    x = torch.cat([x, x.flip(-1), x.flip(-2)])
+    with torch.no_grad():
+        want = det.scorer.graph(x)
+    want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in ((1, 3) if batch == "batch" else (batch,)):
+        got = session.run(None, {"x": x[:n].numpy().astype(np.float16 if dtype == "FLOAT16" else np.float32)})
+        diff = max(float(np.abs(g.astype(np.float32) - ref[:n]).max()) for g, ref in zip(got, want))
+        print(f"{variant} {' '.join(options)} batch {n}: max |ONNX Runtime - torch| {diff:.1e}")
+        assert len(got) == len(want) and diff < (1e-2 if dtype == "FLOAT16" else 1e-4)
+
+
+class _SumsCells(torch.nn.Module):
+    """A frame graph in miniature: a network, then arithmetic whose intermediate value (a sum over
+    every cell, ~1.5e5, as the inversion NLL) is beyond float16 while its outputs are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
+        torch.nn.init.constant_(self.features.weight, 0.1)
+
+    def forward(self, x):
+        f = self.features(x)
+        total = (f.square() + 10.0).sum((1, 2, 3))
+        return torch.sigmoid(f.mean(1)), total / 1e5
+
+
+def test_fp16_frame_graph_keeps_the_arithmetic_around_its_networks_in_float32(tmp_path):
+    """precision fp16: float16 input, outputs and network weights, but the arithmetic between and
+    after the networks in float32, where a sum may exceed float16's 65504 (all in float16, the
+    frame score would be inf)."""
+    import onnx
+    import onnxruntime
+
+    graph = _SumsCells().eval()
+    exported = deploy.export_frame_graph(graph, (1, 3, 40, 48), tmp_path / "g.onnx", precision="fp16")
+    model = onnx.load(str(exported.path))
+    assert _onnx_io(model) == {"x": ("FLOAT16", [1, 3, 40, 48]), "maps": ("FLOAT16", [1, 40, 48]),
+                               "frames": ("FLOAT16", [1])}
+    assert _conv_weight_types(model) == {"FLOAT16"}
+    x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = graph(x)
+    assert float(want[1]) * 1e5 > 65504  # the sum itself is beyond float16
+    got = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy().astype(np.float16)})
+    for g, w in zip(got, want):
+        assert np.isfinite(g).all() and np.abs(g.astype(np.float32) - w.numpy()).max() < 1e-2
 
 
 class _FakeTensorRT:
