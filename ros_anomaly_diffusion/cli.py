@@ -43,12 +43,21 @@ def _common_run(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> None:
     from .engine.training import TrainOptions, train
 
+    from .ros import bag
+
     opts = TrainOptions(variant=args.variant, image_size=tuple(args.image_size), preset=args.preset,
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         frames=args.frames, scenes=args.scenes, device=args.device or "cpu",
-                        calib_fraction=args.calib_fraction, autoencoder=args.autoencoder)
-    out = train(args.data, args.out, opts, progress=not args.quiet)
-    print(f"checkpoint written to {out}")
+                        calib_fraction=args.calib_fraction, autoencoder=args.autoencoder,
+                        save_every=args.save_every, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
+                        grad_clip=args.grad_clip, workers=args.workers, log_every=args.log_every,
+                        log_with=args.log_with, feature_cache_mb=args.feature_cache_mb)
+    data = bag.bag_frames(args.data, args.topic) if bag.is_bag(args.data) else args.data
+    out = train(data, args.out, opts, progress=not args.quiet)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one line, however many processes trained
+        print(f"checkpoint written to {out}")
 
 
 def cmd_eval(args) -> None:
@@ -184,8 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a variant's model on ID pixels and calibrate its thresholds")
-    p.add_argument("--data", required=True, type=Path, help="RUGD-format folder or plain image folder")
+    p = sub.add_parser("train", help="train a variant's model on ID pixels and calibrate its thresholds",
+                       description="Train under Hugging Face accelerate: one process here; several with "
+                                   "`accelerate launch [--cpu] --num_processes N -m ros_anomaly_diffusion train ...` "
+                                   "(each process reads its own shard of the frames; --batch-size is per process).")
+    p.add_argument("--data", required=True, type=Path,
+                   help="RUGD-format folder, plain image folder, or rosbag2 (its image topic; see --topic)")
+    p.add_argument("--topic", default=None, help="rosbag2 --data: the image topic (default: its only one)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed if it holds train_state/)")
     _common_run(p)
     p.add_argument("--steps", type=int, default=3000)
@@ -195,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-fraction", type=float, default=0.2, help="share of ID frames held out for calibration")
+    p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable train_state/")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="autocast precision of the forward passes (weights stay fp32); bf16 on CPUs with bf16 units")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding frames (0: in the trainer)")
+    p.add_argument("--log-every", type=int, default=50, help="log loss and learning rate every N steps")
+    p.add_argument("--log-with", default="", choices=["", "tensorboard"],
+                   help="also log to TensorBoard under OUT/logs (pip install tensorboard)")
+    p.add_argument("--feature-cache-mb", type=int, default=1024,
+                   help="feature variants: keep the training set's backbone features in memory up to this size")
     p.add_argument("--autoencoder", default="taef2", metavar="taef2|trained|PATH",
                    help="latent variants: 'taef2' (default): the pretrained TAEF2 shipped with the package; "
                         "'trained': a compact DC-AE trained on the frames; PATH: a local diffusers AutoencoderDC "

@@ -135,3 +135,27 @@ def test_the_shipped_default_model_is_what_an_empty_checkpoint_means(rugd_sample
     for name in sorted(p.name for p in ckpt.DEFAULT_MODEL.iterdir()):
         assert any(_re.fullmatch(g.replace(".", r"\.").replace("*", ".*"), f"models/default/{name}")
                    for g in _re.findall(r'"(models/default/[^"]+)"', setup)), f"setup.py does not install {name}"
+
+
+def test_the_bank_sample_is_the_same_however_the_frames_are_split_or_ordered(monkeypatch):
+    """sample_bank keeps the cells with the smallest per-cell keys: one pass over all frames,
+    the frames in another order, and two processes' shards merged (gather faked with the other
+    shard's own result) give the same bank, a seeded subset without repeats."""
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(6):  # 6 frames x 2 flips of 4x5 cells, some OOD cells
+        w = (torch.rand(2, 1, 4, 5, generator=gen) > 0.2).float()
+        batches.append((torch.randn(2, 8, 4, 5, generator=gen), w, torch.tensor([[i, 0], [i, 1]])))
+    one = knn.sample_bank(batches, 50, seed=3)
+    assert len(one["vectors"]) == 50 and one["candidates"] == sum(int(w.sum()) for _, w, _ in batches)
+    assert len({tuple(r) for r in one["origin"].tolist()}) == 50  # no cell twice
+    again = knn.sample_bank(batches[::-1], 50, seed=3)
+    assert torch.equal(again["vectors"], one["vectors"]) and torch.equal(again["origin"], one["origin"])
+    assert not torch.equal(knn.sample_bank(batches, 50, seed=4)["origin"], one["origin"])  # the seed matters
+
+    other = knn.sample_bank(batches[1::2], 50, seed=3)  # what process 1 holds before the gather
+    theirs = iter([knn._cell_keys(other["origin"], 3), other["vectors"], other["origin"], other["candidates"]])
+    monkeypatch.setattr(knn, "gather_object", lambda mine: mine + [next(theirs)])
+    two = knn.sample_bank(batches[0::2], 50, seed=3, acc=type("Acc", (), {"num_processes": 2})())
+    assert torch.equal(two["vectors"], one["vectors"]) and torch.equal(two["origin"], one["origin"])
+    assert two["candidates"] == one["candidates"]

@@ -12,7 +12,8 @@ from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
 from ros_anomaly_diffusion.core.detector import Detector
-from ros_anomaly_diffusion.core.families.fitting import STATE, DenoiserTrainer, TrainOptions, augment, load_frames
+from ros_anomaly_diffusion.core.datasets import FrameDataset, collate_frames
+from ros_anomaly_diffusion.core.families.fitting import STATE, DenoiserTrainer, TrainOptions, augment
 from ros_anomaly_diffusion.core.samplers import NoiseSchedule, ScheduleConfig
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 from ros_anomaly_diffusion.engine.training import train
@@ -33,7 +34,9 @@ def trained(scenes, tmp_path_factory):
 
 def test_ood_pixels_are_excluded_from_the_loss(scenes):
     frames = list(open_dataset(scenes))
-    x, w = load_frames(frames, (32, 40))
+    dataset = FrameDataset(frames, (32, 40))
+    batch = collate_frames([dataset[i] for i in range(len(frames))])
+    x, w = batch.images, batch.weights
     assert x.shape == (len(frames), 3, 32, 40) and 0 <= x.min() and x.max() <= 1
     for f, wi in zip(frames, w):
         assert (wi.min() == 0) == bool(f.is_ood(min_pixels=1)), f.name
@@ -155,6 +158,25 @@ def test_a_resumed_trainer_goes_on_exactly_as_the_interrupted_one_would(tmp_path
     moments = [{f"{i}.{k}": v for i, s in t.opt.state_dict()["state"].items() for k, v in s.items()}
                for t in (resumed, interrupted)]
     assert _differing(*moments) == []
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_k_micro_batches(tmp_path):
+    """grad_accum = 3: each optimizer step (and EMA step) takes 3 micro-batches, and Adam's step
+    count is the optimizer steps, not the micro-batches."""
+    torch.manual_seed(0)
+    net = build_denoiser("unet", unet_config("pixel", "tiny", 3, (16, 20)))
+    trainer = DenoiserTrainer(net, NoiseSchedule(ScheduleConfig()), TrainOptions(save_every=1000, grad_accum=3),
+                              tmp_path)
+    drawn = []
+
+    def sample_batch(gen):
+        drawn.append(1)
+        return torch.rand(2, 3, 16, 20, generator=gen) * 2 - 1, torch.ones(2, 1, 16, 20)
+
+    trainer.fit(sample_batch, 4, progress=False)
+    assert trainer.step == 4 and len(drawn) == 12
+    assert {float(s["step"]) for s in trainer.opt.state_dict()["state"].values()} == {4.0}
+    assert trainer.ema.optimization_step == 4
 
 
 def test_eval_cli_writes_metrics_and_overlays(trained, scenes, tmp_path):

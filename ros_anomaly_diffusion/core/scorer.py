@@ -46,8 +46,11 @@ class Family(Protocol):
     def build(self, directory: Path, config: dict, settings: Settings, device: torch.device,
               **options) -> Scorer: ...
 
-    def fit(self, train_frames: list, out: Path, opts, progress: bool) -> tuple[dict, dict]:
-        """Train on the frames -> (config, {file name: state dict}) of a checkpoint."""
+    def fit(self, train_frames: list, out: Path, opts, progress: bool, acc=None) -> tuple[dict, dict]:
+        """Train on the frames -> (config, {file name: state dict}) of a checkpoint, under the
+        run's accelerate.Accelerator `acc` (fitting.make_accelerator(opts) when None). In a
+        run of several processes each reads its shard of the frames; every process returns
+        the same result and only the main one writes it."""
 
     def init_checkpoint(self, directory: str | Path, *, preset: str = "tiny",
                         image_size: tuple[int, int] | None = None, seed: int = 0,

@@ -38,8 +38,8 @@ class Variant:
     def build(self, directory: Path, config: dict, settings: Settings, device: torch.device) -> Scorer:
         return self.module.build(directory, config, settings, device, **self.options)
 
-    def fit(self, train_frames: list, out: Path, opts, progress: bool) -> tuple[dict, dict]:
-        return self.module.fit(train_frames, out, opts, progress)
+    def fit(self, train_frames: list, out: Path, opts, progress: bool, acc=None) -> tuple[dict, dict]:
+        return self.module.fit(train_frames, out, opts, progress, acc)
 
     def init_checkpoint(self, directory: str | Path, **kwargs) -> Path:
         return self.module.init_checkpoint(directory, **kwargs)

@@ -3,26 +3,29 @@ above the registry and the Detector).
 
 `train()` runs the fit of the variant's family (Variant.fit in the registry: the
 denoiser on ID pixels only, OOD pixels of labelled frames masked out of the loss,
-augmentation, EMA, resumable state; see core/families/fitting.py), writes a checkpoint folder, then
-calibrates the mask and flag thresholds on held-out ID frames.
+augmentation, EMA, resumable state; see core/families/fitting.py) under `accelerate`, one
+process or several (`accelerate launch -m ros_anomaly_diffusion train ...`), writes a
+checkpoint folder (main process), then calibrates the mask and flag thresholds on held-out
+ID frames.
 """
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from ..config import variant_settings
 from ..core import checkpoint as ckpt
 from ..core.data import Frame, open_dataset
 from ..core.detector import Detector
-from ..core.families.fitting import TrainOptions, jsonable
+from ..core.families.fitting import TrainOptions, jsonable, make_accelerator, shard
 from ..core.metrics import calibrate_threshold
 from ..core.splits import select
 from ..core.variants import get_variant
@@ -38,33 +41,45 @@ def split_calibration(frames: list[Frame], fraction: float, seed: int) -> tuple[
     return [f for f in frames if f.name not in held], [f for f in id_frames if f.name in held]
 
 
-def train(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progress: bool = True,
+def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, progress: bool = True,
           names: Collection[str] | None = None) -> Path:
     """Fit the model of `opts.variant`'s family, write the checkpoint, calibrate the thresholds.
 
-    Each family's fit function (Variant.fit in the registry) takes the training frames
-    and returns (config, {file name: state dict}); this function does the rest. With
-    `names`, only the frames of data_dir with those names are used at all (training and
-    calibration): the cross-validated benchmark's training folds.
+    `data`: a RUGD-format or plain image folder, or frames already opened (e.g. the messages
+    of a rosbag2, ros.bag.bag_frames). Each family's fit function (Variant.fit in the
+    registry) takes the training frames and returns (config, {file name: state dict}); this
+    function does the rest. With `names`, only the frames of data with those names are used
+    at all (training and calibration): the cross-validated benchmark's training folds.
     """
     variant = get_variant(opts.variant)
     out = Path(out_dir)
-    frames = select(open_dataset(data_dir), opts.frames, opts.scenes)
+    frames = select(open_dataset(data) if isinstance(data, (str, Path)) else data, opts.frames, opts.scenes)
     if names is not None:
         names = set(names)
         frames = [f for f in frames if f.name in names]
     train_frames, calib_frames = split_calibration(frames, opts.calib_fraction, opts.seed)
     if not train_frames:
-        raise ValueError(f"no training frames in {data_dir} (frames={opts.frames}, scenes={opts.scenes})")
+        raise ValueError(f"no training frames in {data} (frames={opts.frames}, scenes={opts.scenes})")
     torch.manual_seed(opts.seed)
-    config, tensors = variant.fit(train_frames, out, opts, progress)
+    acc = make_accelerator(opts, out)
+    if acc.is_main_process and opts.log_with:
+        acc.init_trackers(f"{opts.variant}", config={k: v for k, v in jsonable(asdict(opts)).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    config, tensors = variant.fit(train_frames, out, opts, progress, acc)
+    # which frames each process read (fitting.shard: the rule every family splits them by)
+    by_process = gather_object([[train_frames[i].name for i in shard(len(train_frames), acc)]])
     config.setdefault("training", {}).update(frames=[f.name for f in train_frames],
-                                             options=jsonable(asdict(opts)))
-    ckpt.save(out, config, tensors)
-    if calib_frames:
-        calibrate(out, calib_frames, opts.variant, opts.mask_fpr, opts.frame_fpr, opts.device, progress)
-    else:
-        log.warning("no held-out ID frames: thresholds left at their defaults")
+                                             options=jsonable(asdict(opts)), processes=acc.num_processes,
+                                             frames_by_process=by_process)
+    if acc.is_main_process:  # one writer; the other processes wait for the checkpoint
+        ckpt.save(out, config, tensors)
+        log.info("process %d of %d wrote the checkpoint %s", acc.process_index, acc.num_processes, out)
+        if calib_frames:
+            calibrate(out, calib_frames, opts.variant, opts.mask_fpr, opts.frame_fpr, str(acc.device), progress)
+        else:
+            log.warning("no held-out ID frames: thresholds left at their defaults")
+    acc.wait_for_everyone()
+    acc.end_training()
     return out
 
 

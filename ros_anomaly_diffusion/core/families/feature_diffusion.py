@@ -43,9 +43,9 @@ from ..samplers import (GuidedDDIM, NoiseSchedule, ScheduleConfig, ddim_invert, 
                         inversion_timesteps)
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .feature_space import (FrameGraphs, channel_stats, checkpoint_features, extract_features, features_config,
+from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
                             input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
-from .fitting import DenoiserTrainer
+from .fitting import DenoiserTrainer, gathered, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +86,22 @@ def _moments(v: torch.Tensor) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def score_statistics(net, schedule: NoiseSchedule, z: torch.Tensor, weights: torch.Tensor,
-                     steps: tuple[int, ...] = STAT_STEPS, batch: int = 32) -> dict[str, dict]:
-    """ID statistics of the pixel norm, the frame range, the NLL and their z-scored sum,
-    per inversion_steps value, over the ID cells of standardised features z."""
+def score_statistics(net, schedule: NoiseSchedule, batches, steps: tuple[int, ...] = STAT_STEPS,
+                     acc=None) -> dict[str, dict]:
+    """ID statistics of the pixel norm, the frame range, the NLL and their z-scored sum, per
+    inversion_steps value, over the ID cells of batches (standardised features z, weights);
+    with acc, over every process's batches."""
+    per = {s: ([], [], []) for s in steps}
+    for z, weights in batches:
+        for s in steps:
+            norm, rng, nll = latent_scores(ddim_invert(net, schedule, z, inversion_timesteps(s, schedule.T)), weights)
+            per[s][0].append(norm[weights[:, 0].bool()].cpu())
+            per[s][1].append(rng.cpu())
+            per[s][2].append(nll.cpu())
     out = {}
     for s in steps:
-        ts = inversion_timesteps(s, schedule.T)
-        norms, rngs, nlls = [], [], []
-        for i in range(0, len(z), batch):
-            wb = weights[i:i + batch]
-            norm, rng, nll = latent_scores(ddim_invert(net, schedule, z[i:i + batch], ts), wb)
-            norms.append(norm[wb[:, 0].bool()])
-            rngs.append(rng)
-            nlls.append(nll)
-        rng, nll = torch.cat(rngs), torch.cat(nlls)
-        stats = {"pixel": _moments(torch.cat(norms)), "range": _moments(rng), "nll": _moments(nll)}
+        norms, rng, nll = (gathered(v, acc) for v in per[s])
+        stats = {"pixel": _moments(norms), "range": _moments(rng), "nll": _moments(nll)}
         total = ((rng - stats["range"]["mean"]) / stats["range"]["std"]
                  + (nll - stats["nll"]["mean"]) / stats["nll"]["std"])
         stats["frame"] = _moments(total)
@@ -193,13 +193,12 @@ def feature_editors(net, schedule: NoiseSchedule, sampler: dict) -> tuple[Guided
 
 
 @torch.inference_mode()
-def edit_statistics(net, schedule: NoiseSchedule, z: torch.Tensor, weights: torch.Tensor,
-                    sampler: dict = EDIT_SAMPLER, batch: int = 32) -> dict:
-    """ID mean/std of the edit distance over the ID cells of z, with the sampler that measured them."""
+def edit_statistics(net, schedule: NoiseSchedule, batches, sampler: dict = EDIT_SAMPLER, acc=None) -> dict:
+    """ID mean/std of the edit distance over the ID cells of batches (z, weights), with the
+    sampler that measured them; with acc, over every process's batches."""
     editor, reconstructor = feature_editors(net, schedule, sampler)
-    d = torch.cat([edit_distance(editor, reconstructor, z[i:i + batch], sampler["seed"])
-                   [weights[i:i + batch, 0].bool()] for i in range(0, len(z), batch)])
-    return {"sampler": dict(sampler), "pixel": _moments(d)}
+    d = [edit_distance(editor, reconstructor, z, sampler["seed"])[weights[:, 0].bool()].cpu() for z, weights in batches]
+    return {"sampler": dict(sampler), "pixel": _moments(gathered(d, acc))}
 
 
 class FeatureEditScorer:
@@ -281,44 +280,51 @@ def split_statistics(frames: list[Frame], fraction: float, seed: int) -> tuple[l
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True) -> tuple[dict, dict]:
-    """Features family: precompute the features of every training frame and its mirror image
-    once, standardise them, train the UNet on them with OOD cells masked out of the loss
-    (DenoiserTrainer: EMA, resume), then measure the ID score statistics on the ID cells of
-    frames held out of that training (`split_statistics`, opts.calib_fraction of them).
-    The noise schedule is always the notes' (SCHEDULE); opts.schedule is the pixel family's."""
+def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True, acc=None) -> tuple[dict, dict]:
+    """Features family: backbone features of every training frame and its mirror image
+    (feature_space.FeatureSource: encoded once when they fit in memory, else batch by batch),
+    standardised with statistics of the training cells, train the UNet on them with OOD cells
+    masked out of the loss (DenoiserTrainer: EMA, resume), then measure the ID score
+    statistics on the ID cells of frames held out of that training (`split_statistics`,
+    opts.calib_fraction of them). The noise schedule is always the notes' (SCHEDULE);
+    opts.schedule is the pixel family's."""
+    acc = acc or make_accelerator(opts, out)
     size = input_size(opts)
-    features = shared_features(device=opts.device)
-    feats, weights, origin = extract_features(train_frames, size, features, flips=True, progress=progress)
+    source = FeatureSource(train_frames, size, shared_features(device=acc.device), opts, acc, progress)
     fit_idx, stat_idx = split_statistics(train_frames, opts.calib_fraction, opts.seed)
     if not stat_idx:
         log.warning("no frame left to hold out for the ID score statistics: measuring them on the training "
                     "frames, whose scores are optimistic (set calib_fraction > 0 and give more frames)")
         stat_idx = fit_idx
-    in_fit = torch.isin(origin[:, 0], torch.tensor(fit_idx))
-    in_stat = torch.isin(origin[:, 0], torch.tensor(stat_idx))
-    mean, std = channel_stats(feats[in_fit], weights[in_fit])
-    z = standardise(feats, mean, std).contiguous()
-    z_fit, w_fit = z[in_fit], weights[in_fit]
-    config = model_config(size, feats.shape[1], opts.preset)
+    moments = ChannelMoments()
+    for feats, weights, _ in source.passes(fit_idx):
+        moments.add(feats, weights)
+    mean, std = moments.result(acc)
+    config = model_config(size, source.channels, opts.preset)
     net = build_denoiser("unet", config["denoiser"]["config"])
     schedule = NoiseSchedule(SCHEDULE)
-    trainer = DenoiserTrainer(net, schedule, opts, out)
+    trainer = DenoiserTrainer(net, schedule, opts, out, acc)
     trainer.load_state()
 
     def sample_batch(gen):
-        idx = torch.randint(0, len(z_fit), (opts.batch_size,), generator=gen)
-        return z_fit[idx], w_fit[idx]
+        feats, weights = source.sample(gen, opts.batch_size, fit_idx)
+        return standardise(feats, mean, std), weights
 
     trainer.fit(sample_batch, opts.steps, progress)
     ema = trainer.ema_state()
     net.load_state_dict(ema)
     net.eval()
-    z_stat, w_stat = z[in_stat].to(opts.device), weights[in_stat].to(opts.device)
-    config["scores"] = score_statistics(net, schedule, z_stat, w_stat)
-    config["edit_scores"] = edit_statistics(net, schedule, z_stat, w_stat)
-    config["training"] = {"steps": trainer.step, "samples": int(in_fit.sum()), "id_cells": int(w_fit.sum()),
-                          "statistics_frames": [train_frames[i].name for i in stat_idx]}
+
+    def held_out():
+        for feats, weights, _ in source.passes(stat_idx):
+            yield standardise(feats, mean, std).to(acc.device), weights.to(acc.device)
+
+    config["scores"] = score_statistics(net, schedule, held_out(), acc=acc)
+    config["edit_scores"] = edit_statistics(net, schedule, held_out(), acc=acc)
+    id_cells = int(acc.reduce(torch.tensor(moments.cells, device=acc.device), "sum"))
+    config["training"] = {"steps": trainer.step, "samples": 2 * len(fit_idx), "id_cells": id_cells,
+                          "statistics_frames": [train_frames[i].name for i in stat_idx],
+                          "features_in_memory": source.cached, "skipped_frames": source.skipped}
     return config, {"denoiser": ema, "features": {"mean": mean, "std": std}}
 
 
@@ -331,8 +337,8 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
     feats, weights, mean, std, z = random_frame_features(image_size, seed)
     config = model_config(image_size, feats.shape[1], preset)
     net = build_denoiser("unet", config["denoiser"]["config"]).eval()
-    config["scores"] = score_statistics(net, NoiseSchedule(SCHEDULE), z, weights, steps=(2, 3))
-    config["edit_scores"] = edit_statistics(net, NoiseSchedule(SCHEDULE), z, weights)
+    config["scores"] = score_statistics(net, NoiseSchedule(SCHEDULE), [(z, weights)], steps=(2, 3))
+    config["edit_scores"] = edit_statistics(net, NoiseSchedule(SCHEDULE), [(z, weights)])
     if calibration:
         config["calibration"] = calibration
     return ckpt.save(directory, config, {"denoiser": net.state_dict(), "features": {"mean": mean, "std": std}})

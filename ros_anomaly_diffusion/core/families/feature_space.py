@@ -23,10 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..data import OOD, Frame
+from ..data import OOD
 from ..networks.backbone import FEATURE_BLOCKS, FEATURE_STRIDES, GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.deploy import ONNX_BACKENDS, with_backend
 from ..settings import Settings
+from .fitting import FrameStream, frame_passes
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +69,125 @@ def cell_weights(label: np.ndarray | None, grid: tuple[int, int]) -> torch.Tenso
     return torch.from_numpy((coverage <= 0).astype(np.float32))[None, None]
 
 
-def extract_features(frames: list[Frame], size: tuple[int, int], features: StackedFeatures,
-                     flips: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features of every frame (and its mirror image): (N, C, h, w), cell weights (N, 1, h, w),
-    and (N, 2) int64 origin rows (frame index, flipped). One frame per forward pass, as
-    the Detector runs, so a training frame gives bit-identical features at test time."""
-    grid = (size[0] // GRID_STRIDE, size[1] // GRID_STRIDE)
-    device = features.stem.weight.device
-    feats, weights, origin = [], [], []
-    for i, f in enumerate(tqdm(frames, desc="extracting features", disable=not progress, leave=False)):
-        x, wgt = frame_tensor(f.rgb(), size).to(device), cell_weights(f.label(), grid)
-        for flipped in ((False, True) if flips else (False,)):
-            feats.append(features(x.flip(-1).contiguous() if flipped else x).cpu())
-            weights.append(wgt.flip(-1) if flipped else wgt)
-            origin.append((i, int(flipped)))
-    # torch.cat outside inference mode: ordinary tensors, usable as training data
-    return torch.cat(feats), torch.cat(weights), torch.tensor(origin, dtype=torch.long)
+class ChannelMoments:
+    """Per-channel count, sum and sum of squares (float64) over the ID cells (weight 1) of
+    feature batches, added up batch by batch and across processes (`result(acc)`): the
+    standardisation statistics of a stream of features, identical however it is split."""
+
+    def __init__(self):
+        self.sums: torch.Tensor | None = None  # (3, C): count, sum, sum of squares
+
+    def add(self, feats: torch.Tensor, weights: torch.Tensor) -> "ChannelMoments":
+        keep = weights.bool().expand_as(feats)
+        v = feats.double() * keep
+        batch = torch.stack([keep.sum((0, 2, 3)).double(), v.sum((0, 2, 3)), v.square().sum((0, 2, 3))]).cpu()
+        self.sums = batch if self.sums is None else self.sums + batch
+        return self
+
+    @property
+    def cells(self) -> int:
+        """ID cells added (by this process)."""
+        return 0 if self.sums is None else int(self.sums[0, 0])
+
+    def result(self, acc=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) per channel, std clamped at 1e-4; with acc, over every process's cells."""
+        if self.sums is None:
+            raise ValueError("no features to compute channel statistics from")
+        sums = self.sums if acc is None or acc.num_processes == 1 else acc.reduce(self.sums.to(acc.device),
+                                                                                  "sum").cpu()
+        n, s, ss = sums[0].clamp_min(1), sums[1], sums[2]
+        mean = s / n
+        var = (ss - n * mean.square()).clamp_min(0) / (n - 1).clamp_min(1)
+        return mean.float(), var.sqrt().clamp_min(1e-4).float()
 
 
 def channel_stats(feats: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over the ID cells (weight 1), float64 accumulation."""
-    keep = weights.bool().expand_as(feats).permute(1, 0, 2, 3).reshape(feats.shape[1], -1)
-    v = feats.permute(1, 0, 2, 3).reshape(feats.shape[1], -1).double()
-    n = keep.sum(1).clamp_min(1)
-    mean = (v * keep).sum(1) / n
-    var = (((v - mean[:, None]) ** 2) * keep).sum(1) / (n - 1).clamp_min(1)
-    return mean.float(), var.sqrt().clamp_min(1e-4).float()
+    """Per-channel mean and std over the ID cells (weight 1) of one tensor of features."""
+    return ChannelMoments().add(feats, weights).result()
+
+
+class FeatureSource:
+    """A feature family's training data: backbone features of this process's shard of `frames`
+    and of their mirror images, with cell weights (0: the cell holds an OOD pixel) and origin
+    rows (index in `frames`, flipped).
+
+    A shard whose features fit in opts.feature_cache_mb is encoded once and kept (`cached`):
+    a few frames train as fast as ever. A larger one is encoded batch by batch, frames decoded
+    lazily in DataLoader workers, so memory stays flat whatever the size of the set. One frame
+    per forward pass, as the Detector runs, so a training frame gives bit-identical features
+    at test time."""
+
+    def __init__(self, frames: list, size: tuple[int, int], features: StackedFeatures, opts, acc,
+                 progress: bool = True):
+        self.frames, self.size, self.features, self.opts, self.acc = frames, tuple(size), features, opts, acc
+        self.grid = (size[0] // GRID_STRIDE, size[1] // GRID_STRIDE)
+        self.device = features.stem.weight.device
+        with torch.inference_mode():
+            self.channels = int(features(torch.zeros(1, 3, *self.size, device=self.device)).shape[1])
+        mine = len(frames[acc.process_index::acc.num_processes])
+        self.cached = 2 * mine * self.channels * self.grid[0] * self.grid[1] * 4 <= opts.feature_cache_mb * 2 ** 20
+        self._stream: dict[tuple, FrameStream] = {}
+        self._rows: tuple[tuple, torch.Tensor] | None = None  # (subset, its rows of the table)
+        self._table = None
+        if self.cached:
+            parts = list(tqdm(self._encoded(None), desc="extracting features", leave=False,
+                              disable=not (progress and acc.is_main_process)))
+            # torch.cat outside inference mode: ordinary tensors, usable as training data
+            self._table = tuple(torch.cat(t) for t in zip(*parts))
+
+    def _encode(self, images: torch.Tensor, weights: torch.Tensor, origin_frames: torch.Tensor,
+                flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features, cell weights and origin rows of a batch of frames: each frame and its mirror
+        image, or, with `flips` (bool per frame), each frame flipped as it says."""
+        feats, wgts, origin = [], [], []
+        for i, (x, w, f) in enumerate(zip(images, weights, origin_frames)):
+            x = x[None].to(self.device)
+            for flipped in ((False, True) if flips is None else (bool(flips[i]),)):
+                with torch.inference_mode():
+                    feats.append(self.features(x.flip(-1).contiguous() if flipped else x).cpu())
+                wgts.append(w[None].flip(-1) if flipped else w[None])
+                origin.append((int(f), int(flipped)))
+        return torch.cat(feats).clone(), torch.cat(wgts), torch.tensor(origin, dtype=torch.long)
+
+    def _encoded(self, subset):
+        for batch in frame_passes(self.frames, self.size, self.acc, 8, self.opts.workers, subset=subset,
+                                  weight_grid=self.grid):
+            yield self._encode(batch.images, batch.weights, batch.indices)
+
+    def passes(self, subset: list[int] | None = None, rows: int = 32):
+        """One pass over this process's share of the frames (of `subset`, indices into `frames`):
+        (features, cell weights, origin rows) batches of about `rows` rows."""
+        if self._table is None:
+            yield from self._encoded(subset)
+            return
+        feats, weights, origin = self._table
+        keep = torch.arange(len(origin)) if subset is None else \
+            torch.isin(origin[:, 0], torch.as_tensor(subset, dtype=torch.long)).nonzero().squeeze(1)
+        for i in range(0, len(keep), rows):
+            idx = keep[i:i + rows]
+            yield feats[idx], weights[idx], origin[idx]
+
+    def sample(self, gen: torch.Generator, n: int, subset: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """n random (frame, flipped) rows of `subset` from this process's share: (features, weights)."""
+        if self._table is not None:
+            feats, weights, origin = self._table
+            if self._rows is None or self._rows[0] != tuple(subset):
+                self._rows = (tuple(subset), torch.isin(origin[:, 0], torch.as_tensor(subset)).nonzero().squeeze(1))
+            idx = self._rows[1][torch.randint(0, len(self._rows[1]), (n,), generator=gen)]
+            return feats[idx], weights[idx]
+        key = tuple(subset)
+        if key not in self._stream:
+            self._stream[key] = FrameStream([self.frames[i] for i in subset], self.size, self.opts, self.acc,
+                                            seed=self.opts.seed, weight_grid=self.grid)
+        batch = self._stream[key].next()
+        flips = torch.rand(len(batch.indices), generator=gen) < 0.5
+        feats, weights, _ = self._encode(batch.images, batch.weights, batch.indices, flips)
+        return feats, weights
+
+    @property
+    def skipped(self) -> int:
+        """Draws of undecodable frames while streaming."""
+        return sum(s.skipped for s in self._stream.values())
 
 
 def standardise(feats: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

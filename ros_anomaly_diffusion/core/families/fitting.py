@@ -1,23 +1,34 @@
-"""What every family's `fit` shares: the training options, frame loading and
-augmentation, and `DenoiserTrainer` (masked denoising loss, EMA of the weights,
-resumable state). Below the family modules; `training.train` orchestrates above them.
+"""What every family's `fit` shares: the training options, the `accelerate` set-up, the
+frames streamed from disk, augmentation, and `DenoiserTrainer` (masked denoising loss,
+EMA of the weights, resumable state). Below the family modules; `training.train`
+orchestrates above them.
+
+Training runs under Hugging Face `accelerate` (`make_accelerator`): the same code is one
+process on a CPU or GPU (`ros-anomaly-diffusion train`) or several (`accelerate launch -m
+ros_anomaly_diffusion train ...`: DDP, gradients averaged across processes). Every process
+reads its own shard of the frames (`shard`), decoded lazily by DataLoader workers
+(`FrameStream`, core/datasets.py), so no process holds the whole set in memory; `opts.steps`
+counts optimizer steps, each of `batch_size` frames per process times `grad_accum`
+micro-batches. Only the main process writes files.
 """
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import gather_object
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..data import OOD, Frame
+from ..datasets import FrameBatch, FrameDataset, frame_loader
 from ..samplers import NoiseSchedule, ScheduleConfig
 
 log = logging.getLogger(__name__)
@@ -45,19 +56,92 @@ class TrainOptions:
     # latent family: "taef2" (the shipped pretrained TAEF2), a local diffusers AutoencoderDC
     # folder, or "trained" (also ""): a compact DC-AE trained on the frames
     autoencoder: str = "taef2"
+    # accelerate: "no", "bf16" or "fp16" (autocast; weights stay fp32); micro-batches per
+    # optimizer step; gradient-norm clip; DataLoader worker processes decoding frames
+    mixed_precision: str = "no"
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    workers: int = 0
+    log_every: int = 50  # loss and learning rate logged every this many steps (main process)
+    log_with: str = ""  # "tensorboard": also to TensorBoard under <out>/logs (accelerate's tracker)
+    # feature families: a training set whose backbone features fit in this many MB is encoded
+    # once and kept in memory (fast on a few frames); a larger one is encoded batch by batch
+    feature_cache_mb: int = 1024
 
 
-def load_frames(frames: list[Frame], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames at `size` as (N, 3, H, W) in [0, 1] and loss weights (N, 1, H, W): 0 on OOD pixels."""
-    h, w = size
-    images, weights = [], []
-    for f in tqdm(frames, desc="loading frames", leave=False):
-        images.append(cv2.resize(f.rgb(), (w, h), interpolation=cv2.INTER_AREA))
-        label = f.label()
-        weights.append(np.ones((h, w), np.float32) if label is None else
-                       (cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST) != OOD).astype(np.float32))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return x, torch.from_numpy(np.stack(weights)).unsqueeze(1)
+def make_accelerator(opts: TrainOptions, out: Path | None = None) -> Accelerator:
+    """The Accelerator of one training run. accelerate keeps mixed precision and gradient
+    accumulation in per-process singletons; a run in a process that already trained (tests,
+    `bench --train` fitting several families) starts from a clean state rather than inheriting
+    the previous run's (accelerate refuses a second mixed-precision setting otherwise)."""
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    trackers = {}
+    if opts.log_with:
+        if opts.log_with != "tensorboard":
+            raise ValueError(f"log_with must be '' or 'tensorboard', got {opts.log_with!r}")
+        try:
+            import tensorboard  # noqa: F401  (accelerate's tracker needs it)
+        except ImportError:
+            raise ValueError("log_with=tensorboard needs the tensorboard package: pip install tensorboard") from None
+        trackers = {"log_with": "tensorboard", "project_dir": str(Path(out or ".") / "logs")}
+    return Accelerator(cpu=torch.device(opts.device).type == "cpu", mixed_precision=opts.mixed_precision,
+                       gradient_accumulation_steps=opts.grad_accum, **trackers)
+
+
+def shard(n: int, acc: Accelerator) -> list[int]:
+    """Indices of the n frames this process reads: every num_processes-th, from its rank."""
+    idx = list(range(acc.process_index, n, acc.num_processes))
+    if not idx:
+        raise ValueError(f"{n} frames for {acc.num_processes} processes: process {acc.process_index} has none")
+    return idx
+
+
+class FrameStream:
+    """Endless batches of this process's shard of `frames` at `size` (FrameBatch: images in
+    [0, 1], per-pixel weights 0 on OOD pixels), drawn at random with replacement and decoded
+    lazily in opts.workers DataLoader workers. Frames that fail to decode are skipped and
+    counted (`skipped`: draws that hit one); a shard where nothing decodes is an error."""
+
+    def __init__(self, frames: Sequence, size: tuple[int, int] | None, opts: TrainOptions, acc: Accelerator,
+                 seed: int, weight_grid: tuple[int, int] | None = None):
+        self.indices = shard(len(frames), acc)
+        dataset = FrameDataset([frames[i] for i in self.indices], size, weight_grid=weight_grid)
+        self.loader = frame_loader(dataset, opts.batch_size, seed=seed + 1009 * acc.process_index,
+                                   workers=opts.workers, infinite=True)
+        self._batches = iter(self.loader)
+        self.skipped = 0
+
+    def next(self) -> FrameBatch:
+        for _ in range(1000):
+            batch = next(self._batches)
+            self.skipped += batch.skipped
+            if len(batch.indices):
+                return batch
+        raise ValueError(f"none of the {len(self.indices)} frames of this process could be decoded")
+
+
+def frame_passes(frames: Sequence, size: tuple[int, int] | None, acc: Accelerator, batch_size: int = 8,
+                 workers: int = 0, subset: Sequence[int] | None = None, weight_grid: tuple[int, int] | None = None):
+    """One pass, in order, over this process's shard of `frames` (or of the frames at positions
+    `subset`): FrameBatch-es whose `indices` are positions in `frames`; undecodable frames
+    skipped. For statistics and feature banks, which add up over the processes."""
+    positions = list(range(len(frames))) if subset is None else list(subset)
+    mine = positions[acc.process_index::acc.num_processes]  # may be empty: adds nothing
+    dataset = FrameDataset([frames[i] for i in mine], size, weight_grid=weight_grid)
+    for batch in frame_loader(dataset, batch_size, seed=0, workers=workers, shuffle=False, drop_last=False):
+        if len(batch.indices):
+            yield batch._replace(indices=torch.as_tensor([mine[int(i)] for i in batch.indices]))
+
+
+def gathered(parts: list[torch.Tensor], acc: Accelerator | None = None) -> torch.Tensor:
+    """The tensors of this process concatenated, then those of every process (rank order):
+    the values behind a statistic that is not a plain sum (moments of z-scored sums, ...)."""
+    mine = torch.cat(parts) if parts else torch.zeros(0)
+    if acc is None or acc.num_processes == 1:
+        return mine
+    return torch.cat(gather_object([mine]))
 
 
 def augment(x: torch.Tensor, wgt: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,41 +161,63 @@ def augment(x: torch.Tensor, wgt: torch.Tensor, gen: torch.Generator) -> tuple[t
 
 
 class DenoiserTrainer:
-    """Masked denoising loss on samples in [-1, 1]; any family's denoiser and data."""
+    """Masked denoising loss on samples in [-1, 1]; any family's denoiser and data, under an
+    Accelerator (one is made from opts when none is given)."""
 
-    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, opts: TrainOptions, out: Path):
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, opts: TrainOptions, out: Path,
+                 acc: Accelerator | None = None):
         self.net, self.schedule, self.opts, self.out = net, schedule, opts, out
-        self.device = torch.device(opts.device)
+        self.acc = acc or make_accelerator(opts, out)
+        self.device = self.acc.device
         self.net.to(self.device).train()
         self.opt = torch.optim.Adam(self.net.parameters(), lr=opts.lr)
         self.ema = EMAModel(self.net.parameters(), decay=opts.ema_decay)
         self.step = 0
 
-    def loss(self, x0: torch.Tensor, wgt: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, wgt: torch.Tensor, gen: torch.Generator, model=None) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         t = torch.randint(0, self.schedule.T, (x0.shape[0],), generator=gen).to(self.device)
         x0, wgt = x0.to(self.device), wgt.to(self.device)
-        pred = self.net(self.schedule.add_noise(x0, noise, t), t)
+        pred = (model or self.net)(self.schedule.add_noise(x0, noise, t), t).float()  # autocast may give bf16
         err = (pred - self.schedule.training_target(x0, noise, t)) ** 2
         return (err * wgt).sum() / (wgt.sum() * x0.shape[1]).clamp_min(1.0)
 
     def fit(self, sample_batch, total_steps: int, progress: bool = True) -> None:
-        gen = torch.Generator().manual_seed(self.opts.seed + self.step)
-        bar = tqdm(total=total_steps, initial=self.step, desc="training", disable=not progress)
+        """Train until optimizer step total_steps; sample_batch(generator) -> (x0, weights) of
+        this process. Each process draws from its own generator (seed, rank, step)."""
+        acc = self.acc
+        model, opt = acc.prepare(self.net, self.opt)
+        gen = torch.Generator().manual_seed(self.opts.seed + self.step + 1_000_003 * acc.process_index)
+        bar = tqdm(total=total_steps, initial=self.step, desc="training",
+                   disable=not (progress and acc.is_main_process))
         while self.step < total_steps:
             x0, wgt = sample_batch(gen)
-            loss = self.loss(x0, wgt, gen)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-            self.opt.step()
+            with acc.accumulate(model):
+                loss = self.loss(x0, wgt, gen, model)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), self.opts.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue  # a micro-batch of an accumulated step
             self.ema.step(self.net.parameters())
             self.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.step % self.opts.log_every == 0 or self.step == total_steps:
+                self._log(float(acc.reduce(loss.detach(), "mean")))
             if self.step % self.opts.save_every == 0 or self.step == total_steps:
-                self.save_state()
+                if acc.is_main_process:
+                    self.save_state()
+                acc.wait_for_everyone()
         bar.close()
+
+    def _log(self, loss: float) -> None:
+        lr = self.opt.param_groups[0]["lr"]
+        if self.acc.is_main_process:
+            log.info("step %d: loss %.5f, lr %.2e", self.step, loss, lr)
+        self.acc.log({"loss": loss, "lr": lr}, step=self.step)
 
     def ema_state(self) -> dict[str, torch.Tensor]:
         """The network's state dict with the EMA weights in place of the raw ones."""

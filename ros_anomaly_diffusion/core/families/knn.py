@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from torch import nn
 
 from .. import checkpoint as ckpt
@@ -29,8 +31,9 @@ from ..data import Frame
 from ..networks.backbone import StackedFeatures, shared_features
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .feature_space import (FrameGraphs, channel_stats, checkpoint_features, extract_features, features_config,
+from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
                             input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
+from .fitting import make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -139,53 +142,118 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     return KnnScorer(bank.float(), mean, std, config["scores"]["pixel"], settings, device, features)
 
 
-def make_bank(z: torch.Tensor, weights: torch.Tensor, origin: torch.Tensor, max_size: int, seed: int) -> dict:
-    """Bank vectors (ID cells, seeded subsample) with their origin rows (frame, flipped, y, x)
-    and the leave-one-frame-out nearest distances of all ID cells (for the score mapping)."""
+def _cell_keys(rows: torch.Tensor, seed: int) -> torch.Tensor:
+    """A pseudo-random key in [0, 1) per cell, a function of its origin row (frame, flipped, y,
+    x) and the seed only (splitmix64 over the fields): the bank is the cells with the smallest
+    keys, the same subset however the frames are split between processes or ordered."""
+    def mix(z):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        key = mix(np.full(len(rows), seed, np.uint64))
+        for column in rows.numpy().astype(np.uint64).T:
+            key = mix(key ^ column)
+    return torch.from_numpy((key >> np.uint64(11)).astype(np.float64) / 2.0 ** 53)
+
+
+def _cells(z: torch.Tensor, weights: torch.Tensor, origin: torch.Tensor):
+    """(vectors, origin rows (frame, flipped, y, x)) of the ID cells of a batch of features."""
     n, c, h, w = z.shape
-    vectors = z.permute(0, 2, 3, 1).reshape(-1, c)
-    keep = weights.reshape(-1).bool()
-    sample = torch.arange(n).repeat_interleave(h * w)
     cell = torch.arange(h * w).repeat(n)
-    rows = torch.stack([origin[sample, 0], origin[sample, 1], cell // w, cell % w], 1)
-    candidates = keep.nonzero().squeeze(1)
-    if not len(candidates):
+    rows = torch.stack([origin[:, 0].repeat_interleave(h * w), origin[:, 1].repeat_interleave(h * w),
+                        cell // w, cell % w], 1)
+    keep = weights.reshape(-1).bool()
+    return z.permute(0, 2, 3, 1).reshape(-1, c)[keep], rows[keep]
+
+
+def sample_bank(batches, max_size: int, seed: int, acc=None) -> dict:
+    """Bank vectors: a seeded sample of at most max_size ID cells of every batch (standardised
+    features, weights, origin rows (frame, flipped)), without replacement, with their origin
+    rows (frame, flipped, y, x) and how many ID cells there were. Streaming and distributed:
+    each process keeps the cells with the smallest `_cell_keys` of its batches, then the
+    processes' candidates are merged the same way, so the bank is the same as one process's."""
+    keys, vectors, rows, candidates = torch.zeros(0, dtype=torch.float64), None, None, 0
+    for z, weights, origin in batches:
+        v, r = _cells(z, weights, origin)
+        candidates += len(v)
+        keys, vectors, rows = _smallest(torch.cat([keys, _cell_keys(r, seed)]),
+                                        v if vectors is None else torch.cat([vectors, v]),
+                                        r if rows is None else torch.cat([rows, r]), max_size)
+    if vectors is None:
         raise ValueError("no ID cells in the training frames (every cell holds an OOD pixel)")
-    if len(candidates) > max_size:
-        pick = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:max_size]
-        chosen = candidates[pick.sort().values]
-    else:
-        chosen = candidates
-    bank, bank_rows = vectors[chosen].contiguous(), rows[chosen]
-    # Leave one frame (and its mirror image) out; with a single frame, leave one cell out.
-    frames = rows[:, 0]
-    if len(frames[candidates].unique()) > 1:
-        qg, bg = frames[candidates], bank_rows[:, 0]
-    else:
-        qg, bg = candidates, chosen
-    loo, _ = nearest(vectors[candidates], bank, qg, bg)
-    return {"vectors": bank, "origin": bank_rows, "candidates": len(candidates), "loo": loo}
+    if acc is not None and acc.num_processes > 1:
+        keys, vectors, rows = (torch.cat(gather_object([t])) for t in (keys, vectors, rows))
+        candidates = sum(gather_object([candidates]))
+        keys, vectors, rows = _smallest(keys, vectors, rows, max_size)
+    if not len(vectors):
+        raise ValueError("no ID cells in the training frames (every cell holds an OOD pixel)")
+    return {"vectors": vectors.contiguous(), "origin": rows, "candidates": candidates}
 
 
-def _config(size: tuple[int, int], channels: int, bank: dict, seed: int) -> dict:
-    loo = bank["loo"].double()
+def _smallest(keys, vectors, rows, k):
+    order = torch.argsort(keys)[:k]
+    return keys[order], vectors[order], rows[order]
+
+
+def loo_moments(batches, bank: dict, acc=None) -> dict:
+    """Mean and std of the leave-one-frame-out nearest distance of every ID cell of the batches
+    (standardised features, weights, origin rows) to the bank: each cell against the bank
+    without its own frame (and that frame's mirror image), what an unseen ID frame looks like.
+    With a single frame in the bank, leave one cell out instead. Summed across processes."""
+    bank_rows = bank["origin"]
+    by_frame = len(bank_rows[:, 0].unique()) > 1
+
+    def group(rows):  # a frame, or a single cell of it
+        return rows[:, 0] if by_frame else ((rows[:, 0] * 2 + rows[:, 1]) * 100_000 + rows[:, 2]) * 100_000 + rows[:, 3]
+
+    sums = torch.zeros(3, dtype=torch.float64)
+    for z, weights, origin in batches:
+        v, r = _cells(z, weights, origin)
+        if len(v):
+            d, _ = nearest(v, bank["vectors"], group(r), group(bank_rows))
+            d = d.double()
+            sums += torch.stack([torch.tensor(float(len(d)), dtype=torch.float64), d.sum(), d.square().sum()])
+    if acc is not None and acc.num_processes > 1:
+        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
+    n, mean = float(sums[0]), float(sums[1] / sums[0].clamp_min(1))
+    var = (float(sums[2]) - n * mean * mean) / max(n - 1, 1)
+    return {"mean": mean, "std": max(max(var, 0.0) ** 0.5, 1e-6)}
+
+
+def _config(size: tuple[int, int], channels: int, bank: dict, loo: dict, seed: int) -> dict:
     return {"family": FAMILY, "image_size": list(size), "features": features_config(size, channels),
-            "scores": {"pixel": {"mean": float(loo.mean()), "std": max(float(loo.std()), 1e-6)}},
+            "scores": {"pixel": loo},
             "bank": {"size": len(bank["vectors"]), "candidates": bank["candidates"], "max_size": MAX_BANK,
-                     "seed": seed}}
+                     "seed": seed, "sampling": "smallest cell keys"}}
 
 
-def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True) -> tuple[dict, dict]:
-    """knn family: features of every training frame and its mirror image, bank of ID cells."""
+def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True, acc=None) -> tuple[dict, dict]:
+    """knn family: features of every training frame and its mirror image (feature_space.
+    FeatureSource: in memory when they fit, else encoded batch by batch), their per-channel
+    statistics, a bank of ID cells and its leave-one-frame-out distances: three passes, each
+    process over its shard, combined so that the result does not depend on the split."""
+    acc = acc or make_accelerator(opts, out)
     size = input_size(opts)
-    features = shared_features(device=opts.device)
-    feats, weights, origin = extract_features(train_frames, size, features, flips=True, progress=progress)
-    mean, std = channel_stats(feats, weights)
-    z = standardise(feats, mean, std)
-    bank = make_bank(z, weights, origin, MAX_BANK, opts.seed)
-    config = _config(size, feats.shape[1], bank, opts.seed)
-    log.info("knn bank: %d of %d ID cells; leave-one-frame-out distance %.3f +- %.3f", len(bank["vectors"]),
-             bank["candidates"], config["scores"]["pixel"]["mean"], config["scores"]["pixel"]["std"])
+    source = FeatureSource(train_frames, size, shared_features(device=acc.device), opts, acc, progress)
+    moments = ChannelMoments()
+    for feats, weights, _ in source.passes():
+        moments.add(feats, weights)
+    mean, std = moments.result(acc)
+
+    def standardised():
+        for feats, weights, origin in source.passes():
+            yield standardise(feats, mean, std), weights, origin
+
+    bank = sample_bank(standardised(), MAX_BANK, opts.seed, acc)
+    loo = loo_moments(standardised(), bank, acc)
+    config = _config(size, source.channels, bank, loo, opts.seed)
+    config["training"] = {"features_in_memory": source.cached}
+    if acc.is_main_process:
+        log.info("knn bank: %d of %d ID cells; leave-one-frame-out distance %.3f +- %.3f", len(bank["vectors"]),
+                 bank["candidates"], loo["mean"], loo["std"])
     return config, {"bank": {"vectors": bank["vectors"], "origin": bank["origin"]},
                     "features": {"mean": mean, "std": std}}
 
@@ -196,9 +264,9 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
     given; `preset` is accepted for the family interface (knn has no network to size)."""
     image_size = tuple(image_size or (64, 96))
     feats, weights, mean, std, z = random_frame_features(image_size, seed)
-    origin = torch.tensor([[0, 0], [1, 0]])
-    bank = make_bank(z, weights, origin, MAX_BANK, seed)
-    config = _config(tuple(image_size), feats.shape[1], bank, seed)
+    batches = [(z, weights, torch.tensor([[0, 0], [1, 0]]))]
+    bank = sample_bank(batches, MAX_BANK, seed)
+    config = _config(tuple(image_size), feats.shape[1], bank, loo_moments(batches, bank), seed)
     if calibration:
         config["calibration"] = calibration
     return ckpt.save(directory, config, {"bank": {"vectors": bank["vectors"], "origin": bank["origin"]},

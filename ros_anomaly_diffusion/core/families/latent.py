@@ -29,6 +29,7 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from diffusers import AutoencoderDC
 from torch import nn
 from tqdm import tqdm
@@ -47,7 +48,7 @@ from ..networks.quantization import load_denoiser
 from ..samplers import NoiseSchedule, ScheduleConfig, edit_and_reconstruction
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .fitting import STATE, DenoiserTrainer, TrainOptions, augment, load_frames
+from .fitting import STATE, DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -144,49 +145,61 @@ def latent_config(opts: TrainOptions, ae, source: str, shift: float, scale: floa
 
 
 @torch.no_grad()
-def _encode_all(codec: LatentCodec, x01: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
-    return torch.cat([codec.raw(x01[i:i + batch].to(device)).cpu() for i in range(0, len(x01), batch)])
-
-
-@torch.no_grad()
-def reconstruction_quality(codec: LatentCodec, x01: torch.Tensor, device, batch: int = 16) -> dict:
-    """Mean L1 and PSNR (dB, images in [0, 1]) of decode(encode(x)) on the given frames."""
-    l1, mse = [], []
-    for i in range(0, len(x01), batch):
-        xb = x01[i:i + batch].to(device)
+def latent_statistics(codec: LatentCodec, frames: list[Frame], opts: TrainOptions, acc: Accelerator) -> dict:
+    """Over every frame (each process its shard, summed across processes): the mean and std of
+    the raw latents (the DiT's normalisation) and the autoencoder's reconstruction quality,
+    mean L1 and PSNR (dB, images in [0, 1]) of decode(encode(x))."""
+    sums = torch.zeros(5, dtype=torch.float64, device=acc.device)  # latent sum, sum of squares, count; L1, PSNR
+    frames_seen = torch.zeros(1, dtype=torch.float64, device=acc.device)
+    for batch in frame_passes(frames, opts.image_size, acc, opts.batch_size, opts.workers):
+        xb = batch.images.to(acc.device)
+        raw = codec.raw(xb).double()
         rec = codec.decode(codec.encode(xb), xb.shape[-2:])
-        l1.append((rec - xb).abs().mean(dim=(1, 2, 3)).cpu())
-        mse.append(((rec - xb) ** 2).mean(dim=(1, 2, 3)).cpu())
-    l1_t, mse_t = torch.cat(l1), torch.cat(mse)
-    return {"l1": float(l1_t.mean()), "psnr_db": float((10 * torch.log10(1 / mse_t.clamp_min(1e-10))).mean())}
+        mse = ((rec - xb) ** 2).mean(dim=(1, 2, 3)).double()
+        sums += torch.stack([raw.sum(), raw.square().sum(), torch.tensor(raw.numel(), dtype=torch.float64),
+                             (rec - xb).abs().mean(dim=(1, 2, 3)).double().sum(),
+                             (10 * torch.log10(1 / mse.clamp_min(1e-10))).sum()])
+        frames_seen += len(xb)
+    sums, n = acc.reduce(sums, "sum"), float(acc.reduce(frames_seen, "sum"))
+    mean = float(sums[0] / sums[2])
+    var = float((sums[1] - sums[2] * mean * mean) / (sums[2] - 1).clamp_min(1))
+    return {"shift": mean, "std": max(var, 0.0) ** 0.5, "l1": float(sums[3]) / n, "psnr_db": float(sums[4]) / n}
 
 
-def train_autoencoder(ae: AutoencoderDC, x01: torch.Tensor, opts: TrainOptions, progress: bool) -> list[float]:
-    """Reconstruction training (L1 + L2 on all pixels, augmented frames) of a compact DC-AE.
+def train_autoencoder(ae: AutoencoderDC, frames: list[Frame], opts: TrainOptions, acc: Accelerator,
+                      progress: bool) -> list[float]:
+    """Reconstruction training (L1 + L2 on all pixels, augmented frames streamed from disk) of a
+    compact DC-AE, under the run's Accelerator.
 
     All pixels count, OOD ones included: the autoencoder is a generic image codec (the
     pretrained DC-AE saw ImageNet); only the diffusion model must not learn OOD content.
     """
-    device = torch.device(opts.device)
-    ae.to(device).train()
+    ae.to(acc.device).train()
     optim = torch.optim.Adam(ae.parameters(), lr=AE_LR)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, max(1, opts.steps), eta_min=AE_LR * 0.05)
-    gen = torch.Generator().manual_seed(opts.seed + 7919)
-    ones = torch.ones(x01.shape[0], 1, *x01.shape[-2:])
+    model, optim, sched = acc.prepare(ae, optim, sched)
+    gen = torch.Generator().manual_seed(opts.seed + 7919 + 1_000_003 * acc.process_index)
+    stream = FrameStream(frames, opts.image_size, opts, acc, seed=opts.seed + 7919)
     losses = []
     factor = compression(ae)
-    for _ in tqdm(range(opts.steps), desc="training autoencoder", disable=not progress):
-        idx = torch.randint(0, len(x01), (opts.batch_size,), generator=gen)
-        xb, _ = augment(x01[idx], ones[idx], gen)
-        xb = pad_to(xb.to(device) * 2 - 1, factor)
-        rec = ae.decode(ae.encode(xb).latent).sample
-        loss = (rec - xb).abs().mean() + ((rec - xb) ** 2).mean()
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+    bar = tqdm(total=opts.steps, desc="training autoencoder", disable=not (progress and acc.is_main_process))
+    while len(losses) < opts.steps:  # one loss per optimizer step (a disabled bar does not count)
+        batch = stream.next()
+        xb, _ = augment(batch.images, batch.weights, gen)
+        xb = pad_to(xb.to(acc.device) * 2 - 1, factor)
+        with acc.accumulate(model):
+            rec = model(xb).sample.float()  # through the (DDP) wrapper: decode(encode(x))
+            loss = (rec - xb).abs().mean() + ((rec - xb) ** 2).mean()
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(model.parameters(), opts.grad_clip)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            losses.append(float(acc.reduce(loss.detach(), "mean")))
+            bar.update(1)
+    bar.close()
     return losses
 
 
@@ -211,7 +224,7 @@ def _check_resume(choice: str, out: Path) -> None:
                          f"resume with --autoencoder {before} or write to another folder")
 
 
-def _autoencoder_for(opts: TrainOptions, x01: torch.Tensor, out: Path, progress: bool):
+def _autoencoder_for(opts: TrainOptions, frames: list[Frame], out: Path, acc: Accelerator, progress: bool):
     """(autoencoder, source, info): the shipped TAEF2, a pretrained DC-AE when opts.autoencoder
     names a folder, else a DC-AE trained here (or reloaded from a previous run's
     autoencoder_state/ when resuming)."""
@@ -235,46 +248,49 @@ def _autoencoder_for(opts: TrainOptions, x01: torch.Tensor, out: Path, progress:
         log.info("reusing the autoencoder trained before in %s", state_dir)
         return ae, TRAINED, saved.get("info", {})
     ae = build_autoencoder(autoencoder_config(opts.preset))
-    losses = train_autoencoder(ae, x01, opts, progress)
+    losses = train_autoencoder(ae, frames, opts, acc, progress)
     ae.eval()
     info = {"steps": opts.steps, "lr": AE_LR,
             "final_loss": float(sum(losses[-20:]) / max(1, len(losses[-20:]))) if losses else None}
-    ckpt.save(state_dir, {"autoencoder": diffusers_config(ae), "info": info}, {"autoencoder": ae.state_dict()})
+    if acc.is_main_process:
+        ckpt.save(state_dir, {"autoencoder": diffusers_config(ae), "info": info}, {"autoencoder": ae.state_dict()})
+    acc.wait_for_everyone()
     return ae, TRAINED, info
 
 
-def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool) -> tuple[dict, dict]:
+def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool,
+        acc: Accelerator | None = None) -> tuple[dict, dict]:
     """Latent family (dcae): the autoencoder (pretrained or trained here), then the DiT on
-    normalised latents of augmented frames, OOD latent cells masked out of the loss."""
+    normalised latents of augmented frames streamed from disk, OOD latent cells masked out of
+    the loss."""
     out = Path(out)
-    device = torch.device(opts.device)
-    x, wgt = load_frames(train_frames, opts.image_size)
-    ae, source, ae_info = _autoencoder_for(opts, x, out, progress)
-    ae.to(device).eval().requires_grad_(False)
+    acc = acc or make_accelerator(opts, out)
+    ae, source, ae_info = _autoencoder_for(opts, train_frames, out, acc, progress)
+    ae.to(acc.device).eval().requires_grad_(False)
     codec = LatentCodec(ae)
-    raw = _encode_all(codec, x, device)
-    shift, std = float(raw.mean()), float(raw.std())
-    scale = 1.0 / max(std, 1e-6)
+    stats = latent_statistics(codec, train_frames, opts, acc)
+    shift, scale = stats["shift"], 1.0 / max(stats["std"], 1e-6)
     codec.shift, codec.scale = shift, scale
-    quality = reconstruction_quality(codec, x, device)
-    log.info("autoencoder (%s): reconstruction on the training frames L1 %.4f, PSNR %.2f dB; latents %s, "
-             "shift %.4f, scale %.4f", source, quality["l1"], quality["psnr_db"],
-             "x".join(map(str, raw.shape[1:])), shift, scale)
+    quality = {"l1": stats["l1"], "psnr_db": stats["psnr_db"]}
+    if acc.is_main_process:
+        log.info("autoencoder (%s): reconstruction on the training frames L1 %.4f, PSNR %.2f dB; shift %.4f, "
+                 "scale %.4f", source, quality["l1"], quality["psnr_db"], shift, scale)
 
     config = latent_config(opts, ae, source, shift, scale)
     net = DiTDenoiser(config["denoiser"]["config"])
-    trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out)
+    trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out, acc)
     trainer.load_state()
     factor = codec.factor
+    frames = FrameStream(train_frames, opts.image_size, opts, acc, seed=opts.seed + trainer.step)
 
     @torch.no_grad()
     def sample_batch(gen):
-        idx = torch.randint(0, len(x), (opts.batch_size,), generator=gen)
-        xb, wb = augment(x[idx], wgt[idx], gen)
-        return codec.encode(xb.to(device)), latent_weights(wb, factor)
+        batch = frames.next()
+        xb, wb = augment(batch.images, batch.weights, gen)
+        return codec.encode(xb.to(acc.device)), latent_weights(wb, factor)
 
     trainer.fit(sample_batch, opts.steps, progress)
-    config["training"] = {"steps": trainer.step,
+    config["training"] = {"steps": trainer.step, "skipped_frames": frames.skipped,
                           "autoencoder": {**ae_info, "source": source, "reconstruction_train": quality}}
     return config, {"autoencoder": autoencoder_state(ae), "denoiser": trainer.ema_state()}
 

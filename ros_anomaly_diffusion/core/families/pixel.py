@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from .. import checkpoint as ckpt
 from ..analysis import FeatureDistance
@@ -20,7 +21,7 @@ from ..networks.quantization import load_denoiser
 from ..samplers import GuidedDDPM, NoiseSchedule, ScheduleConfig, edit_and_reconstruction
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .fitting import DenoiserTrainer, TrainOptions, augment, load_frames
+from .fitting import DenoiserTrainer, FrameStream, TrainOptions, augment, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +105,22 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
     return ckpt.save(directory, config, {"denoiser": net.state_dict()})
 
 
-def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool) -> tuple[dict, dict]:
-    """Pixel family (ddpm, ddim): the UNet on augmented frames, OOD pixels masked out."""
+def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool,
+        acc: Accelerator | None = None) -> tuple[dict, dict]:
+    """Pixel family (ddpm, ddim): the UNet on augmented frames streamed from disk, OOD pixels
+    masked out."""
+    acc = acc or make_accelerator(opts, out)
     config = pixel_config(opts)
     net = build_denoiser("unet", config["denoiser"]["config"])
-    trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out)
+    trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out, acc)
     trainer.load_state()
-    x, wgt = load_frames(train_frames, opts.image_size)
+    frames = FrameStream(train_frames, opts.image_size, opts, acc, seed=opts.seed + trainer.step)
 
     def sample_batch(gen):
-        idx = torch.randint(0, len(x), (opts.batch_size,), generator=gen)
-        xb, wb = augment(x[idx], wgt[idx], gen)
+        batch = frames.next()
+        xb, wb = augment(batch.images, batch.weights, gen)
         return xb * 2 - 1, wb
 
     trainer.fit(sample_batch, opts.steps, progress)
-    config["training"] = {"steps": trainer.step}
+    config["training"] = {"steps": trainer.step, "skipped_frames": frames.skipped}
     return config, {"denoiser": trainer.ema_state()}
