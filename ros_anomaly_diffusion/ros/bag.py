@@ -223,6 +223,10 @@ class BagFrame:
     timestamp: int
     index: int
     tie: int = 0
+    label_path = None  # no annotation: the frame-like interface of core.data.Frame (an unlabelled one)
+
+    def is_ood(self, min_pixels: int = 0) -> None:
+        return None
 
     def rgb(self) -> np.ndarray:
         """uint8 (H, W, 3) RGB of this message. ValueError when it cannot be deserialised or
