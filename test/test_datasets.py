@@ -21,6 +21,24 @@ SIZE = (64, 80)
 START = 1_700_000_000 * 10**9
 
 
+@pytest.fixture(autouse=True)
+def _restore_sigchld():
+    """A DataLoader with workers leaves torch's Python SIGCHLD handler installed for the rest of
+    the process. In the test process, where OpenVINO is loaded later (test_deploy), a child
+    process's exit then crashes the interpreter (SIGSEGV in the eval loop: reproduced with one
+    worker test, the OpenVINO parity test and any test that runs a subprocess; gone with the
+    default handler). The package never has both in one process (training has no OpenVINO, the
+    node no DataLoader workers), so the tests put the handler back and let torch set it again."""
+    import signal
+
+    from torch.utils.data._utils import signal_handling
+
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    signal.signal(signal.SIGCHLD, before)
+    signal_handling._SIGCHLD_handler_set = False
+
+
 # The in-memory preparation the families used before streaming (fitting.load_frames and
 # feature_space.cell_weights as of eaffb15), kept here as the reference FrameDataset must match.
 def load_frames(frames, size):
