@@ -15,6 +15,7 @@ from ros_anomaly_diffusion.core import samplers
 from ros_anomaly_diffusion.core.families import feature_space as fs
 from ros_anomaly_diffusion.core.families import feature_diffusion as inv
 from ros_anomaly_diffusion.core.networks import backbone
+from ros_anomaly_diffusion.core.datasets import cell_weights
 from ros_anomaly_diffusion.core.data import OOD
 from ros_anomaly_diffusion.core.detector import Detector
 from ros_anomaly_diffusion.core.samplers import NoiseSchedule
@@ -168,9 +169,9 @@ def test_to_unit_is_monotone_in_range_and_does_not_saturate():
 def test_cell_weights_exclude_every_cell_an_ood_pixel_falls_into():
     label = np.zeros((64, 96), np.uint8)
     label[17, 40] = OOD  # one pixel, cell (1, 2) of the 16-pixel grid
-    w = fs.cell_weights(label, (4, 6))[0, 0]
+    w = cell_weights(label, (4, 6))[0, 0]
     assert w[1, 2] == 0 and int(w.sum()) == 23
-    assert bool((fs.cell_weights(None, (4, 6)) == 1).all())
+    assert bool((cell_weights(None, (4, 6)) == 1).all())
 
 
 def test_input_size_defaults_to_256x320_for_the_feature_family():

@@ -10,8 +10,8 @@ from conftest import make_legacy_feature_checkpoint
 
 from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
-from ros_anomaly_diffusion.core.families import feature_space as fs
 from ros_anomaly_diffusion.core.families import knn
+from ros_anomaly_diffusion.core.datasets import cell_weights
 from ros_anomaly_diffusion.core.data import OOD, open_dataset
 from ros_anomaly_diffusion.core.detector import Detector
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
@@ -85,8 +85,8 @@ def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(ru
     pasted = rgb.copy()
     pasted[ood] = ood_frame.rgb()[ood]
     d2 = det.scorer.distances(det._to_model([pasted]))[0]
-    cells = torch.from_numpy(fs.cell_weights(ood_frame.label(), d2.shape)[0, 0].numpy() == 0)
-    full = torch.from_numpy(fs.cell_weights((~ood).astype(np.uint8) * OOD, d2.shape)[0, 0].numpy() == 1)
+    cells = torch.from_numpy(cell_weights(ood_frame.label(), d2.shape)[0, 0].numpy() == 0)
+    full = torch.from_numpy(cell_weights((~ood).astype(np.uint8) * OOD, d2.shape)[0, 0].numpy() == 1)
     assert bool(full.any())  # cells entirely covered by the pasted objects
     assert float(d2[full].mean()) > 2 * float(d[full].mean()) and float(d2[full].mean()) > float(d2[~cells].mean())
     r0, r1 = det.process(rgb), det.process(pasted)

@@ -108,12 +108,7 @@ class FrameDataset(Dataset):
         # as the in-memory load_frames did: INTER_AREA for the image, INTER_NEAREST for the label
         image = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if self.size else rgb
         if self.weight_grid is not None:
-            gh, gw = self.weight_grid
-            if label is None:
-                weight = np.ones((gh, gw), np.float32)
-            else:  # as feature_space.cell_weights: INTER_AREA coverage is > 0 iff an OOD pixel is in the cell
-                coverage = cv2.resize((label == OOD).astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
-                weight = (coverage <= 0).astype(np.float32)
+            weight = cell_weights(label, self.weight_grid)[0, 0].numpy()
         elif label is None:
             weight = np.ones((h, w), np.float32)
         else:
@@ -121,6 +116,16 @@ class FrameDataset(Dataset):
             weight = (small != OOD).astype(np.float32)
         # torch.tensor copies: contiguous (3, H, W), never a view of a read-only decode buffer
         return FrameSample(torch.tensor(image.transpose(2, 0, 1)), torch.from_numpy(weight)[None], index)
+
+
+def cell_weights(label: np.ndarray | None, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, h, w) loss weights on a feature grid: 0 for a cell that any OOD pixel falls into."""
+    gh, gw = grid
+    if label is None:
+        return torch.ones(1, 1, gh, gw)
+    # INTER_AREA averages the full-resolution pixels covering each cell: > 0 iff one is OOD.
+    coverage = cv2.resize((label == OOD).astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy((coverage <= 0).astype(np.float32))[None, None]
 
 
 def collate_frames(samples: Sequence[FrameSample | None]) -> FrameBatch:

@@ -16,14 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import cv2
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..data import OOD
 from ..networks.backbone import FEATURE_BLOCKS, FEATURE_STRIDES, GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.deploy import ONNX_BACKENDS, with_backend
 from ..settings import Settings
@@ -50,23 +47,6 @@ def input_size(opts) -> tuple[int, int]:
         raise ValueError(f"image size {size} of a feature-space model must be a multiple of {2 * GRID_STRIDE} "
                          f"(a {GRID_STRIDE}-pixel grid the UNet halves once); default {FEATURE_INPUT_SIZE}")
     return size
-
-
-def frame_tensor(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 RGB frame -> (1, 3, H, W) in [0, 1] at `size`, resized exactly as the Detector does."""
-    h, w = size
-    small = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
-    return (torch.from_numpy(small).permute(2, 0, 1).float() / 255.0).unsqueeze(0).contiguous()
-
-
-def cell_weights(label: np.ndarray | None, grid: tuple[int, int]) -> torch.Tensor:
-    """(1, 1, h, w) loss weights on the feature grid: 0 for a cell that any OOD pixel falls into."""
-    gh, gw = grid
-    if label is None:
-        return torch.ones(1, 1, gh, gw)
-    # INTER_AREA averages the full-resolution pixels covering each cell: > 0 iff one is OOD.
-    coverage = cv2.resize((label == OOD).astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy((coverage <= 0).astype(np.float32))[None, None]
 
 
 class ChannelMoments:
