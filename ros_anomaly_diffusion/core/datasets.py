@@ -1,7 +1,7 @@
 """Lazy training data: frames read, decoded and resized one at a time, in DataLoader workers.
 
-Loading every frame up front (as `fitting.load_frames` did) holds a whole training set in
-memory, which a long recording (or a large image folder) does not fit into. Here nothing
+Loading every frame up front holds a whole training set in memory, which a long recording
+(or a large image folder) does not fit into. Here nothing
 holds more than the frame handles (names and paths, or bag message addresses); a sample is
 read when the loader asks for it, in its worker process when the loader has workers, so
 decoding runs beside training.
@@ -9,11 +9,11 @@ decoding runs beside training.
 * `FrameDataset(frames, size, weight_grid=None)`: a torch Dataset over frame-likes (anything
   with `.name`, `.rgb()` -> uint8 (H, W, 3) and `.label()` -> uint8 (H, W) or None:
   `core.data.Frame`, `ros.bag.BagFrame`). Item i is a `FrameSample`: `image` uint8 (3, H, W),
-  `weight` float32 (1, H, W) with 0 on OOD pixels, `index` i, prepared exactly as the former
-  in-memory `load_frames` did (INTER_AREA for the image, INTER_NEAREST for the label; at the
-  frame's own size when `size` is None). With `weight_grid` (h, w) the weight is per cell of
-  that grid instead, as `feature_space.cell_weights`: 0 for a cell that any full-resolution
-  OOD pixel falls into. All ones when the frame is unlabelled. A frame that cannot be read
+  `weight` float32 (1, H, W) with 0 on OOD pixels, `index` i (INTER_AREA for the image,
+  INTER_NEAREST for the label, as the Detector resizes; at the frame's own size when `size` is
+  None). With `weight_grid` (h, w) the weight is per cell of that grid instead (`cell_weights`,
+  the feature families' loss weights): 0 for a cell that any full-resolution OOD pixel falls
+  into. All ones when the frame is unlabelled. A frame that cannot be read
   or decoded (or has the wrong shape) gives None, logged at WARNING once per frame and
   process with its name and the reason; it never raises.
 * `collate_frames(samples) -> FrameBatch`: `images` float32 (B, 3, H, W) in [0, 1], `weights`
@@ -105,7 +105,7 @@ class FrameDataset(Dataset):
         if label is not None and np.shape(label) != rgb.shape[:2]:
             raise ValueError(f"label shape {np.shape(label)} does not match the image's {rgb.shape[:2]}")
         h, w = self.size or rgb.shape[:2]
-        # as the in-memory load_frames did: INTER_AREA for the image, INTER_NEAREST for the label
+        # INTER_AREA for the image (as the Detector), INTER_NEAREST for the label (classes stay classes)
         image = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if self.size else rgb
         if self.weight_grid is not None:
             weight = cell_weights(label, self.weight_grid)[0, 0].numpy()
