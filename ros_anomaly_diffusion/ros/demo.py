@@ -43,8 +43,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
     p.add_argument("--variant", default=None, help="variant to train (default: ddim on the synthetic sequence; "
                                                   "with --data, the shipped model, no training)")
-    # 650: the whole demo within 3 minutes on two CPU cores (800 steps gave the same AP, 3 min 8 s)
-    p.add_argument("--train-steps", type=int, default=650, help="training steps if no model is in OUT/model")
+    # 550: the whole demo within 3 minutes on two CPU cores (650 steps took 3 min 5 s on 2026-11-25,
+    # 0.24 s a step; 800 steps gave the same AP)
+    p.add_argument("--train-steps", type=int, default=550, help="training steps if no model is in OUT/model")
     p.add_argument("--retrain", action="store_true", help="train even if OUT/model exists")
     p.add_argument("--rate", type=float, default=2.0, help="camera rate in Hz (frames the model cannot keep "
                                                           "up with are dropped, as on a robot)")
