@@ -61,6 +61,9 @@ def _launch_nodes(context):
         overrides['checkpoint'] = arg('checkpoint')
     if arg('device'):
         overrides['device'] = arg('device')
+    for key in ('backend', 'precision'):  # empty: from the parameter file
+        if arg(key):
+            overrides[key] = arg(key)
     managed = _truthy(arg('lifecycle_manager'))
     overrides['autostart'] = _truthy(arg('autostart')) and not managed
     overrides['target_frame'] = arg('target_frame')
@@ -113,6 +116,11 @@ def generate_launch_description():
         DeclareLaunchArgument('use_sim_time', default_value='false', description='use /clock'),
         DeclareLaunchArgument('checkpoint', default_value='',
                               description='checkpoint folder; empty: the model shipped with the package'),
+        DeclareLaunchArgument('backend', default_value='',
+                              description='where the networks run: torch, onnxruntime, openvino, '
+                                          'tensorrt; empty: from the parameter file'),
+        DeclareLaunchArgument('precision', default_value='',
+                              description='fp32 or bf16 (backend openvino); empty: from the parameter file'),
         DeclareLaunchArgument('device', default_value='',
                               description='torch device (cpu, cuda, cuda:N); empty: from the parameter file'),
         DeclareLaunchArgument('rviz', default_value='false',

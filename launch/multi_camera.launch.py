@@ -48,6 +48,9 @@ def _launch_nodes(context):
         overrides['checkpoint'] = arg('checkpoint')
     if arg('device'):
         overrides['device'] = arg('device')
+    for key in ('backend', 'precision'):  # empty: from the parameter file
+        if arg(key):
+            overrides[key] = arg(key)
     pairs = camera_namespaces(arg('cameras'))
     if _truthy(arg('one_model')):
         return [Node(
@@ -81,6 +84,11 @@ def generate_launch_description():
                               description='optimization variant; loads config/<variant>.yaml'),
         DeclareLaunchArgument('checkpoint', default_value='',
                               description='checkpoint folder; empty: the model shipped with the package'),
+        DeclareLaunchArgument('backend', default_value='',
+                              description='where the networks run: torch, onnxruntime, openvino, '
+                                          'tensorrt; empty: from the parameter file'),
+        DeclareLaunchArgument('precision', default_value='',
+                              description='fp32 or bf16 (backend openvino); empty: from the parameter file'),
         DeclareLaunchArgument('device', default_value='',
                               description='torch device (cpu, cuda, cuda:N); empty: from the parameter file'),
         DeclareLaunchArgument('use_sim_time', default_value='false', description='use /clock'),

@@ -149,7 +149,12 @@ def test_launch_files_set_the_large_frame_dds_settings_first(name):
 def test_detection_launch_arguments_and_variant_default():
     args = _declared_arguments(_tree("anomaly_detection.launch.py"))
     assert set(args) >= {"variant", "namespace", "image_topic", "use_sim_time", "checkpoint", "device", "rviz",
-                         "camera_info_topic", "depth_topic", "target_frame", "autostart", "lifecycle_manager"}
+                         "camera_info_topic", "depth_topic", "target_frame", "autostart", "lifecycle_manager",
+                         "backend", "precision"}
+    for name in ("multi_camera.launch.py", "anomaly_detection.launch.py"):  # backend:=..., precision:=...
+        tree, src = _declared_arguments(_tree(name)), (LAUNCH / name).read_text()
+        assert tree["backend"] == tree["precision"] == "" and "for key in ('backend', 'precision'):" in src, name
+        assert {"backend", "precision"} <= set(vars(Settings()))  # settings the node declares as parameters
     # the navigation wiring reaches the node's parameters, which exist
     src = (LAUNCH / "anomaly_detection.launch.py").read_text()
     for name in ("target_frame", "camera_info_topic", "depth_topic", "autostart"):
