@@ -154,7 +154,7 @@ def test_the_bank_sample_is_the_same_however_the_frames_are_split_or_ordered(mon
     assert not torch.equal(knn.sample_bank(batches, 50, seed=4)["origin"], one["origin"])  # the seed matters
 
     other = knn.sample_bank(batches[1::2], 50, seed=3)  # what process 1 holds before the gather
-    theirs = iter([knn._cell_keys(other["origin"], 3), other["vectors"], other["origin"], other["candidates"]])
+    theirs = iter([(knn._cell_keys(other["origin"], 3), other["vectors"], other["origin"]), other["candidates"]])
     monkeypatch.setattr(knn, "gather_object", lambda mine: mine + [next(theirs)])
     two = knn.sample_bank(batches[0::2], 50, seed=3, acc=type("Acc", (), {"num_processes": 2})())
     assert torch.equal(two["vectors"], one["vectors"]) and torch.equal(two["origin"], one["origin"])

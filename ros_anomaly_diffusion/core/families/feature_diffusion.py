@@ -45,7 +45,7 @@ from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
                             input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
-from .fitting import DenoiserTrainer, gathered, make_accelerator
+from .fitting import DenoiserTrainer, gathered, make_accelerator, summed
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True, acc=N
 
     config["scores"] = score_statistics(net, schedule, held_out(), acc=acc)
     config["edit_scores"] = edit_statistics(net, schedule, held_out(), acc=acc)
-    id_cells = int(acc.reduce(torch.tensor(moments.cells, device=acc.device), "sum"))
+    id_cells = int(summed(torch.tensor(moments.cells), acc))
     config["training"] = {"steps": trainer.step, "samples": 2 * len(fit_idx), "id_cells": id_cells,
                           "statistics_frames": [train_frames[i].name for i in stat_idx],
                           "features_in_memory": source.cached, "skipped_frames": source.skipped}

@@ -24,7 +24,7 @@ from .. import checkpoint as ckpt
 from ..networks.backbone import FEATURE_BLOCKS, FEATURE_STRIDES, GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.deploy import ONNX_BACKENDS, with_backend
 from ..settings import Settings
-from .fitting import FrameStream, frame_passes
+from .fitting import FrameStream, frame_passes, mean_std, shard, summed
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,8 @@ class ChannelMoments:
         """(mean, std) per channel, std clamped at 1e-4; with acc, over every process's cells."""
         if self.sums is None:
             raise ValueError("no features to compute channel statistics from")
-        sums = self.sums if acc is None or acc.num_processes == 1 else acc.reduce(self.sums.to(acc.device),
-                                                                                  "sum").cpu()
-        n, s, ss = sums[0].clamp_min(1), sums[1], sums[2]
-        mean = s / n
-        var = (ss - n * mean.square()).clamp_min(0) / (n - 1).clamp_min(1)
-        return mean.float(), var.sqrt().clamp_min(1e-4).float()
+        mean, std = mean_std(*summed(self.sums, acc))
+        return mean.float(), std.clamp_min(1e-4).float()
 
 
 def channel_stats(feats: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +100,7 @@ class FeatureSource:
         self.device = features.stem.weight.device
         with torch.inference_mode():
             self.channels = int(features(torch.zeros(1, 3, *self.size, device=self.device)).shape[1])
-        mine = len(frames[acc.process_index::acc.num_processes])
+        mine = len(shard(len(frames), acc))
         self.cached = 2 * mine * self.channels * self.grid[0] * self.grid[1] * 4 <= opts.feature_cache_mb * 2 ** 20
         self._stream: dict[tuple, FrameStream] = {}
         self._rows: tuple[tuple, torch.Tensor] | None = None  # (subset, its rows of the table)

@@ -91,11 +91,9 @@ def make_accelerator(opts: TrainOptions, out: Path | None = None) -> Accelerator
 
 
 def shard(n: int, acc: Accelerator) -> list[int]:
-    """Indices of the n frames this process reads: every num_processes-th, from its rank."""
-    idx = list(range(acc.process_index, n, acc.num_processes))
-    if not idx:
-        raise ValueError(f"{n} frames for {acc.num_processes} processes: process {acc.process_index} has none")
-    return idx
+    """Indices of the n frames this process reads: every num_processes-th, from its rank (none
+    when there are fewer frames than processes)."""
+    return list(range(acc.process_index, n, acc.num_processes))
 
 
 class FrameStream:
@@ -107,6 +105,9 @@ class FrameStream:
     def __init__(self, frames: Sequence, size: tuple[int, int] | None, opts: TrainOptions, acc: Accelerator,
                  seed: int, weight_grid: tuple[int, int] | None = None):
         self.indices = shard(len(frames), acc)
+        if not self.indices:
+            raise ValueError(f"{len(frames)} frames for {acc.num_processes} processes: process "
+                             f"{acc.process_index} has none")
         dataset = FrameDataset([frames[i] for i in self.indices], size, weight_grid=weight_grid)
         self.loader = frame_loader(dataset, opts.batch_size, seed=seed + 1009 * acc.process_index,
                                    workers=opts.workers, infinite=True)
@@ -128,11 +129,27 @@ def frame_passes(frames: Sequence, size: tuple[int, int] | None, acc: Accelerato
     `subset`): FrameBatch-es whose `indices` are positions in `frames`; undecodable frames
     skipped. For statistics and feature banks, which add up over the processes."""
     positions = list(range(len(frames))) if subset is None else list(subset)
-    mine = positions[acc.process_index::acc.num_processes]  # may be empty: adds nothing
+    mine = [positions[i] for i in shard(len(positions), acc)]  # may be empty: adds nothing
     dataset = FrameDataset([frames[i] for i in mine], size, weight_grid=weight_grid)
     for batch in frame_loader(dataset, batch_size, seed=0, workers=workers, shuffle=False, drop_last=False):
         if len(batch.indices):
             yield batch._replace(indices=torch.as_tensor([mine[int(i)] for i in batch.indices]))
+
+
+def summed(t: torch.Tensor, acc: Accelerator | None = None) -> torch.Tensor:
+    """`t` added up over every process of the run (`t` itself with one process)."""
+    if acc is None or acc.num_processes == 1:
+        return t
+    return acc.reduce(t.to(acc.device), "sum").to(t.device)
+
+
+def mean_std(count: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sample standard deviation (ddof 1), elementwise, from a count, a sum and a sum of
+    squares (float64): what statistics added up batch by batch and across processes end as.
+    Both 0 for a count of 0; std 0 for a count of 1."""
+    n = count.clamp_min(1)
+    mean = total / n
+    return mean, ((total_sq - n * mean.square()).clamp_min(0) / (count - 1).clamp_min(1)).sqrt()
 
 
 def gathered(parts: list[torch.Tensor], acc: Accelerator | None = None) -> torch.Tensor:

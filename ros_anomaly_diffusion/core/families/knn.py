@@ -33,7 +33,7 @@ from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
                             input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
-from .fitting import make_accelerator
+from .fitting import make_accelerator, mean_std, summed
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +175,20 @@ def sample_bank(batches, max_size: int, seed: int, acc=None) -> dict:
     rows (frame, flipped, y, x) and how many ID cells there were. Streaming and distributed:
     each process keeps the cells with the smallest `_cell_keys` of its batches, then the
     processes' candidates are merged the same way, so the bank is the same as one process's."""
-    keys, vectors, rows, candidates = torch.zeros(0, dtype=torch.float64), None, None, 0
+    kept, candidates = None, 0  # (keys, vectors, rows) of the smallest keys so far
     for z, weights, origin in batches:
         v, r = _cells(z, weights, origin)
         candidates += len(v)
-        keys, vectors, rows = _smallest(torch.cat([keys, _cell_keys(r, seed)]),
-                                        v if vectors is None else torch.cat([vectors, v]),
-                                        r if rows is None else torch.cat([rows, r]), max_size)
-    if vectors is None:
-        raise ValueError("no ID cells in the training frames (every cell holds an OOD pixel)")
-    if acc is not None and acc.num_processes > 1:
-        keys, vectors, rows = (torch.cat(gather_object([t])) for t in (keys, vectors, rows))
+        new = (_cell_keys(r, seed), v, r)
+        kept = new if kept is None else tuple(torch.cat(pair) for pair in zip(kept, new))
+        kept = _smallest(*kept, max_size)
+    if acc is not None and acc.num_processes > 1:  # a process may hold no ID cell: it adds none
+        held = [k for k in gather_object([kept]) if k is not None]
         candidates = sum(gather_object([candidates]))
-        keys, vectors, rows = _smallest(keys, vectors, rows, max_size)
-    if not len(vectors):
+        kept = _smallest(*(torch.cat(t) for t in zip(*held)), max_size) if held else None
+    if kept is None or not len(kept[1]):
         raise ValueError("no ID cells in the training frames (every cell holds an OOD pixel)")
-    return {"vectors": vectors.contiguous(), "origin": rows, "candidates": candidates}
+    return {"vectors": kept[1].contiguous(), "origin": kept[2], "candidates": candidates}
 
 
 def _smallest(keys, vectors, rows, k):
@@ -209,18 +207,15 @@ def loo_moments(batches, bank: dict, acc=None) -> dict:
     def group(rows):  # a frame, or a single cell of it
         return rows[:, 0] if by_frame else ((rows[:, 0] * 2 + rows[:, 1]) * 100_000 + rows[:, 2]) * 100_000 + rows[:, 3]
 
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares
     for z, weights, origin in batches:
         v, r = _cells(z, weights, origin)
         if len(v):
             d, _ = nearest(v, bank["vectors"], group(r), group(bank_rows))
             d = d.double()
-            sums += torch.stack([torch.tensor(float(len(d)), dtype=torch.float64), d.sum(), d.square().sum()])
-    if acc is not None and acc.num_processes > 1:
-        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
-    n, mean = float(sums[0]), float(sums[1] / sums[0].clamp_min(1))
-    var = (float(sums[2]) - n * mean * mean) / max(n - 1, 1)
-    return {"mean": mean, "std": max(max(var, 0.0) ** 0.5, 1e-6)}
+            sums += torch.stack([d.new_tensor(len(d)), d.sum(), d.square().sum()])
+    mean, std = mean_std(*summed(sums, acc))
+    return {"mean": float(mean), "std": max(float(std), 1e-6)}
 
 
 def _config(size: tuple[int, int], channels: int, bank: dict, loo: dict, seed: int) -> dict:

@@ -48,7 +48,8 @@ from ..networks.quantization import load_denoiser
 from ..samplers import NoiseSchedule, ScheduleConfig, edit_and_reconstruction
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .fitting import STATE, DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator
+from .fitting import (STATE, DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
+                      mean_std, summed)
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +150,20 @@ def latent_statistics(codec: LatentCodec, frames: list[Frame], opts: TrainOption
     """Over every frame (each process its shard, summed across processes): the mean and std of
     the raw latents (the DiT's normalisation) and the autoencoder's reconstruction quality,
     mean L1 and PSNR (dB, images in [0, 1]) of decode(encode(x))."""
-    sums = torch.zeros(5, dtype=torch.float64, device=acc.device)  # latent sum, sum of squares, count; L1, PSNR
-    frames_seen = torch.zeros(1, dtype=torch.float64, device=acc.device)
+    # latent values: count, sum, sum of squares; frames: count, L1 sum, PSNR sum
+    sums = torch.zeros(6, dtype=torch.float64, device=acc.device)
     for batch in frame_passes(frames, opts.image_size, acc, opts.batch_size, opts.workers):
         xb = batch.images.to(acc.device)
         raw = codec.raw(xb).double()
         rec = codec.decode(codec.encode(xb), xb.shape[-2:])
         mse = ((rec - xb) ** 2).mean(dim=(1, 2, 3)).double()
-        sums += torch.stack([raw.sum(), raw.square().sum(), torch.tensor(raw.numel(), dtype=torch.float64),
+        sums += torch.stack([raw.new_tensor(raw.numel()), raw.sum(), raw.square().sum(), raw.new_tensor(len(xb)),
                              (rec - xb).abs().mean(dim=(1, 2, 3)).double().sum(),
                              (10 * torch.log10(1 / mse.clamp_min(1e-10))).sum()])
-        frames_seen += len(xb)
-    sums, n = acc.reduce(sums, "sum"), float(acc.reduce(frames_seen, "sum"))
-    mean = float(sums[0] / sums[2])
-    var = float((sums[1] - sums[2] * mean * mean) / (sums[2] - 1).clamp_min(1))
-    return {"shift": mean, "std": max(var, 0.0) ** 0.5, "l1": float(sums[3]) / n, "psnr_db": float(sums[4]) / n}
+    sums = summed(sums, acc)
+    mean, std = mean_std(*sums[:3])
+    n = float(sums[3])
+    return {"shift": float(mean), "std": float(std), "l1": float(sums[4]) / n, "psnr_db": float(sums[5]) / n}
 
 
 def train_autoencoder(ae: AutoencoderDC, frames: list[Frame], opts: TrainOptions, acc: Accelerator,
