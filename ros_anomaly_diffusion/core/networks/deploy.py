@@ -465,22 +465,16 @@ def with_backend(net: nn.Module, backend: str, device: torch.device | str, input
         raise ValueError(f"precision {precision!r} runs on backend 'openvino' only, not {backend!r}")
     if backend == "torch":
         return net, "torch eager"
-    if backend == "onnxruntime":
+    if backend in ONNX_BACKENDS:
         if device.type != "cpu":
-            raise ValueError(f"backend 'onnxruntime' runs on the CPU here, not on {device}: use backend "
+            raise ValueError(f"backend {backend!r} runs on the CPU here, not on {device}: use backend "
                              "'tensorrt' (or 'torch') on a GPU")
         try:
-            return OrtModule(net, inputs, **onnx_options), "onnxruntime (CPU)"
-        except ImportError:
-            raise ValueError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from None
-    if backend == "openvino":
-        if device.type != "cpu":
-            raise ValueError(f"backend 'openvino' runs on the CPU here, not on {device}: use backend "
-                             "'tensorrt' (or 'torch') on a GPU")
-        try:
+            if backend == "onnxruntime":
+                return OrtModule(net, inputs, **onnx_options), "onnxruntime (CPU)"
             return OvModule(net, inputs, precision, **onnx_options), f"openvino (CPU, {precision})"
         except ImportError:
-            raise ValueError("backend 'openvino' needs the openvino package: pip install openvino") from None
+            raise ValueError(f"backend {backend!r} needs the {backend} package: pip install {backend}") from None
     if backend == "tensorrt":
         if device.type != "cuda":
             raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {device}")
