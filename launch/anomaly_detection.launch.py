@@ -6,10 +6,12 @@
 Without checkpoint the detector runs the model shipped with the package (knn on the RUGD
 sample, ros_anomaly_diffusion/models/default/MODEL_CARD.md).
 
-Arguments: variant (loads config/<variant>.yaml), namespace, image_topic (the node's `image`
-input is remapped to it), use_sim_time, checkpoint, device (empty: the value in the
-variant's parameter file), rviz (true: rviz2 with config/anomaly.rviz, its topics adjusted
-to image_topic and namespace).
+Arguments: variant (loads config/<variant>.yaml; empty, the default: the variant the
+checkpoint was trained for), namespace, image_topic (the node's `image` input is remapped to
+it), use_sim_time, checkpoint, device (empty: the value in the variant's parameter file),
+backend (empty: the parameter file's, auto unless it sets one: ONNX Runtime on a CPU, TensorRT
+on CUDA with torch-tensorrt, else torch), precision, rviz (true: rviz2 with config/anomaly.rviz,
+its topics adjusted to image_topic and namespace).
 
 For the navigation stack (anomaly/points, README "Wiring it into Nav2"): camera_info_topic
 (empty: camera_info beside image_topic), depth_topic (empty: ground-plane projection),
@@ -27,7 +29,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from ros_anomaly_diffusion.config import variant_params_file
+from ros_anomaly_diffusion.config import checkpoint_variant, variant_params_file
 from ros_anomaly_diffusion.ros.transport import large_frame_launch_actions
 
 PACKAGE = 'ros_anomaly_diffusion'
@@ -53,7 +55,7 @@ def _rviz_config(share, image_topic, namespace):
 def _launch_nodes(context):
     share = get_package_share_directory(PACKAGE)
     arg = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    variant = arg('variant')
+    variant = arg('variant') or checkpoint_variant(arg('checkpoint'))  # empty: the checkpoint's
     params_file = str(variant_params_file(variant))
     use_sim_time = _truthy(arg('use_sim_time'))
     overrides = {'variant': variant, 'use_sim_time': use_sim_time}
@@ -108,8 +110,9 @@ def generate_launch_description():
     return LaunchDescription([
         # camera-sized frames over best effort for everything this launch starts (README)
         *large_frame_launch_actions(os.path.join(get_package_share_directory(PACKAGE), 'config')),
-        DeclareLaunchArgument('variant', default_value='knn',
-                              description='optimization variant; loads config/<variant>.yaml'),
+        DeclareLaunchArgument('variant', default_value='',
+                              description='optimization variant; loads config/<variant>.yaml; empty: the '
+                                          'variant the checkpoint was trained for'),
         DeclareLaunchArgument('namespace', default_value='', description='namespace of the detector'),
         DeclareLaunchArgument('image_topic', default_value='/camera/image',
                               description='camera topic (sensor_msgs/Image) the detector reads'),
@@ -117,8 +120,9 @@ def generate_launch_description():
         DeclareLaunchArgument('checkpoint', default_value='',
                               description='checkpoint folder; empty: the model shipped with the package'),
         DeclareLaunchArgument('backend', default_value='',
-                              description='where the networks run: torch, onnxruntime, openvino, '
-                                          'tensorrt; empty: from the parameter file'),
+                              description='where the networks run: auto (ONNX Runtime on a CPU, TensorRT on '
+                                          'CUDA with torch-tensorrt, else torch), torch, onnxruntime, openvino, '
+                                          'tensorrt; empty: from the parameter file (auto unless it sets one)'),
         DeclareLaunchArgument('precision', default_value='',
                               description='fp32 or bf16 (backend openvino); empty: from the parameter file'),
         DeclareLaunchArgument('device', default_value='',

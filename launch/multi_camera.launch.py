@@ -2,10 +2,10 @@
 
   ros2 launch ros_anomaly_diffusion multi_camera.launch.py \
       cameras:=/front/image_raw,/rear/image_raw [checkpoint:=/path/to/checkpoint] \
-      [variant:=knn] [device:=cuda] [use_sim_time:=false] [one_model:=true]
+      [variant:=knn] [backend:=auto] [device:=cuda] [use_sim_time:=false] [one_model:=true]
 
 Arguments: cameras (comma-separated sensor_msgs/Image topics), variant (loads
-config/<variant>.yaml for every detector), checkpoint, device (empty: the value in the
+config/<variant>.yaml for every detector; empty: the variant the checkpoint was trained for), checkpoint, device (empty: the value in the
 variant's parameter file), use_sim_time, one_model.
 
 one_model:=true (the default): one detector_node (node anomaly_detector, no namespace) serves
@@ -29,7 +29,7 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from ros_anomaly_diffusion.ros.cameras import camera_namespaces
-from ros_anomaly_diffusion.config import variant_params_file
+from ros_anomaly_diffusion.config import checkpoint_variant, variant_params_file
 from ros_anomaly_diffusion.ros.transport import large_frame_launch_actions
 
 PACKAGE = 'ros_anomaly_diffusion'
@@ -41,7 +41,7 @@ def _truthy(text):
 
 def _launch_nodes(context):
     arg = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    variant = arg('variant')
+    variant = arg('variant') or checkpoint_variant(arg('checkpoint'))  # empty: the checkpoint's
     params_file = str(variant_params_file(variant))
     overrides = {'variant': variant, 'use_sim_time': _truthy(arg('use_sim_time'))}
     if arg('checkpoint'):
@@ -80,13 +80,15 @@ def generate_launch_description():
         DeclareLaunchArgument('cameras', default_value='/camera/image_raw',
                               description='comma-separated camera topics (sensor_msgs/Image); one detector '
                                           'each, in the camera namespace (/front/image_raw -> /front)'),
-        DeclareLaunchArgument('variant', default_value='knn',
-                              description='optimization variant; loads config/<variant>.yaml'),
+        DeclareLaunchArgument('variant', default_value='',
+                              description='optimization variant; loads config/<variant>.yaml; empty: the '
+                                          'variant the checkpoint was trained for'),
         DeclareLaunchArgument('checkpoint', default_value='',
                               description='checkpoint folder; empty: the model shipped with the package'),
         DeclareLaunchArgument('backend', default_value='',
-                              description='where the networks run: torch, onnxruntime, openvino, '
-                                          'tensorrt; empty: from the parameter file'),
+                              description='where the networks run: auto (ONNX Runtime on a CPU, TensorRT on '
+                                          'CUDA with torch-tensorrt, else torch), torch, onnxruntime, openvino, '
+                                          'tensorrt; empty: from the parameter file (auto unless it sets one)'),
         DeclareLaunchArgument('precision', default_value='',
                               description='fp32 or bf16 (backend openvino); empty: from the parameter file'),
         DeclareLaunchArgument('device', default_value='',

@@ -11,7 +11,6 @@ from pathlib import Path
 import yaml
 
 from .config import variant_settings
-from .core.settings import Settings
 
 # Each command imports what it runs (torch and diffusers, rclpy for the ROS commands) inside
 # its function: `--help` starts at once and a command pays only for its own imports.
@@ -29,9 +28,14 @@ def _settings(args):
     return variant_settings(args.variant, checkpoint=checkpoint, device=args.device, **overrides)
 
 
-def _common_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", default=Settings().variant,
-                   help="variant name (config/<variant>.yaml supplies its settings); default: %(default)s")
+# What `train` trains when no --variant is given: the variant of the shipped model.
+TRAIN_VARIANT = "knn"
+
+
+def _common_run(p: argparse.ArgumentParser, variant_default: str = "") -> None:
+    p.add_argument("--variant", default=variant_default,
+                   help="variant name (config/<variant>.yaml supplies its settings); default: " + (
+                       variant_default or "the one the checkpoint was trained for"))
     p.add_argument("--device", default=None, help="torch device (default: the variant's config)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one setting, e.g. --set steps=50 (repeatable)")
@@ -93,8 +97,12 @@ def cmd_synth(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .engine.bench import bench, bench_folds, train_all
+    from .engine.bench import bench, bench_folds, recorded_rows, train_all
 
+    if not args.variants:
+        if args.train or args.folds:
+            raise ValueError("--train and --folds need the rows to train: --variants ROW [ROW ...]")
+        args.variants = recorded_rows(args.checkpoints)
     if args.folds:
         if args.folds < 2:
             raise ValueError(f"--folds needs K >= 2, got {args.folds}")
@@ -134,6 +142,7 @@ def cmd_export(args) -> None:
 
     args.set = (args.set or []) + ["segments=none", "backend=torch", "precision=fp32"]  # torch modules to export
     det = Detector(args.checkpoint, _settings(args))
+    variant = det.variant.name
     dynamic = args.dynamic_batch is not None
     batch = args.dynamic_batch if dynamic else args.batch  # dynamic: the largest, for trtexec's profile
     if batch < 1:
@@ -141,7 +150,7 @@ def cmd_export(args) -> None:
     options = {"opset": args.opset or TRT_OPSET, "dynamic_batch": dynamic, "precision": args.precision}
     graph, net = getattr(det.scorer, "graph", None), getattr(det.scorer, "net", None)
     if graph is not None:  # knn, inversion: the whole frame (backbone, model, maps) as one graph
-        exported = export_frame_graph(graph, (batch, 3, *det.model_size), args.out / f"{args.variant}_frame.onnx",
+        exported = export_frame_graph(graph, (batch, 3, *det.model_size), args.out / f"{variant}_frame.onnx",
                                       **options)
     elif net is not None:  # the denoiser net(x, t), run several times a frame
         class Seen(Exception):
@@ -158,9 +167,9 @@ def cmd_export(args) -> None:
             pass
         finally:
             hook.remove()
-        exported = export_onnx(net, (batch, *shapes[0][1:]), args.out / f"{args.variant}_denoiser.onnx", **options)
+        exported = export_onnx(net, (batch, *shapes[0][1:]), args.out / f"{variant}_denoiser.onnx", **options)
     else:
-        raise ValueError(f"variant {args.variant!r} has neither a frame graph nor a denoiser to export")
+        raise ValueError(f"variant {variant!r} has neither a frame graph nor a denoiser to export")
     print(exported.summary())
     print("build the TensorRT engine on the robot (an engine is specific to its GPU and TensorRT version):")
     print(f"  {trtexec_command(exported, batch)}")
@@ -183,7 +192,7 @@ def cmd_detect(args) -> None:
     summary = detect(det, frames, args.out, total=source.length or None, progress=not args.quiet)
     for reason in summary["skipped"]:
         log.warning("skipped (the detector refused it): %s", reason)
-    print(f"{summary['frames']} frames of {source.description} with variant {det.settings.variant} "
+    print(f"{summary['frames']} frames of {source.description} with variant {det.variant.name} "
           f"({det.directory}): {summary['ood_frames']} flagged per frame, {summary['ood_filtered_frames']} by the "
           f"filtered flag; overlays/, masks/, scores/ and frames.csv written to {args.out}")
 
@@ -201,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RUGD-format folder, plain image folder, or rosbag2 (its image topic; see --topic)")
     p.add_argument("--topic", default=None, help="rosbag2 --data: the image topic (default: its only one)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed if it holds train_state/)")
-    _common_run(p)
+    _common_run(p, TRAIN_VARIANT)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--image-size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"))
     p.add_argument("--preset", default="small", help="network width: tiny, small, medium, reference")
@@ -253,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="every listed variant on the same frames: results.csv / results.md / plot")
     p.add_argument("--data", required=True, type=Path, help="labelled frames to evaluate on")
     p.add_argument("--checkpoints", required=True, type=Path, help="CKPT_ROOT with one folder per model family")
-    p.add_argument("--variants", nargs="+", required=True, metavar="ROW",
-                   help="rows: a variant name with optional overrides, e.g. ddim ddim:steps=10 ddim:quantization=int8")
+    p.add_argument("--variants", nargs="+", metavar="ROW",
+                   help="rows: a variant name with optional overrides, e.g. ddim ddim:steps=10 ddim:quantization=int8; "
+                        "default: each checkpoint in CKPT_ROOT as the variant it was trained for")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--frames", default="all", choices=["all", "id", "ood"])
     p.add_argument("--device", default=None)

@@ -45,8 +45,20 @@ def variant_params_file(variant: str) -> Path:
     return path
 
 
+def checkpoint_variant(checkpoint: str | Path = "") -> str:
+    """The variant the checkpoint (empty: the shipped model) was trained for, from its config.json
+    (core.variants.checkpoint_variant); CheckpointError when it cannot be read."""
+    from .core import checkpoint as ckpt
+    from .core.variants import checkpoint_variant as recorded
+
+    return recorded(ckpt.load_config(ckpt.resolve(str(checkpoint))))
+
+
 def variant_settings(variant: str, **overrides: Any) -> Settings:
-    """Settings of config/<variant>.yaml (the launch file's parameter file), then overrides."""
+    """Settings of config/<variant>.yaml (the launch file's parameter file), then overrides. An
+    empty variant is the one the checkpoint (overrides' `checkpoint`, empty: the shipped model)
+    was trained for."""
+    variant = variant or checkpoint_variant(overrides.get("checkpoint") or "")
     doc = yaml.safe_load(variant_params_file(variant).read_text()) or {}
     params = doc.get("/**", {}).get("ros__parameters", {})
     known = {f.name for f in fields(Settings)}

@@ -268,8 +268,9 @@ TOLERANCE = {"int8": 0.05, "fp16": 5e-3}  # relative L2 error of one denoiser ca
 def _family_settings(family: str, checkpoint, **changes):
     from ros_anomaly_diffusion.core.settings import Settings
 
+    # backend torch: these tests look inside the torch modules that quantization produces
     return Settings(checkpoint=str(checkpoint), variant=DENOISER_FAMILIES[family], segments="none", steps=2,
-                    start_timestep=300, **changes)
+                    start_timestep=300, backend="torch", **changes)
 
 
 def _predicted_layers(config: dict) -> list[str]:
@@ -358,7 +359,7 @@ def test_bench_quantization_row_runs_quantized(family, family_checkpoint, tmp_pa
     variant = DENOISER_FAMILIES[family]
     path = checkpoint_for(tmp_path, variant, {"quantization": "fp16"})
     assert path == tmp_path / f"{family}-fp16-selected"
-    det = Detector(path, variant_settings(variant, checkpoint=str(path), segments="none"))
+    det = Detector(path, variant_settings(variant, checkpoint=str(path), segments="none", backend="torch"))
     assert _quantized_layers(det.scorer.net) == _predicted_layers(ckpt.load_config(path))
 
 

@@ -16,6 +16,7 @@ from conftest import random_frame
 from ros_anomaly_diffusion.core.detector import Detector, FrameResult, validate_frame
 from ros_anomaly_diffusion.core.runtime import STAGES, BadInput, Runtime, downscaled_size
 from ros_anomaly_diffusion.core.settings import Settings
+from ros_anomaly_diffusion.core.variants import get_variant
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,11 +25,13 @@ class StubDetector:
     """Stands in for a Detector where only the runtime's bookkeeping is under test."""
 
     device = torch.device("cpu")
+    backend = "torch"
     nfe = 0
     mask_threshold = frame_threshold = 0.5
 
     def __init__(self, checkpoint, settings: Settings):
         self.settings = settings
+        self.variant = get_variant(settings.variant or "knn")
         self.shapes: list[tuple] = []
         self.batches: list[int] = []  # frames per model call
         self.fail: Exception | None = None  # raised by the next process()
@@ -330,7 +333,8 @@ def test_one_family_rule_for_the_detector_and_the_runtime(tiny_checkpoint):
     with pytest.raises(CheckpointError, match=r"config\.json holds a 'pixel' model, variant 'knn' needs a 'knn' one"):
         Detector(tiny_checkpoint, knn)
     assert checkpoint_problem(knn) == (f"checkpoint {tiny_checkpoint} holds a 'pixel' model, "
-                                       f"variant 'knn' needs a 'knn' one")
+                                       f"variant 'knn' needs a 'knn' one; this checkpoint serves ddpm, ddim "
+                                       f"(or leave the variant empty: the checkpoint's 'ddim')")
     assert checkpoint_problem(Settings(checkpoint=str(tiny_checkpoint), variant="ddim")) is None
 
 

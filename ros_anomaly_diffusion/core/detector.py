@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -18,7 +18,8 @@ from . import checkpoint as ckpt
 from .analysis import frame_score
 from .segments import aggregate, build_segmenter
 from .settings import LIVE, Settings
-from .variants import family_mismatch, get_variant
+from .networks.deploy import auto_backend
+from .variants import get_variant, resolve_variant
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +61,37 @@ def validate_frame(rgb: np.ndarray) -> None:
 
 
 class Detector:
+    """`settings` as requested stay in `settings`; what they left open is decided once here:
+    `variant` (empty: the one the checkpoint was trained for) and `backend` ("auto": the
+    fastest this machine and the family have, deploy.auto_backend)."""
+
     def __init__(self, checkpoint_dir: str | Path, settings: Settings | None = None):
         settings = settings or Settings(checkpoint=str(checkpoint_dir))
         settings.validate()
         self.directory = ckpt.resolve(checkpoint_dir)
         self.config = ckpt.load_config(self.directory)
-        self.variant = get_variant(settings.variant)
-        mismatch = family_mismatch(settings.variant, self.config, str(self.directory / ckpt.CONFIG))
-        if mismatch:
-            raise ckpt.CheckpointError(mismatch)
+        self.variant = get_variant(resolve_variant(settings.variant, self.config, str(self.directory / ckpt.CONFIG)))
         self.device = resolve_device(settings.device, settings.cuda_fallback)
+        self.backend = settings.backend
+        if self.backend == "auto":
+            self.backend = auto_backend(self.device, tensorrt=self.variant.module.RUNS_ON_TENSORRT)
+            log.info("backend auto: %s on %s", self.backend, self.device)
         self.model_size = tuple(self.config["image_size"])
-        self.scorer = self.variant.build(self.directory, self.config, settings, self.device)
+        resolved = self._resolved(settings)
+        resolved.validate()  # what the variant refuses (quantization of knn, say) once it is known
+        self.scorer = self.variant.build(self.directory, self.config, resolved, self.device)
         self.segmenter = build_segmenter(settings.segments, settings.sam_checkpoint, settings.sam_model_type,
                                          str(self.device))
         self.settings = settings
 
+    def _resolved(self, settings: Settings) -> Settings:
+        """`settings` with the variant and backend this Detector runs (what the scorer sees)."""
+        return replace(settings, variant=self.variant.name, backend=self.backend)
+
     # Thresholds: the explicit setting, or the value calibrated for this variant on ID
     # frames (`calibrate`); 0.5 for a checkpoint that was never calibrated.
     def _calibrated(self, name: str) -> float:
-        return float(self.config.get("calibration", {}).get(self.settings.variant, {}).get(name, 0.5))
+        return float(self.config.get("calibration", {}).get(self.variant.name, {}).get(name, 0.5))
 
     @property
     def mask_threshold(self) -> float:
@@ -101,7 +113,7 @@ class Detector:
         reload = sorted(k for k, v in changes.items() if k not in LIVE and getattr(self.settings, k) != v)
         if not reload:
             self.settings = new
-            self.scorer.apply(new)
+            self.scorer.apply(self._resolved(new))
         return reload
 
     def _to_model(self, frames: list[np.ndarray]) -> torch.Tensor:

@@ -295,9 +295,9 @@ class Runtime:
         s = self.settings
         t0 = time.monotonic()
         det = self._detector = self._build(s.checkpoint, s)
-        self._log.info(f"model loaded in {time.monotonic() - t0:.1f} s: variant {s.variant} (NFE {det.nfe}) on "
-                       f"{det.device}, checkpoint {s.checkpoint}, thresholds mask {det.mask_threshold:.3f} "
-                       f"frame {det.frame_threshold:.3f}")
+        self._log.info(f"model loaded in {time.monotonic() - t0:.1f} s: variant {det.variant.name} "
+                       f"(NFE {det.nfe}) on {det.device} ({det.backend}), checkpoint {s.checkpoint}, thresholds "
+                       f"mask {det.mask_threshold:.3f} frame {det.frame_threshold:.3f}")
 
     def release(self) -> None:
         """Stop the worker and drop the model: its CPU/GPU memory goes back to the system."""
@@ -306,7 +306,7 @@ class Runtime:
         if det is None:
             return
         on_cuda = det.device.type == "cuda"
-        desc = f"{det.settings.variant} on {det.device}"
+        desc = f"{det.variant.name} on {det.device}"
         del det
         gc.collect()
         if on_cuda:
@@ -391,13 +391,13 @@ class Runtime:
         try:
             new = self._build(desired.checkpoint, desired)
         except Exception as err:  # keep serving with the old model
-            self._log.error(f"model reload failed, keeping the running model ({det.settings.variant} on "
+            self._log.error(f"model reload failed, keeping the running model ({det.variant.name} on "
                             f"{det.device}): {type(err).__name__}: {err}")
             self._revert(det.settings, changes)
             return
         self._detector = new
-        self._log.info(f"model reloaded in {time.monotonic() - t0:.1f} s: variant {desired.variant} "
-                       f"(NFE {new.nfe}) on {new.device}")
+        self._log.info(f"model reloaded in {time.monotonic() - t0:.1f} s: variant {new.variant.name} "
+                       f"(NFE {new.nfe}) on {new.device} ({new.backend})")
 
     def _revert(self, running: Settings, changes: dict) -> None:
         with self._lock:

@@ -39,9 +39,11 @@ class Family(Protocol):
     """A family module: one checkpoint layout, its scorer, its training and a test fixture.
 
     FAMILY is the name its checkpoints record in config.json ("family"); build takes the
-    registry's per-variant options as keywords (the pixel family's sampler, say)."""
+    registry's per-variant options as keywords (the pixel family's sampler, say).
+    RUNS_ON_TENSORRT: whether its build takes backend "tensorrt" (what "auto" may pick on CUDA)."""
 
     FAMILY: str
+    RUNS_ON_TENSORRT: bool
 
     def build(self, directory: Path, config: dict, settings: Settings, device: torch.device,
               **options) -> Scorer: ...

@@ -26,8 +26,10 @@ def _f(default, description: str, lo=None, hi=None, choices=None):
 
 @dataclass
 class Settings:
-    # The default is the variant that measured best on frames it never saw (README, Results)
-    variant: str = _f("knn", "optimization variant, a name in the registry of core/variants.py")
+    # Empty: the variant the checkpoint was trained for (the shipped model's is knn, the variant
+    # that measured best on frames it never saw: README, Results)
+    variant: str = _f("", "optimization variant, a name in the registry of core/variants.py; empty: the variant "
+                          "the checkpoint was trained for (knn for the model shipped with the package)")
     checkpoint: str = _f("", "checkpoint folder (config.json + .safetensors files); empty: the model shipped with "
                              "the package (knn on the RUGD sample, models/default/MODEL_CARD.md)")
     device: str = _f("cpu", "torch device: cpu, cuda or cuda:N", choices=None)
@@ -61,10 +63,12 @@ class Settings:
     quantize_layers: str = _f("selected", "layers to quantize: selected (attention projections, ResNet convs, "
                                           "DiT feed-forward layers) or all", choices=("selected", "all"))
     inversion_steps: int = _f(3, "DDIM inversion steps S of the inversion variant", 1, 50)
-    backend: str = _f("torch", "where the networks run: torch (eager), onnxruntime or openvino (CPU; each network "
-                               "exported to ONNX once, cached in ~/.cache/ros_anomaly_diffusion/onnx) or tensorrt "
-                               "(CUDA and torch_tensorrt; the pixel family's denoiser)",
-                      choices=("torch", "onnxruntime", "openvino", "tensorrt"))
+    backend: str = _f("auto", "where the networks run: auto (tensorrt on CUDA where torch_tensorrt imports and the "
+                              "family runs on it, onnxruntime on a CPU, torch otherwise; the node logs the choice and "
+                              "/diagnostics shows it), torch (eager), onnxruntime or openvino (CPU; each network "
+                              "exported to ONNX once, cached in ~/.cache/ros_anomaly_diffusion/onnx) or tensorrt "
+                              "(CUDA and torch_tensorrt; the pixel family's denoiser)",
+                      choices=("auto", "torch", "onnxruntime", "openvino", "tensorrt"))
     precision: str = _f("fp32", "arithmetic of the networks on backend openvino: fp32, or bf16 (about 2x faster "
                                 "on CPUs with AMX or AVX512-BF16; scores within ~0.02); tensorrt always runs fp16",
                         choices=("fp32", "bf16"))
@@ -133,8 +137,8 @@ def check(name: str, value: Any) -> str | None:
             isinstance(default, float) and isinstance(value, int)):
         return f"{name} must be a {type(default).__name__}, got {value!r}"
     if name == "variant":
-        if value not in VARIANT_NAMES:
-            return f"unknown variant {value!r}; registered: {sorted(VARIANT_NAMES)}"
+        if value and value not in VARIANT_NAMES:
+            return f"unknown variant {value!r}; registered: {sorted(VARIANT_NAMES)} (empty: the checkpoint's)"
         return None
     if meta["choices"] and value not in meta["choices"]:
         return f"{name} must be one of {list(meta['choices'])}, got {value!r}"

@@ -78,6 +78,20 @@ def checkpoint_for(root: Path, variant: str, overrides: dict) -> Path:
     return out
 
 
+def recorded_rows(root: Path) -> list[str]:
+    """The rows of `bench --checkpoints CKPT_ROOT` without --variants: one per family checkpoint
+    in CKPT_ROOT (CKPT_ROOT/<family>), the variant it was trained for, in registry order."""
+    from ..core import checkpoint as ckpt
+    from ..core.variants import FAMILY_DEFAULT_VARIANT, checkpoint_variant
+
+    rows = [checkpoint_variant(ckpt.load_config(root / family)) for family in FAMILY_DEFAULT_VARIANT
+            if (root / family / ckpt.CONFIG).is_file()]
+    if not rows:
+        raise ValueError(f"no checkpoint in {root} (CKPT_ROOT/<family>: "
+                         f"{', '.join(FAMILY_DEFAULT_VARIANT)}): name the rows with --variants")
+    return rows
+
+
 def peak_memory_mb(device) -> float:
     import torch
 

@@ -63,7 +63,7 @@ def evaluate(det: Detector, frames: list[Frame], out_dir: str | Path | None = No
                 rows.append(panel(rgb, r.score, r.mask, r.edited, label,
                                   f"{f.name}  frame score {r.frame_score:.3f} -> {flag}"))
     metrics = summarize(results, labels, det)
-    metrics["variant"] = det.settings.variant
+    metrics["variant"] = det.variant.name
     metrics["per_frame"] = {f.name: {"frame_score": r.frame_score, "flag": r.is_ood,
                                      "ood_pixels": int(np.count_nonzero(y == OOD))}
                             for f, r, y in zip(frames, results, labels)}

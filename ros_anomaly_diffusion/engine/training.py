@@ -68,6 +68,7 @@ def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, 
     config, tensors = variant.fit(train_frames, out, opts, progress, acc)
     # which frames each process read (fitting.shard: the rule every family splits them by)
     by_process = gather_object([[train_frames[i].name for i in shard(len(train_frames), acc)]])
+    config["variant"] = variant.name  # what the entry points run when no variant is given
     config.setdefault("training", {}).update(frames=[f.name for f in train_frames],
                                              options=jsonable(asdict(opts)), processes=acc.num_processes,
                                              frames_by_process=by_process)
@@ -83,11 +84,13 @@ def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, 
     return out
 
 
-def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str, mask_fpr: float = 0.01,
+def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = "", mask_fpr: float = 0.01,
               frame_fpr: float = 0.05, device: str = "cpu", progress: bool = True) -> dict:
-    """Set the mask and flag thresholds from ID frames; stored in the checkpoint per variant."""
+    """Set the mask and flag thresholds from ID frames; stored in the checkpoint per variant
+    (empty: the one the checkpoint was trained for)."""
     settings = variant_settings(variant, checkpoint=str(checkpoint_dir), device=device)
     det = Detector(checkpoint_dir, settings)
+    variant = det.variant.name
     pixel_scores, frame_scores = [], []
     for f in tqdm(frames, desc=f"calibrating {variant}", disable=not progress):
         r = det.process(f.rgb())

@@ -31,7 +31,7 @@ def parse(argv):
     p.add_argument("--cameras", type=int, default=2, help="number of cameras")
     p.add_argument("--separate", action="store_true", help="one detector process per camera")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the shipped model)")
-    p.add_argument("--variant", default=None, help="variant (default: that of the shipped model)")
+    p.add_argument("--variant", default=None, help="variant (default: the one the checkpoint was trained for)")
     p.add_argument("--rate", type=float, default=15.0, help="frames per second of each camera")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of camera input")
     p.add_argument("--data", type=Path, help="frames to publish (default: random 640x480 frames)")
@@ -48,14 +48,12 @@ def camsoak_main(argv: list[str] | None = None) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from ..core.settings import Settings
     from .image_codec import rgb_to_image
 
-    variant = args.variant or Settings().variant
     names = [f"cam{k}" for k in range(args.cameras)]
     topics = [f"{ROOT}/{n}/image_raw" for n in names]
     groups = [([t], f"{ROOT}/{n}_node") for n, t in zip(names, topics)] if args.separate else [(topics, f"{ROOT}/node")]
-    nodes = [spawn(detector_command(args, variant, "-r", f"__ns:={ns}", "-p", f"cameras:={','.join(cams)}"))
+    nodes = [spawn(detector_command(args, "-r", f"__ns:={ns}", "-p", f"cameras:={','.join(cams)}"))
              for cams, ns in groups]
     report: dict = {"cameras": args.cameras, "separate": args.separate, "rate_hz": args.rate,
                     "duration_s": args.duration, "detector_processes": len(nodes)}

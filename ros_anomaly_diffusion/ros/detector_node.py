@@ -35,8 +35,8 @@ Publications (every message carries the input frame's header: stamp and frame_id
                         anomalous_fraction
   /diagnostics          diagnostic_msgs/DiagnosticArray every diagnostics_period s: input and
                         processed rate, latency p50/max (reception to publication), dropped frames,
-                        bad inputs per kind, inference errors, downscaled frames, variant, device,
-                        NFE, lifecycle_state; anomaly points: pose source, projection time p50
+                        bad inputs per kind, inference errors, downscaled frames, variant, backend
+                        (what `auto` chose), device, NFE, lifecycle_state; anomaly points: pose source, projection time p50
                         (points_p50_ms), frames without points per reason (points_skipped_*)
 
 Lifecycle (a managed node, rclpy.lifecycle; ~/change_state, ~/get_state as every managed node):
@@ -82,7 +82,9 @@ cuda_fallback:=true the node runs on the CPU after one warning line, with
 cuda_fallback:=false it exits with code 1 and a message saying CUDA is not available.
 
 Parameters: one per core Settings field (descriptions and ranges from its metadata) plus the
-node-only ones in ros/params.py. Changes are validated with core.settings.check; live
+node-only ones in ros/params.py. An empty `variant` (the default) is the one the checkpoint was
+trained for; the other Settings parameters default to that variant's config/<variant>.yaml, so
+`-p checkpoint:=X` alone runs X as its variant's parameter file says. Changes are validated with core.settings.check; live
 settings (thresholds, steps, guidance, seed, overlay_alpha) apply from the next frame, the
 others (variant, checkpoint, device, segments, analysis size, SAM) rebuild the Detector in
 the worker thread: on success it is swapped in, on failure the old model keeps running, the
@@ -112,7 +114,8 @@ from ..core.settings import Settings
 from . import image_codec, transport
 from .cameras import camera_namespaces
 from .points import AnomalyPoints, PointsConfig, TfPoses, tf_available
-from .params import NODE_PARAMETERS, as_declared_type, declare_parameters, settings_parameters
+from .params import (MODEL_PARAMETERS, NODE_PARAMETERS, as_declared_type, declare_parameters, settings_parameters,
+                     variant_defaults)
 
 NODE_NAME = "anomaly_detector"
 
@@ -165,9 +168,12 @@ def _decoder(msg, decode):
 class DetectorNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
-        self._specs = {**settings_parameters(), **NODE_PARAMETERS}
+        model = {n: settings_parameters()[n] for n in MODEL_PARAMETERS}
         try:
-            declare_parameters(self, self._specs.values())
+            declare_parameters(self, model.values())
+            chosen = {n: self.get_parameter(n).value for n in MODEL_PARAMETERS}
+            self._specs = {**settings_parameters(variant_defaults(**chosen)), **NODE_PARAMETERS}
+            declare_parameters(self, [p for n, p in self._specs.items() if n not in MODEL_PARAMETERS])
         except ValueError as err:
             raise StartupError(str(err)) from None
         values = {n: self.get_parameter(n).value for n in self._specs}
@@ -471,7 +477,8 @@ class DetectorNode(LifecycleNode):
             "lifecycle_state": self.state,
             "model_loaded": str(det is not None).lower(),
             "frames_downscaled": str(s.downscaled),
-            "variant": det.settings.variant if det else desired.variant,
+            "variant": det.variant.name if det else desired.variant,
+            "backend": det.backend if det else desired.backend,
             "device": str(det.device) if det else "n/a",
             "nfe": str(det.nfe) if det else "n/a",
             "mask_threshold": f"{det.mask_threshold:.4f}" if det else "n/a",

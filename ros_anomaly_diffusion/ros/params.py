@@ -100,16 +100,35 @@ NODE_PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in (
 )}
 
 
-def settings_parameters() -> dict[str, ParamSpec]:
-    """One ParamSpec per Settings field, from the field metadata."""
+# Declared first: the defaults of the other parameters depend on them (variant_defaults).
+MODEL_PARAMETERS = ("variant", "checkpoint")
+
+
+def settings_parameters(defaults: Settings | None = None) -> dict[str, ParamSpec]:
+    """One ParamSpec per Settings field, from the field metadata; default values from
+    `defaults` (a variant's parameter file, variant_defaults) or the field's own."""
     out = {}
     for f in fields(Settings):
         s = spec(f.name)
         desc = s["description"]
         if s["choices"]:
             desc += f" (one of: {', '.join(s['choices'])})"
-        out[f.name] = ParamSpec(f.name, s["default"], desc, s["lo"], s["hi"], s["choices"])
+        default = s["default"] if defaults is None or f.name in MODEL_PARAMETERS else getattr(defaults, f.name)
+        out[f.name] = ParamSpec(f.name, default, desc, s["lo"], s["hi"], s["choices"])
     return out
+
+
+def variant_defaults(variant: str, checkpoint: str) -> Settings | None:
+    """What the node's parameters default to: config/<variant>.yaml, of the variant the
+    checkpoint (empty: the shipped model) was trained for when `variant` is empty, so that
+    `-p checkpoint:=X` alone runs X as its variant's parameter file says. None when that
+    cannot be read (configure then says why)."""
+    from ..config import variant_settings
+
+    try:
+        return variant_settings(variant, checkpoint=checkpoint)
+    except (ValueError, OSError, RuntimeError):  # CheckpointError is a RuntimeError
+        return None
 
 
 def as_declared_type(default: Any, value: Any) -> Any:

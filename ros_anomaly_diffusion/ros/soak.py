@@ -37,11 +37,13 @@ def frames(data: Path | None, n: int = 8) -> list[np.ndarray]:
     return [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def detector_command(args, variant: str, *ros_args: str) -> list[str]:
-    """detector_node's command line for a soak: the variant's parameter file, args.checkpoint
-    (none: the shipped model), args.set values, then `ros_args`."""
-    from ..config import variant_params_file
+def detector_command(args, *ros_args: str) -> list[str]:
+    """detector_node's command line for a soak: the parameter file of args.variant (none: the
+    one the checkpoint was trained for), args.checkpoint (none: the shipped model), args.set
+    values, then `ros_args`."""
+    from ..config import checkpoint_variant, variant_params_file
 
+    variant = args.variant or checkpoint_variant(args.checkpoint or "")
     checkpoint = ["-p", f"checkpoint:={args.checkpoint.resolve()}"] if args.checkpoint else []
     params = [a for kv in args.set for a in ("-p", kv.replace("=", ":=", 1))]
     return [str(Path(sys.executable).parent / "detector_node"), "--ros-args", *ros_args,
@@ -93,8 +95,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="ros-anomaly-diffusion soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the shipped model)")
-    p.add_argument("--variant", default=None, help="variant (default: the detector's default, that of the "
-                                                   "shipped model)")
+    p.add_argument("--variant", default=None, help="variant (default: the one the checkpoint was trained for)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of camera input")
     p.add_argument("--rate", type=float, default=30.0, help="camera rate in Hz")
     p.add_argument("--data", type=Path, help="frames to publish (default: random 640x480 frames)")
@@ -123,11 +124,10 @@ def soak_main(argv: list[str] | None = None) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from ..core.settings import Settings
     from .image_codec import rgb_to_image
 
-    node = spawn(detector_command(args, args.variant or Settings().variant, "-r", "image:=/soak/image",
-                                  "-r", "__ns:=/soak", "-p", "diagnostics_period:=1.0"))
+    node = spawn(detector_command(args, "-r", "image:=/soak/image", "-r", "__ns:=/soak", "-p",
+                                  "diagnostics_period:=1.0"))
     report = {}
     arrivals = latencies = np.zeros(0)
     try:

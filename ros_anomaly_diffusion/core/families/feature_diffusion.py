@@ -50,6 +50,7 @@ from .fitting import DenoiserTrainer, gathered, make_accelerator, summed
 log = logging.getLogger(__name__)
 
 FAMILY = "feature_diffusion"
+RUNS_ON_TENSORRT = False  # backend tensorrt: the frame graph is exported for trtexec
 # Method notes sec. 2: linear betas 1e-4..0.02, T = 1000, eps-prediction.
 SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                           prediction_type="epsilon")

@@ -38,6 +38,7 @@ from .fitting import make_accelerator, mean_std, summed
 log = logging.getLogger(__name__)
 
 FAMILY = "knn"
+RUNS_ON_TENSORRT = False  # backend tensorrt: no denoiser; the frame graph is exported for trtexec
 MAX_BANK = 20_000
 _CHUNK = 8192  # bank vectors per distance block (queries x chunk floats)
 

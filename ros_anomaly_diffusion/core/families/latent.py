@@ -54,6 +54,7 @@ from .fitting import (STATE, DenoiserTrainer, FrameStream, TrainOptions, augment
 log = logging.getLogger(__name__)
 
 FAMILY = "latent"
+RUNS_ON_TENSORRT = False  # backend tensorrt: its DiT is exported for trtexec instead
 AE_STATE = "autoencoder_state"  # the trained autoencoder, kept so that a resumed run reuses it
 AE_LR = 1e-3
 TRAINED = "trained"  # TrainOptions.autoencoder: a compact DC-AE trained on the frames ("" too)

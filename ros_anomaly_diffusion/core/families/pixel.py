@@ -26,6 +26,7 @@ from .fitting import DenoiserTrainer, FrameStream, TrainOptions, augment, make_a
 log = logging.getLogger(__name__)
 
 FAMILY = "pixel"
+RUNS_ON_TENSORRT = True  # backend tensorrt: its UNet denoiser compiles with torch-tensorrt
 
 
 class EditingScorer:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import logging
 import shlex
 import warnings
@@ -454,6 +455,27 @@ class OvModule(OnnxModule):
         return [request.get_output_tensor(i).data.copy() for i in range(len(self.outputs))]
 
 
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def auto_backend(device: torch.device | str, tensorrt: bool = False) -> str:
+    """The backend `auto` (Settings.backend's default) picks: tensorrt on CUDA where
+    torch_tensorrt imports and the family runs on it (`tensorrt`), onnxruntime on a CPU (a
+    dependency of the package; 2-3x torch eager on a 2-core CPU, README "Backends"), torch
+    otherwise (CUDA without torch_tensorrt, or onnxruntime missing)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "tensorrt" if tensorrt and _importable("torch_tensorrt") else "torch"
+    if device.type == "cpu" and _importable("onnxruntime"):
+        return "onnxruntime"
+    return "torch"
+
+
 def with_backend(net: nn.Module, backend: str, device: torch.device | str, inputs: tuple[str, ...] = ("x", "t"),
                  shape: tuple[int, ...] | None = None, precision: str = "fp32",
                  **onnx_options) -> tuple[nn.Module, str]:
@@ -461,6 +483,8 @@ def with_backend(net: nn.Module, backend: str, device: torch.device | str, input
     the backend cannot run here (package not installed, wrong device). `shape` (TensorRT only):
     the input shape; onnx_options: OnnxModule's `outputs` and `signature`."""
     device = torch.device(device)
+    if backend == "auto":
+        backend = auto_backend(device, tensorrt=shape is not None)
     if precision != "fp32" and backend != "openvino":
         raise ValueError(f"precision {precision!r} runs on backend 'openvino' only, not {backend!r}")
     if backend == "torch":
