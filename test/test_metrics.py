@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from ros_anomaly_diffusion.core import metrics
 from ros_anomaly_diffusion.core.data import IGNORE, OOD
@@ -172,9 +174,9 @@ def test_small_gt_objects_are_void():
     score = np.zeros((10, 20))
     score[1:5, 1:5] = score[7:9, 12:16] = score[7:9, 2:4] = 0.9
     assert f_star([score], [label], thresholds=[0.5], min_gt_area=5, min_pred_area=1) == pytest.approx(2 / 3)
-    # At the best pixel-F1 threshold (0: flag >= 0.9 has TP 24, FP 4) the same components.
+    # At the best pixel-F1 threshold (0.9: flag >= 0.9 has TP 24, FP 4) the same components.
     m = smiyc_metrics([score], [label], min_gt_area=5, min_pred_area=1)
-    assert m["pixel_f1_threshold"] == 0.0
+    assert m["pixel_f1_threshold"] == 0.9
     assert (m["f1_smiyc"], m["siou_mean"], m["ppv_mean"]) == pytest.approx((2 / 3, 1.0, 0.5))
 
 
@@ -205,7 +207,7 @@ def test_smiyc_metrics_at_best_pixel_f1_threshold():
     # next to A (rows 1-4, col 5) 0.6; B's top half 0.8, bottom half 0.3; an ID 2x2 blob 0.85.
     # Pixel F1 = 2TP / (2TP + FP + FN), flagging score >= 0.9: 32/48; >= 0.85: 32/52;
     # >= 0.8: 48/60; >= 0.6: 48/64; >= 0.3: 64/72 = 8/9 (best); >= 0.1: 64/232.
-    # Flagging score >= 0.3 is flagging score > 0.1: pixel_f1_threshold = 0.1.
+    # pixel_f1_threshold is the score of that curve point, flagging score >= it: 0.3.
     label = two_objects()
     score = np.full((10, 20), 0.1)
     score[1:5, 1:5] = 0.9
@@ -215,14 +217,132 @@ def test_smiyc_metrics_at_best_pixel_f1_threshold():
     score[7:9, 7:9] = 0.85
     m = smiyc_metrics([score], [label], min_gt_area=1, min_pred_area=1)
     assert m["pixel_f1"] == pytest.approx(8 / 9)
-    assert m["pixel_f1_threshold"] == pytest.approx(0.1)
-    # At score > 0.1: P1 = A + column (20 px): sIoU(A) = PPV(P1) = 16/20; P2 = B: sIoU 1, PPV 1;
+    assert m["pixel_f1_threshold"] == 0.3
+    # At score >= 0.3: P1 = A + column (20 px): sIoU(A) = PPV(P1) = 16/20; P2 = B: sIoU 1, PPV 1;
     # the blob: PPV 0. TP 2, FN 0, FP 1 at every tau -> F1 = 4/5.
     assert (m["f1_smiyc"], m["siou_mean"], m["ppv_mean"]) == pytest.approx((0.8, 0.9, 0.6))
     # With min_pred_area=5 the 4-px blob is discarded: F1 = 1, PPV mean (0.8 + 1) / 2.
     m = smiyc_metrics([score], [label], min_gt_area=1, min_pred_area=5)
     assert (m["f1_smiyc"], m["siou_mean"], m["ppv_mean"]) == pytest.approx((1.0, 0.9, 0.9))
     assert all(math.isnan(v) for v in smiyc_metrics([score], [np.zeros((10, 20), np.uint8)]).values())
+
+
+# ---- SMIYC threshold: any real-valued scores, as the benchmark's pooled PR curve ----
+
+def two_blobs() -> tuple[np.ndarray, np.ndarray]:
+    """Scores s in [0, 1] and labels. GT A (rows 5-14, cols 3-12) scored 0.6, GT B (rows
+    5-14, cols 25-34) 0.25: 100 px each. ID pixels: a 75-px halo (rows 19-23, cols 3-17)
+    at 0.4, a 120-px band (rows 26-29, cols 5-34) at 0.15, the rest 0.05.
+    Pixel F1 = 2TP / (2TP + FP + FN), flagging score >= 0.6: 200/300; >= 0.4: 200/375;
+    >= 0.25: 400/475 (best, 275 px flagged); >= 0.15: 400/595 (395 px); >= 0.05: 400/1400.
+    """
+    label = np.zeros((30, 40), np.uint8)
+    label[5:15, 3:13] = label[5:15, 25:35] = OOD
+    s = np.full((30, 40), 0.05)
+    s[5:15, 3:13] = 0.6
+    s[5:15, 25:35] = 0.25
+    s[19:24, 3:18] = 0.4
+    s[26:30, 5:35] = 0.15
+    return s, label
+
+
+def sklearn_best_f1_threshold(scores: list[np.ndarray], labels: list[np.ndarray]) -> tuple[float, float]:
+    """The best F1 and its threshold on sklearn's PR curve of the pooled non-IGNORE pixels."""
+    keep = [np.asarray(y) != IGNORE for y in labels]
+    s = np.concatenate([np.asarray(x)[k] for x, k in zip(scores, keep)])
+    y = np.concatenate([np.asarray(x)[k] == OOD for x, k in zip(labels, keep)])
+    precision, recall, thr = precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    assert np.count_nonzero(f1 == f1.max()) == 1  # no tie to break
+    return float(f1.max()), float(thr[np.argmax(f1)])
+
+
+def test_smiyc_threshold_follows_the_pooled_pr_curve_for_3s_minus_1():
+    # The issue's case: scores 3 s - 1 must flag the very pixels s flags, at the threshold
+    # sklearn's PR curve gives the best F1 point (-0.25, 275 px), not the next lower score
+    # (-0.55, which with >= would flag the 120-px band too: 395 px).
+    s, label = two_blobs()
+    m = smiyc_metrics([s], [label])
+    m3 = smiyc_metrics([3 * s - 1], [label])
+    assert m["pixel_f1_threshold"] == 0.25
+    assert m3["pixel_f1_threshold"] == pytest.approx(-0.25)
+    for scores, mm in (([s], m), ([3 * s - 1], m3)):
+        assert (mm["pixel_f1"], mm["pixel_f1_threshold"]) == pytest.approx(sklearn_best_f1_threshold(scores, [label]))
+    flagged = s >= m["pixel_f1_threshold"]
+    assert np.count_nonzero(flagged) == 275
+    assert np.array_equal(3 * s - 1 >= m3["pixel_f1_threshold"], flagged)
+    assert m["pixel_f1"] == m3["pixel_f1"] == pytest.approx(400 / 475)
+    # Components at the threshold: A and B exactly (sIoU 1, PPV 1) and the halo (PPV 0):
+    # TP 2, FN 0, FP 1 at every tau -> F1 = 4/5.
+    assert (m3["f1_smiyc"], m3["siou_mean"], m3["ppv_mean"]) == pytest.approx((0.8, 1.0, 2 / 3))
+    assert {k: m3[k] for k in m3 if k != "pixel_f1_threshold"} == {k: m[k] for k in m if k != "pixel_f1_threshold"}
+
+
+@pytest.mark.parametrize("a, b", [
+    (0.01, -1.0),  # entirely negative, in [-1, -0.99]
+    (1.0, -1e7),  # entirely negative, far below -1: float32 would tie every score
+    (1000.0, 500.0),  # far above 1
+    (1.0, 1e7),  # far above 1: float32 would tie every score
+    (1e40, 0.0),  # beyond float32's range
+])
+def test_smiyc_threshold_at_both_ends_of_the_range(a, b):
+    s, label = two_blobs()
+    m = smiyc_metrics([s], [label])
+    t = a * s + b
+    mt = smiyc_metrics([t], [label])
+    assert mt["pixel_f1_threshold"] == pytest.approx(a * 0.25 + b, rel=1e-12)
+    assert (mt["pixel_f1"], mt["pixel_f1_threshold"]) == pytest.approx(sklearn_best_f1_threshold([t], [label]))
+    assert np.array_equal(t >= mt["pixel_f1_threshold"], s >= m["pixel_f1_threshold"])
+    assert {k: mt[k] for k in mt if k != "pixel_f1_threshold"} == {k: m[k] for k in m if k != "pixel_f1_threshold"}
+
+
+def test_smiyc_threshold_ties_go_to_the_highest():
+    # OOD 0.9, ID 0.8, ID 0.7, OOD 0.6, ID 0.1. Pixel F1 flagging >= 0.9: 2/3; >= 0.8: 2/4;
+    # >= 0.7: 2/5; >= 0.6: 4/6 = 2/3 again; >= 0.1: 4/7. As the benchmark's high-to-low
+    # sweep, the first best (0.9); sklearn's argmax over its low-to-high curve takes 0.6.
+    m = smiyc_metrics([np.array([[0.9, 0.8, 0.7, 0.6, 0.1]])], [np.array([[1, 0, 0, 1, 0]], np.uint8)],
+                      min_gt_area=1, min_pred_area=1)
+    assert (m["pixel_f1"], m["pixel_f1_threshold"]) == (pytest.approx(2 / 3), 0.9)
+
+def test_smiyc_metrics_refuse_non_finite_scores():
+    s, label = two_blobs()
+    for bad in (np.nan, np.inf, -np.inf):
+        t = s.copy()
+        t[0, 0] = bad
+        with pytest.raises(ValueError, match="score map 1 has NaN or infinite"):
+            smiyc_metrics([s, t], [label, label])
+    label = label.copy()
+    label[0, 0] = IGNORE  # not evaluated: its score does not matter
+    assert smiyc_metrics([t], [label])["pixel_f1_threshold"] == 0.25
+
+
+# Scores k / 2^30 and transforms a * s + b with a = m * 2^j, b = n / 2^10: all exact in
+# float64, so a > 0 keeps distinct scores distinct and in order. Scores bunch around a
+# base (as a detector's do) with a spread from 2^-30 (closer than float32 resolves) up.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.integers(0, 2**30),
+    spread=st.sampled_from([1, 2**8, 2**16, 2**21]),
+    steps=st.lists(st.integers(0, 255), min_size=2 * 64, max_size=2 * 64),
+    classes=st.lists(st.sampled_from([0, 0, 0, 1, 1, IGNORE]), min_size=2 * 64, max_size=2 * 64),
+    m=st.integers(1, 15),
+    j=st.integers(-8, 8),
+    n=st.integers(-2**20, 2**20),
+)
+def test_smiyc_metrics_invariant_under_positive_affine_scores(base, spread, steps, classes, m, j, n):
+    a, b = m * 2.0**j, n / 2**10
+    s = ((base + spread * np.array(steps)) / 2**30).reshape(2, 8, 8)
+    labels = list(np.array(classes, np.uint8).reshape(2, 8, 8))
+    ms = smiyc_metrics(list(s), labels, min_gt_area=1, min_pred_area=1)
+    mt = smiyc_metrics(list(a * s + b), labels, min_gt_area=1, min_pred_area=1)
+    keys = ("pixel_f1", "f1_smiyc", "siou_mean", "ppv_mean")
+    assert np.array_equal([ms[k] for k in keys], [mt[k] for k in keys], equal_nan=True)
+    if math.isnan(ms["pixel_f1_threshold"]):
+        assert math.isnan(mt["pixel_f1_threshold"])
+        return
+    assert mt["pixel_f1_threshold"] == a * ms["pixel_f1_threshold"] + b
+    assert np.array_equal(a * s + b >= mt["pixel_f1_threshold"], s >= ms["pixel_f1_threshold"])
 
 
 # ---- frame level and calibration ----

@@ -3,7 +3,9 @@
 Conventions shared with the rest of the package: labels are uint8 maps with 0 = ID,
 1 = OOD and IGNORE (255) = not evaluated (see core.data); higher score = more anomalous;
 a pixel / frame is flagged when its score is strictly greater than the threshold, which
-is what `calibrate_threshold` is designed for.
+is what `calibrate_threshold` is designed for. The one exception is `smiyc_metrics`'
+pixel_f1_threshold, a point of the pixel PR curve: the lowest score flagged there (>=).
+Scores may be any finite real numbers; no range is assumed except by `f_star`.
 """
 from __future__ import annotations
 
@@ -28,20 +30,34 @@ def _check_pairs(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> 
             raise ValueError(f"pair {i}: score map shape {np.shape(s)} != label shape {np.shape(y)}")
 
 
+def _score_map(s: np.ndarray) -> np.ndarray:
+    """A score map as floats of its own precision, at least float32: rounding float64
+    scores to float32 would tie distinct scores, and which ones depends on their offset
+    and scale (1e7 + s ties everything in [1e7, 1e7 + 1)), or overflow them to inf."""
+    s = np.asarray(s)
+    return s.astype(np.result_type(s.dtype, np.float32), copy=False)
+
+
 def _pooled_pixels(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], seed: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (float32) and OOD flags of every non-IGNORE pixel, a seeded uniform random
-    subset of about MAX_PIXELS of them above that, to bound memory and time."""
+    """Scores (`_score_map`: float32, or float64 if any map is) and OOD flags of every
+    non-IGNORE pixel, a seeded uniform random subset of about MAX_PIXELS of them above
+    that, to bound memory and time. ValueError if an evaluated pixel's score is NaN or
+    infinite (any finite real number is a valid score)."""
     total = sum(int(np.count_nonzero(np.asarray(y) != IGNORE)) for y in labels)
     keep_frac = min(1.0, MAX_PIXELS / max(total, 1))
     rng = np.random.default_rng(seed)
     s_parts, y_parts = [], []
-    for s, y in zip(scores, labels):
+    for i, (s, y) in enumerate(zip(scores, labels)):
         y = np.asarray(y).ravel()
         keep = y != IGNORE
+        s = _score_map(s).ravel()
+        if not np.isfinite(s[keep]).all():
+            raise ValueError(f"score map {i} has NaN or infinite scores on evaluated (non-IGNORE) pixels; "
+                             "scores must be finite real numbers")
         if keep_frac < 1.0:  # subsample per map so the full pool is never materialised
             keep &= rng.random(y.size, dtype=np.float32) < keep_frac
-        s_parts.append(np.asarray(s, dtype=np.float32).ravel()[keep])
+        s_parts.append(s[keep])
         y_parts.append(y[keep] == OOD)
     s_all = np.concatenate(s_parts) if s_parts else np.zeros(0, np.float32)
     y_all = np.concatenate(y_parts) if y_parts else np.zeros(0, bool)
@@ -190,10 +206,16 @@ def smiyc_metrics(
 ) -> dict[str, float]:
     """The SMIYC component-level figures at the benchmark's single threshold.
 
-    pixel_f1_threshold: the threshold t (prediction = score > t) of the best pixel F1
-    (pixel_f1) on the pooled PR curve of the non-IGNORE pixels (pooled and subsampled as in
-    `pixel_metrics`); of equally good thresholds the highest, as the benchmark's high-to-low
-    sweep (its curve bins the scores, ours is exact). At t, per frame, GT instances are the
+    pixel_f1_threshold: the threshold t of the best pixel F1 (pixel_f1) on the pooled PR
+    curve of the non-IGNORE pixels (pooled and subsampled as in `pixel_metrics`): the score
+    of that curve point, in the scores' own units, and prediction = score >= t (the
+    threshold sklearn's precision_recall_curve gives that point, so pixel_f1 is the F1 of
+    the very pixels flagged). Of equally good thresholds the highest, as the
+    benchmark's high-to-low sweep (its curve bins the scores, ours is exact). Scores may be
+    any finite reals (NaN or inf on an evaluated pixel: ValueError): only their order
+    matters, so a * scores + b with a > 0 flags the same pixels, with threshold a * t + b,
+    and gives the same figures, as long as it keeps distinct scores distinct (float64 maps
+    are kept float64 for that). At t, per frame, GT instances are the
     8-connected components of OOD pixels; those under min_gt_area pixels are void: their
     pixels are removed from the evaluation like IGNORE ones, so predicting them is neither
     right nor wrong and does not count toward a component's area. Predicted components are
@@ -219,14 +241,15 @@ def smiyc_metrics(
     # Whole counts, so that equally good thresholds give bit-equal F1 and tie as they should.
     tp, fp = np.rint(tpr * n_ood), np.rint(fpr * (y_all.size - n_ood))
     f1 = 2 * tp / (tp + fp + n_ood)  # 2TP / (2TP + FP + FN)
-    i = int(np.argmax(f1))  # first of the ties: thresholds run high to low
-    # roc_curve flags score >= thr[i]; the same pixels are score > the next lower score.
-    t = float(thr[i + 1]) if i + 1 < thr.size else float(np.nextafter(thr[i], -np.inf))
+    # First of the ties: thresholds run high to low. f1[0] (thr[0] = inf, nothing flagged)
+    # is 0 and some point has TP > 0, so thr[i] is one of the scores.
+    i = int(np.argmax(f1))
+    t = np.float64(thr[i])  # a float64 scalar: compared with float32 maps without rounding
     truths = [_truth(y, min_gt_area) for y in labels]
-    siou, ppv = _pooled_segment_scores(truths, [np.asarray(s, np.float32) > t for s in scores], min_pred_area)
+    siou, ppv = _pooled_segment_scores(truths, [_score_map(s) >= t for s in scores], min_pred_area)
     return out | {
         "pixel_f1": float(f1[i]),
-        "pixel_f1_threshold": t,
+        "pixel_f1_threshold": float(t),
         "f1_smiyc": float(np.mean(_f1_per_tau(siou, ppv, np.asarray(taus, float)))) if siou.size else NAN,
         "siou_mean": float(siou.mean()) if siou.size else NAN,
         "ppv_mean": float(ppv.mean()) if ppv.size else NAN,
