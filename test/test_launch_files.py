@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import importlib
+import importlib.util
 import re
 import time
 from dataclasses import fields
@@ -162,10 +163,8 @@ def test_detection_launch_arguments_and_variant_default():
     assert (args["autostart"], args["lifecycle_manager"], args["target_frame"]) == ("true", "false", "base_link")
     # a manager started here drives the detector: bond off (no bondcpp in rclpy), the node's own name
     assert "'node_names': ['anomaly_detector']" in src and "'bond_timeout': 0.0" in src
-    assert args["variant"] in VARIANTS
-    assert (CONFIG / f"{args['variant']}.yaml").is_file()
-    # one default: launch files, node and CLI (what measured best, README Results)
-    assert args["variant"] == Settings().variant == "knn"
+    # one default: launch files, node and CLI run the checkpoint's variant (the shipped model's: knn)
+    assert args["variant"] == Settings().variant == ""
     for name in ("multi_camera.launch.py", "rugd_replay.launch.py"):
         assert _declared_arguments(_tree(name))["variant"] == Settings().variant, name
     assert args["rviz"] == "false" and args["use_sim_time"] == "false"
@@ -382,3 +381,61 @@ def test_detector_starts_with_each_parameter_file(variant, overrides, spawn, pro
         assert got[n] == file_params[n], (n, got[n], file_params[n])
     if variant == "ddpm":
         assert "NFE 55" in node.output  # 50 DDPM steps + the 5-step DDIM reconstruction
+
+
+def _launched_nodes(name: str, monkeypatch, **arguments: str) -> list[dict]:
+    """Run launch/<name>'s generate_launch_description() and its OpaqueFunction as `ros2 launch`
+    would, with stand-ins for `launch` and `launch_ros` (not installable here) that record what
+    the file asks for: the keyword arguments of every Node it starts. Arguments not given take
+    the file's declared defaults."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+        return m
+
+    declared = {}
+
+    class DeclareLaunchArgument:
+        def __init__(self, name, default_value=None, description=""):
+            declared[name] = default_value
+
+    class LaunchConfiguration:
+        def __init__(self, name):
+            self.name = name
+
+        def perform(self, context):
+            return context[self.name]
+
+    module("launch", LaunchDescription=list)
+    module("launch.actions", DeclareLaunchArgument=DeclareLaunchArgument, SetEnvironmentVariable=lambda k, v: None,
+           OpaqueFunction=lambda function: SimpleNamespace(function=function))
+    module("launch.substitutions", LaunchConfiguration=LaunchConfiguration)
+    module("launch_ros")
+    module("launch_ros.actions", Node=lambda **kwargs: kwargs)
+    module("ament_index_python.packages", get_package_share_directory=lambda package: str(ROOT))
+    spec = importlib.util.spec_from_file_location(name.replace(".", "_"), LAUNCH / name)
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+    actions = launch_file.generate_launch_description()
+    opaque = next(a for a in actions if isinstance(a, SimpleNamespace))
+    return opaque.function({**declared, **arguments})
+
+
+@pytest.mark.parametrize("name", ["anomaly_detection.launch.py", "multi_camera.launch.py"])
+def test_launch_files_run_the_checkpoints_variant_when_none_is_given(name, monkeypatch, tiny_checkpoint):
+    """variant:= empty (the default): the checkpoint's variant and its parameter file (the
+    conftest's pixel checkpoint records none: its family's ddim); the shipped model's knn
+    without a checkpoint; an explicit variant as given."""
+    def detector(**arguments):
+        node = next(n for n in _launched_nodes(name, monkeypatch, **arguments) if n["executable"] == "detector_node")
+        params_file, overrides = node["parameters"]
+        return Path(params_file).name, overrides["variant"]
+
+    assert detector(checkpoint=str(tiny_checkpoint)) == ("ddim.yaml", "ddim")
+    assert detector() == ("knn.yaml", "knn")
+    assert detector(checkpoint=str(tiny_checkpoint), variant="ddpm") == ("ddpm.yaml", "ddpm")
