@@ -110,10 +110,11 @@ def test_soak_and_camsoak_start_the_node_with_the_checkpoints_variant_file(ddim_
 def test_the_node_given_only_a_checkpoint_runs_its_variant_with_its_parameter_file(ddim_checkpoint, spawn, probe):
     """`detector_node -p checkpoint:=X`: variant empty, the other parameters default to the
     checkpoint variant's config/ddim.yaml (5 steps from t = 600: NFE 10 with the reconstruction)."""
+    from diagnostic_msgs.msg import DiagnosticArray
     from rcl_interfaces.srv import GetParameters
 
     node = spawn("detector_node", *detector_args(ddim_checkpoint, "-r", "__ns:=/ckvariant", "-p", "segments:=none",
-                                                 variant=None))
+                                                 "-p", "diagnostics_period:=0.5", variant=None))
     node.wait_for_output("listening on", timeout=180)
     assert "variant ddim (NFE 10)" in node.output, node.output[-3000:]
     client = probe.node.create_client(GetParameters, "/ckvariant/anomaly_detector/get_parameters")
@@ -122,4 +123,16 @@ def test_the_node_given_only_a_checkpoint_runs_its_variant_with_its_parameter_fi
     probe.spin_until(future.done, 30, "get_parameters")
     variant, steps, start, backend = future.result().values
     assert (variant.string_value, steps.integer_value, start.integer_value) == ("", 5, 600)
-    assert backend.string_value == "auto"
+    # backend auto: what it chose is in the log and in /diagnostics
+    assert backend.string_value == "auto" and "on cpu (onnxruntime)" in node.output
+    diagnostics = probe.collect(DiagnosticArray, "/diagnostics")
+
+    def reported():
+        for _, msg in diagnostics:
+            for status in msg.status:
+                values = {v.key: v.value for v in status.values}
+                if status.name.startswith("anomaly_detector") and values.get("model_loaded") == "true":
+                    return values
+        return None
+    probe.spin_until(lambda: reported() is not None, 60, "/diagnostics of the loaded model")
+    assert (reported()["variant"], reported()["backend"]) == ("ddim", "onnxruntime")

@@ -297,3 +297,39 @@ def test_failed_tensorrt_compilation_falls_back_to_the_eager_fp32_model(tmp_path
     assert out is net and next(net.parameters()).dtype == torch.float32
     assert how == "TensorRT compilation failed (RuntimeError: unsupported operator)"
     assert not list(tmp_path.glob("*.ep"))
+
+
+def test_auto_picks_onnxruntime_on_a_cpu_tensorrt_on_cuda_where_it_can_and_torch_otherwise(monkeypatch):
+    import types
+
+    assert deploy.auto_backend("cpu") == "onnxruntime"
+    assert deploy.auto_backend("cuda", tensorrt=True) == "torch"  # no torch_tensorrt here
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
+    assert deploy.auto_backend("cuda", tensorrt=True) == "tensorrt"
+    assert deploy.auto_backend("cuda", tensorrt=False) == "torch"  # a family that does not run on it
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    assert deploy.auto_backend("cpu") == "torch"
+    assert Settings().backend == "auto"
+
+
+@pytest.mark.parametrize("family", ["pixel", "latent", "feature_diffusion", "knn"])
+def test_the_default_backend_runs_every_family_on_onnxruntime_with_torchs_maps(family, family_checkpoint,
+                                                                               tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """backend auto (the default) on a CPU: ONNX Runtime, for every family, within 1e-4 of
+    torch eager on the [0, 1] maps; the Detector keeps the requested settings ("auto") and
+    says what it chose (`backend`, which the node's log and /diagnostics show)."""
+    from ros_anomaly_diffusion.config import variant_settings
+    from ros_anomaly_diffusion.core.detector import Detector
+
+    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path)
+    ck = str(tiny_checkpoint if family == "pixel" else family_checkpoint(family))
+    auto, eager = (Detector(ck, variant_settings("", checkpoint=ck, segments="none", **extra))
+                   for extra in ({}, {"backend": "torch"}))
+    assert (auto.backend, auto.settings.backend, eager.backend) == ("onnxruntime", "auto", "torch")
+    frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(2)]
+    diff = max(float(np.abs(a.score - e.score).max())
+               for a, e in zip(auto.process_batch(frames), eager.process_batch(frames)))
+    print(f"{family} ({auto.variant.name}): max |score difference| auto (onnxruntime) vs torch {diff:.2e}")
+    assert diff < 1e-4, family
+    assert list(tmp_path.glob("*.onnx")), "nothing ran on ONNX Runtime"
