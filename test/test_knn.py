@@ -119,7 +119,7 @@ def test_the_shipped_default_model_is_what_an_empty_checkpoint_means(rugd_sample
     from ros_anomaly_diffusion.core.settings import Settings
 
     det = Detector("", Settings(segments="none"))
-    assert det.directory == ckpt.DEFAULT_MODEL and det.variant.name == "knn" == Settings().variant
+    assert det.directory == ckpt.DEFAULT_MODEL and det.variant.name == "knn" and Settings().variant == ""
     assert 0 < det.mask_threshold < 1 and 0 < det.frame_threshold < 1  # calibrated, not the 0.5 fallback
     assert det.mask_threshold != 0.5 and det.frame_threshold != 0.5
     config = ckpt.load_config(ckpt.DEFAULT_MODEL)

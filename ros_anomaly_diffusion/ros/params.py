@@ -8,6 +8,7 @@ node-only parameters below. The launch-file test and the node both read this mod
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -139,17 +140,23 @@ def as_declared_type(default: Any, value: Any) -> Any:
     return value
 
 
+_DOUBLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # node -> {double parameter: default}
+
+
 def declare_parameters(node, specs) -> None:
     """Declare the ParamSpecs on `node` (descriptor() below), accepting integers for double
     parameters at start-up and later, with rclpy's public API only: static typing would refuse
     an integer override before any callback sees it, so a double parameter is declared
     dynamically typed and then given its descriptor with the value as a double (set_descriptor);
-    later integer sets are converted by a pre-set callback (rclpy >= Iron; Humble refuses them).
-    ValueError naming the parameter for a start-up value of the wrong type or out of range."""
+    later integer sets are converted by a pre-set callback (rclpy >= Iron; Humble refuses them),
+    one per node however many calls declare its parameters (rclpy concatenates what every
+    pre-set callback returns). ValueError naming the parameter for a start-up value of the
+    wrong type or out of range."""
     from rcl_interfaces.msg import ParameterValue
     from rclpy.parameter import Parameter
 
-    doubles = {}
+    first = node not in _DOUBLES
+    doubles = _DOUBLES.setdefault(node, {})
     for p in specs:
         try:
             if p.type is not float:
@@ -167,7 +174,7 @@ def declare_parameters(node, specs) -> None:
         return [Parameter(p.name, Parameter.Type.DOUBLE, as_declared_type(doubles[p.name], p.value))
                 if p.name in doubles and p.type_ == Parameter.Type.INTEGER else p for p in params]
 
-    if hasattr(node, "add_pre_set_parameters_callback"):
+    if first and hasattr(node, "add_pre_set_parameters_callback"):
         node.add_pre_set_parameters_callback(as_doubles)
 
 
