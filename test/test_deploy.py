@@ -299,7 +299,7 @@ def test_failed_tensorrt_compilation_falls_back_to_the_eager_fp32_model(tmp_path
     assert not list(tmp_path.glob("*.ep"))
 
 
-def test_auto_picks_onnxruntime_on_a_cpu_tensorrt_on_cuda_where_it_can_and_torch_otherwise(monkeypatch):
+def test_auto_picks_onnxruntime_on_a_cpu_tensorrt_on_cuda_where_it_can_and_torch_otherwise(monkeypatch, tmp_path):
     import types
 
     assert deploy.auto_backend("cpu") == "onnxruntime"
@@ -307,6 +307,11 @@ def test_auto_picks_onnxruntime_on_a_cpu_tensorrt_on_cuda_where_it_can_and_torch
     monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
     assert deploy.auto_backend("cuda", tensorrt=True) == "tensorrt"
     assert deploy.auto_backend("cuda", tensorrt=False) == "torch"  # a family that does not run on it
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path / "a_file" / "onnx")  # no cache can be written there
+    assert deploy.auto_backend("cpu") == "torch"
+    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path / "onnx")
+    assert deploy.auto_backend("cpu") == "onnxruntime"
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     assert deploy.auto_backend("cpu") == "torch"
     assert Settings().backend == "auto"

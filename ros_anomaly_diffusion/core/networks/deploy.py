@@ -21,6 +21,7 @@ import copy
 import hashlib
 import importlib
 import logging
+import os
 import shlex
 import warnings
 from dataclasses import dataclass
@@ -371,7 +372,8 @@ class OnnxModule(nn.Module):
     def _export(self, args: tuple[torch.Tensor, ...], path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         module = _Timestepped(self.net) if len(args) == 2 else self.net
-        tmp = path.with_suffix(f".{id(self)}.tmp")  # a concurrent process never reads a half-written file
+        # a concurrent process (two detector nodes starting at once) never reads a half-written file
+        tmp = path.with_suffix(f".{os.getpid()}.{id(self)}.tmp")
         with torch.inference_mode(False), torch.no_grad():
             _onnx_export(module, tuple(a.cpu() for a in args), tmp, self.inputs, dynamic_batch=True,
                          output_names=self.outputs)
@@ -463,17 +465,30 @@ def _importable(name: str) -> bool:
     return True
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def auto_backend(device: torch.device | str, tensorrt: bool = False) -> str:
     """The backend `auto` (Settings.backend's default) picks: tensorrt on CUDA where
     torch_tensorrt imports and the family runs on it (`tensorrt`), onnxruntime on a CPU (a
-    dependency of the package; 2-3x torch eager on a 2-core CPU, README "Backends"), torch
-    otherwise (CUDA without torch_tensorrt, or onnxruntime missing)."""
+    dependency of the package; faster than torch eager, README "Backends") where its export
+    cache can be written, torch otherwise (CUDA without torch_tensorrt, onnxruntime missing,
+    a read-only cache folder)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return "tensorrt" if tensorrt and _importable("torch_tensorrt") else "torch"
-    if device.type == "cpu" and _importable("onnxruntime"):
-        return "onnxruntime"
-    return "torch"
+        return "tensorrt" if tensorrt and _importable("torch_tensorrt") and _writable(DEFAULT_CACHE) else "torch"
+    if device.type != "cpu" or not _importable("onnxruntime"):
+        return "torch"
+    if not _writable(ONNX_CACHE):
+        log.warning("backend auto: %s is not writable, so nothing can be exported for ONNX Runtime: running torch "
+                    "eager", ONNX_CACHE)
+        return "torch"
+    return "onnxruntime"
 
 
 def with_backend(net: nn.Module, backend: str, device: torch.device | str, inputs: tuple[str, ...] = ("x", "t"),
