@@ -52,7 +52,9 @@ def input_size(opts) -> tuple[int, int]:
 class ChannelMoments:
     """Per-channel count, sum and sum of squares (float64) over the ID cells (weight 1) of
     feature batches, added up batch by batch and across processes (`result(acc)`): the
-    standardisation statistics of a stream of features, identical however it is split."""
+    standardisation statistics of a stream of features, the same however it is split up to the
+    rounding of float64 sums added in another order (invisible in the float32 results but for a
+    rare last bit)."""
 
     def __init__(self):
         self.sums: torch.Tensor | None = None  # (3, C): count, sum, sum of squares
@@ -90,8 +92,11 @@ class FeatureSource:
     A shard whose features fit in opts.feature_cache_mb is encoded once and kept (`cached`):
     a few frames train as fast as ever. A larger one is encoded batch by batch, frames decoded
     lazily in DataLoader workers, so memory stays flat whatever the size of the set. One frame
-    per forward pass, as the Detector runs, so a training frame gives bit-identical features
-    at test time."""
+    per forward pass, so a frame's features do not depend on the frames batched with it (a
+    batched pass adds up differently when the backbone runs on several threads). They depend on
+    the thread count and the CPU's kernels, though: the Detector, running a frame at a time,
+    gives a training frame's features bit for bit with the same thread count on the same CPU,
+    and within float rounding otherwise (measured: 2e-5 at most on features up to 30)."""
 
     def __init__(self, frames: list, size: tuple[int, int], features: StackedFeatures, opts, acc,
                  progress: bool = True):

@@ -10,6 +10,12 @@ reads its own shard of the frames (`shard`), decoded lazily by DataLoader worker
 (`FrameStream`, core/datasets.py), so no process holds the whole set in memory; `opts.steps`
 counts optimizer steps, each of `batch_size` frames per process times `grad_accum`
 micro-batches. Only the main process writes files.
+
+What a statistic (`summed`, `gathered`) covers does not depend on the process count; its
+value may, within float rounding: the processes' partial sums are added in another order than
+one process adds its batches, and each process computes with its own thread count (one under
+`accelerate launch` unless told otherwise), which changes how the CPU's convolution kernels
+add up. knn.fit states the tolerances that are tested.
 """
 from __future__ import annotations
 
@@ -137,7 +143,8 @@ def frame_passes(frames: Sequence, size: tuple[int, int] | None, acc: Accelerato
 
 
 def summed(t: torch.Tensor, acc: Accelerator | None = None) -> torch.Tensor:
-    """`t` added up over every process of the run (`t` itself with one process)."""
+    """`t` added up over every process of the run (`t` itself with one process): the same sum
+    as one process's up to the rounding of adding the partial sums in another order."""
     if acc is None or acc.num_processes == 1:
         return t
     return acc.reduce(t.to(acc.device), "sum").to(t.device)

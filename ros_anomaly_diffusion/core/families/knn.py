@@ -175,7 +175,10 @@ def sample_bank(batches, max_size: int, seed: int, acc=None) -> dict:
     features, weights, origin rows (frame, flipped)), without replacement, with their origin
     rows (frame, flipped, y, x) and how many ID cells there were. Streaming and distributed:
     each process keeps the cells with the smallest `_cell_keys` of its batches, then the
-    processes' candidates are merged the same way, so the bank is the same as one process's."""
+    processes' candidates are merged the same way, so the bank holds the same cells in the same
+    order as one process's (equal `origin` rows: the choice reads keys and weights, never
+    feature values). Its vectors are those cells' features as this run computed them (see `fit`
+    for how closely they match another process count's)."""
     kept, candidates = None, 0  # (keys, vectors, rows) of the smallest keys so far
     for z, weights, origin in batches:
         v, r = _cells(z, weights, origin)
@@ -230,7 +233,19 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True, acc=N
     """knn family: features of every training frame and its mirror image (feature_space.
     FeatureSource: in memory when they fit, else encoded batch by batch), their per-channel
     statistics, a bank of ID cells and its leave-one-frame-out distances: three passes, each
-    process over its shard, combined so that the result does not depend on the split."""
+    process over its shard, combined so that the result does not depend on the split:
+
+    * exactly: the bank's cells and their order (`origin`), its size and candidate count;
+    * to float rounding: the bank vectors and the channel statistics within 1e-4 (absolute and
+      relative; measured up to 3e-6), the leave-one-out moments within 1e-4 relative (measured
+      1e-8). Each frame is encoded alone, so batching does not change its features, but how a
+      convolution adds up depends on the CPU's kernels and on the number of intra-op threads
+      (oneDNN's AVX2 1x1 convolution splits its input channels between threads; `accelerate
+      launch` gives each process one thread unless told otherwise, one process has one per
+      core), and sums over the processes' shards round in another order than one process's.
+      (test/test_distributed_training.py. They came out bit for bit equal on an AVX2 AMD CPU
+      with one thread in both runs, and on the AVX-512 Intel development machine even with two
+      threads in one: neither is promised.)"""
     acc = acc or make_accelerator(opts, out)
     size = input_size(opts)
     source = FeatureSource(train_frames, size, shared_features(device=acc.device), opts, acc, progress)
