@@ -240,10 +240,13 @@ def _peak_rss_of_training(data, out) -> float:
 
 
 def test_training_memory_does_not_grow_with_the_number_of_frames(tmp_path):
-    """Training on 2000 frames of 480x640 (1.8 GB decoded, 120 MB even at the 64x80 training
-    size) peaks at the same RSS as on 20 of them: frames are decoded as batches ask for them and
-    nothing holds the set. (Hard links to 20 synthetic frames: 2000 files to read and decode
-    without 2000 frames to generate.)"""
+    """Training on 2000 frames of 480x640 peaks at nearly the RSS of training on 20: frames are
+    decoded as batches ask for them and nothing holds the set. The allowance is what holding
+    the set at the 64x80 training size would add (2000 x 64 x 80 x 3 float32 = 117 MB; decoded
+    at 480x640, 1.8 GB), not a margin fitted to one machine's baseline RSS or allocator noise
+    (the 20-vs-2000 difference measured 26 MB on an Intel CPU and 59 MB on an AMD one).
+    (Hard links to 20 synthetic frames: 2000 files to read and decode without 2000 frames to
+    generate.)"""
     made = make_synthetic_dataset(tmp_path / "syn", n_id=20, n_ood=0, size=(480, 640), seed=0)
     sources = sorted((made / "images").glob("*.png"))
     folders = {}
@@ -254,6 +257,7 @@ def test_training_memory_does_not_grow_with_the_number_of_frames(tmp_path):
             (folders[n] / f"frame_{i:05d}.png").hardlink_to(sources[i % len(sources)])
     peak = {n: _peak_rss_of_training(folder, tmp_path / f"ck{n}") for n, folder in folders.items()}
     assert len(ckpt.load_config(tmp_path / "ck2000")["training"]["frames"]) == 2000
-    print(f"peak RSS of training: {peak[20]:.0f} MB on 20 frames, {peak[2000]:.0f} MB on 2000 "
-          f"(decoded: {2000 * 480 * 640 * 3 / 2**20:.0f} MB)")
-    assert peak[2000] - peak[20] < 50
+    held = 2000 * 64 * 80 * 3 * 4 / 2**20  # MB: the set at the training size, float32
+    print(f"peak RSS of training: {peak[20]:.0f} MB on 20 frames, {peak[2000]:.0f} MB on 2000 (the set held "
+          f"at 64x80 would add {held:.0f} MB)")
+    assert peak[2000] - peak[20] < held
