@@ -9,8 +9,10 @@ setup:
 demo: setup
 	$(BIN)/ros-anomaly-diffusion demo $(ARGS)
 
+# PYTHONFAULTHANDLER: a crash in native code, even at interpreter exit after pytest has put its
+# own fault handler away, prints every thread's Python stack instead of a bare "Segmentation fault".
 test: setup
-	$(BIN)/python -m pytest test $(ARGS)
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest test $(ARGS)
 
 # The model shipped in ros_anomaly_diffusion/models/default (MODEL_CARD.md): knn on the RUGD sample.
 default-model: setup
