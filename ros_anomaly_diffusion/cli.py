@@ -50,7 +50,7 @@ def cmd_train(args) -> None:
     from .ros import bag
 
     opts = TrainOptions(variant=args.variant, image_size=tuple(args.image_size), preset=args.preset,
-                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        denoiser=args.denoiser, receptive_field=args.receptive_field, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         frames=args.frames, scenes=args.scenes, device=args.device or "cpu",
                         calib_fraction=args.calib_fraction, autoencoder=args.autoencoder,
                         save_every=args.save_every, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
@@ -214,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--image-size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"))
     p.add_argument("--preset", default="small", help="network width: tiny, small, medium, reference")
+    p.add_argument("--denoiser", default="", choices=["", "cell", "local", "unet", "dit"],
+                   help="the denoiser's design: cell (an MLP per location) or local (3x3 blocks, bounded receptive "
+                        "field), the editing families' defaults; unet or dit (scene-level, for thousands of frames "
+                        "and a GPU); empty: the family's default")
+    p.add_argument("--receptive-field", type=int, default=0,
+                   help="local denoiser: the side in cells (pixels, latent cells) of the window each output sees; "
+                        "0: the family's default")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)

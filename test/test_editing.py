@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
-from ros_anomaly_diffusion.core.samplers import GuidedDDIM, GuidedDDPM, NoiseSchedule, ScheduleConfig, ddim_timesteps
+from ros_anomaly_diffusion.core.samplers import (EditSampler, Editor, NoiseSchedule, ScheduleConfig, ddim_sigma,
+                                                 ddim_step, ddim_timesteps)
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +28,24 @@ def test_timesteps_even_from_start_to_zero():
 
 def test_a_start_beyond_a_short_chain_starts_at_its_end(model):
     net, _ = model
-    short = NoiseSchedule(ScheduleConfig(num_train_timesteps=50))
-    editor = GuidedDDIM(net, short, steps=5, start_timestep=999)  # the config files' default start
-    assert editor.timesteps == [49, 37, 24, 12, 0] and editor.nfe == 5
-    out = editor.edit(frames(1), seed=0)
-    assert out.shape == (2, 3, 16, 20) and bool(torch.isfinite(out).all())
+    editor = Editor(net, NoiseSchedule(ScheduleConfig(num_train_timesteps=50)))
+    assert editor.timesteps(999, 5) == [49, 37, 24, 12, 0] and editor.ddim_nfe(999, 5) == 5
+    out, ref = editor.ddim(frames(1), start_timestep=999, steps=5, guidance=0.6)
+    assert out.shape == (1, 2, 3, 16, 20) and ref is None and bool(torch.isfinite(out).all())
 
 
 def test_very_strong_guidance_returns_the_input(model):
     net, schedule = model
     x = frames(1)
-    out = GuidedDDIM(net, schedule, steps=5, start_timestep=999, guidance_scale=1e6).edit(x, seed=3)
-    assert torch.allclose(out, x, atol=1e-4)
+    out, _ = Editor(net, schedule).ddim(x, start_timestep=999, steps=5, guidance=1e6, seed=3, draws=2)
+    assert torch.allclose(out, x.expand_as(out), atol=1e-4)
 
 
 def test_zero_guidance_ignores_the_input(model):
     net, schedule = model
-    editor = GuidedDDIM(net, schedule, steps=5, start_timestep=999, guidance_scale=0.0)
-    a, b = editor.edit(frames(1), seed=7), editor.edit(frames(2), seed=7)
+    editor = Editor(net, schedule)
+    run = dict(start_timestep=999, steps=5, guidance=0.0, seed=7)
+    a, b = editor.ddim(frames(1), **run)[0], editor.ddim(frames(2), **run)[0]
     # The inputs differ by ~0.67 on average; only sqrt(abar_999) ~ 0.006 of them survives.
     assert (frames(1) - frames(2)).abs().mean() > 0.5
     assert (a - b).abs().mean() < 0.02
@@ -53,37 +54,83 @@ def test_zero_guidance_ignores_the_input(model):
 def test_guidance_moves_the_output_towards_the_input(model):
     net, schedule = model
     x = frames(4)
-    errors = [(GuidedDDIM(net, schedule, steps=8, guidance_scale=w).edit(x, seed=0) - x).abs().mean()
+    errors = [(Editor(net, schedule).ddim(x, start_timestep=999, steps=8, guidance=w)[0] - x).abs().mean()
               for w in (0.0, 0.6, 3.0)]
     assert errors[0] > errors[1] > errors[2]
 
 
-def test_seeded_runs_repeat_and_seeds_differ(model):
+def test_seeded_runs_repeat_draws_included_and_a_frame_gets_its_map_alone_or_batched(model):
     net, schedule = model
-    editor = GuidedDDIM(net, schedule, steps=4, guidance_scale=0.6)
-    x = frames(5)
-    assert torch.equal(editor.edit(x, seed=11), editor.edit(x, seed=11))
-    assert not torch.equal(editor.edit(x, seed=11), editor.edit(x, seed=12))
+    editor = Editor(net, schedule)
+    run = dict(start_timestep=600, steps=4, guidance=0.6, reconstruction_guidance=2.0)
+    x = frames(5, n=3)
+    edits, refs = editor.ddim(x, seed=11, draws=3, **run)
+    again, again_refs = editor.ddim(x, seed=11, draws=3, **run)
+    assert torch.equal(edits, again) and torch.equal(refs, again_refs)
+    assert not torch.allclose(edits[0], edits[1])  # the draws differ
+    assert not torch.allclose(editor.ddim(x, seed=12, draws=3, **run)[0], edits)
+    # draw k does not depend on how many draws run, nor a frame's map on its batch
+    one, _ = editor.ddim(x[1:2], seed=11, draws=2, **run)
+    assert torch.allclose(one, edits[:2, 1:2], atol=1e-5)
+    err = editor.denoising_error(x, timestep=300, seed=4, draws=5)
+    assert torch.equal(err, editor.denoising_error(x, timestep=300, seed=4, draws=5))
+    assert torch.allclose(editor.denoising_error(x[2:], timestep=300, seed=4, draws=5), err[2:], atol=1e-5)
 
 
-def test_batched_edit_shape_range_and_nfe(model):
+def test_draws_and_the_reconstruction_share_one_network_call_per_step(model):
     net, schedule = model
     calls = []
-    net.register_forward_hook(lambda *a: calls.append(1))
-    editor = GuidedDDIM(net, schedule, steps=6, start_timestep=500, guidance_scale=0.6)
-    out = editor.edit(frames(6, n=3), seed=0)
-    assert out.shape == (3, 3, 16, 20) and out.min() >= -1 and out.max() <= 1
-    assert len(calls) == editor.nfe == 6
+    hook = net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        editor = Editor(net, schedule)
+        out, ref = editor.ddim(frames(6, n=3), start_timestep=500, steps=6, guidance=0.6, draws=4,
+                               reconstruction_guidance=1.0)
+        assert out.shape == ref.shape == (4, 3, 3, 16, 20) and out.min() >= -1 and out.max() <= 1
+        assert calls == [2 * 4 * 3] * 6 and editor.ddim_nfe(500, 6, draws=4, reconstruction=True) == 48
+        calls.clear()
+        err = editor.denoising_error(frames(6, n=3), timestep=400, draws=4)
+        assert err.shape == (3, 16, 20) and calls == [4 * 3]
+        assert editor.score_nfe(EditSampler(score="error", draws=4)) == 4
+    finally:
+        hook.remove()
+
+
+def test_the_denoising_error_measures_the_eps_error_per_location(model):
+    net, schedule = model
+    identity = lambda x, t: torch.zeros_like(x)  # noqa: E731  predicts eps = 0 (epsilon model)
+    eps_schedule = NoiseSchedule(ScheduleConfig(prediction_type="epsilon"))
+    x = frames(3, n=2)
+    err = Editor(identity, eps_schedule).denoising_error(x, timestep=500, seed=0, draws=64)
+    # E ||eps||^2 over 3 channels = 3
+    assert err.shape == (2, 16, 20) and abs(float(err.mean()) - 3.0) < 0.1
 
 
 def test_ddpm_baseline_guidance_pulls_towards_input(model):
     net, _ = model
     schedule = NoiseSchedule(ScheduleConfig(num_train_timesteps=200))  # all T steps, kept short
     x = frames(8, n=1)
-    weak = GuidedDDPM(net, schedule, guidance_scale=0.0).edit(x, seed=0)
-    strong = GuidedDDPM(net, schedule, guidance_scale=2e4).edit(x, seed=0)
-    assert GuidedDDPM(net, schedule).nfe == 200
+    editor = Editor(net, schedule)
+    weak = editor.ddpm(x, guidance=0.0, seed=0)
+    strong = editor.ddpm(x, guidance=2e4, seed=0)
+    assert weak.shape == (1, 1, 3, 16, 20)
     assert (strong - x).abs().mean() < 0.5 * (weak - x).abs().mean()
+
+
+def test_ddim_inversion_and_ddpm_share_the_update_rule(model):
+    """One update: eta = 0 up the chain is the inversion, eta = 1 down by one step is DDPM's
+    posterior mean (the DDPM paper's coefficients on x0 and x_t)."""
+    _, schedule = model
+    g = torch.Generator().manual_seed(0)
+    x_t, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    t = 500
+    a, a_prev = schedule.abar(t), schedule.abar(t - 1)
+    beta = 1 - a / a_prev
+    x0 = (x_t - (1 - a) ** 0.5 * eps) / a**0.5
+    posterior = (a_prev**0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x_t
+    assert torch.allclose(ddim_step(schedule, eps, t, t - 1, x_t, eta=1.0), posterior.float(), atol=1e-5)
+    assert abs(ddim_sigma(schedule, t, t - 1, 1.0) ** 2 - beta * (1 - a_prev) / (1 - a)) < 1e-9
+    up = ddim_step(schedule, eps, t, 800, x_t)
+    assert torch.allclose(up, schedule.abar(800) ** 0.5 * x0 + (1 - schedule.abar(800)) ** 0.5 * eps, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["ddim", "dcae"])
@@ -92,7 +139,7 @@ def test_the_edit_is_compared_with_the_models_own_reconstruction(variant, tiny_c
     from ros_anomaly_diffusion.core.detector import Detector
 
     ckpt = tiny_checkpoint if variant == "ddim" else family_checkpoint("latent")
-    det = Detector(ckpt, variant_settings(variant, checkpoint=str(ckpt), segments="none", steps=3))
+    det = Detector(ckpt, variant_settings(variant, checkpoint=str(ckpt), segments="none", steps=3, draws=1))
     scorer = det.scorer
     x = torch.rand(2, 3, *det.model_size, generator=torch.Generator().manual_seed(0))
     assert det.settings.reconstruction_guidance == 1.0 and det.nfe == 6  # config file: two runs of 3 steps

@@ -25,7 +25,7 @@ from ros_anomaly_diffusion.engine.training import TrainOptions
 
 
 def ddim_sample(net, schedule, x: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
-    """The DDIM sampler (eta = 0) back down the same timesteps: the inverse of ddim_invert."""
+    """The DDIM sampler (eta = 0) back down the same timesteps: the inverse of Editor.invert."""
     down = timesteps[::-1]
     for t, t_prev in zip(down[:-1], down[1:]):
         a, a_prev = schedule.abar(t), schedule.abar(t_prev)
@@ -112,7 +112,7 @@ def test_inversion_formula_against_a_hand_computation(schedule):
     x = torch.tensor([[[[0.5, -1.0]]]], dtype=torch.float64)
     c = 0.3
     net = Constant(c)
-    got = samplers.ddim_invert(net, schedule, x, [0, 500, 999])
+    got = samplers.Editor(net, schedule, None).invert(x, [0, 500, 999])
     assert net.calls == [0, 500]  # eps at the current timestep, S - 1 calls
     expected = x.clone()
     for t, t_next in ((0, 500), (500, 999)):
@@ -141,8 +141,8 @@ def test_inversion_is_deterministic_and_undone_by_the_sampler(schedule):
         # constant eps, and the (input-dependent) exact model of a point mass: DDIM steps are
         # exact bijections there, so the sampler undoes the inversion for any S
         for net in (Constant(0.7), _gaussian_eps(schedule, 0.3, 0.0)):
-            latent = samplers.ddim_invert(net, schedule, z, ts)
-            assert torch.equal(latent, samplers.ddim_invert(net, schedule, z, ts))
+            latent = samplers.Editor(net, schedule, None).invert(z, ts)
+            assert torch.equal(latent, samplers.Editor(net, schedule, None).invert(z, ts))
             assert torch.allclose(ddim_sample(net, schedule, latent, ts), z, atol=1e-9)
     # the exact model of Gaussian ID data: few steps only approximate the ODE (the first step
     # sees eps(z, 0) ~ 0), so the reconstruction error and the latent's spread approach
@@ -150,7 +150,7 @@ def test_inversion_is_deterministic_and_undone_by_the_sampler(schedule):
     net = _gaussian_eps(schedule, 0.3, 0.49)
     errors, spreads = [], []
     for steps in (3, 10, 50):
-        latent = samplers.ddim_invert(net, schedule, z, samplers.inversion_timesteps(steps))
+        latent = samplers.Editor(net, schedule, None).invert(z, samplers.inversion_timesteps(steps))
         back = ddim_sample(net, schedule, latent, samplers.inversion_timesteps(steps))
         errors.append(float((back - z).abs().max()))
         spreads.append(float(latent.std()))
@@ -205,33 +205,33 @@ def test_feature_edit_scores_the_change_the_edit_makes(tiny):
     settings = variant_settings("feature_edit", checkpoint=str(tiny), analysis_height=40, analysis_width=48)
     det = Detector(tiny, settings)
     scorer = det.scorer
-    assert det.nfe == 10 and scorer.editor.nfe == 5  # config/feature_edit.yaml: edit + reconstruction, 5 steps
+    assert det.nfe == 4  # config/feature_edit.yaml: the denoising error, 4 draws in one network call
     x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     out = scorer(x)
     assert out.maps.shape == (2, 40, 48) and out.edited01 is None and out.frame_scores is None
     assert bool(((out.maps >= 0) & (out.maps <= 1)).all())
     assert torch.equal(out.maps, scorer(x).maps)  # seeded: a frame always gets the same map
+    # the edit score is live: guided DDIM edit vs the reconstruction, 5 steps each
+    det.update(edit_score="edit", draws=1, start_timestep=250)
+    assert det.nfe == 10
+    assert not torch.allclose(scorer(x).maps, out.maps)
     z = (scorer.features(x) - scorer.mean) / scorer.std
+    run = dict(start_timestep=250, steps=5)
     editor = scorer.editor
-    assert not torch.equal(editor.edit(z, seed=0), editor.edit(z, seed=1))
-    # very strong guidance returns the input
-    editor.guidance_scale = 1e6
-    assert torch.allclose(editor.edit(z, seed=0), z, atol=1e-4)
-    # compared with the frame's features themselves (no reconstruction), that edit changes nothing:
-    # every cell at the bottom of the map
-    det.update(reconstruction_guidance=0.0)
+    assert not torch.equal(editor.ddim(z, guidance=0.0, seed=0, **run)[0], editor.ddim(z, guidance=0.0, seed=1, **run)[0])
+    # very strong guidance returns the input: compared with the features themselves, nothing changed
+    det.update(reconstruction_guidance=0.0, guidance_scale=1e6)
     assert det.nfe == 5
-    scorer.editor.guidance_scale = 1e6
-    assert float(scorer(x).maps.max()) < float(out.maps.min())
+    assert torch.allclose(editor.ddim(z, guidance=1e6, **run)[0][0], z, atol=1e-4)
+    strong = scorer(x).maps
+    assert float(strong.max() - strong.min()) < 1e-4 and float(strong.max()) < float(out.maps.min())
     # a reconstruction with the edit's own guidance is the edit: the distance is zero everywhere
-    det.update(reconstruction_guidance=0.5, guidance_scale=0.5)
-    z_dist = torch.linalg.vector_norm(scorer.reconstructor.edit(z, seed=0) - scorer.editor.edit(z, seed=0), dim=1)
-    assert float(z_dist.max()) == 0.0
+    edits, refs = editor.ddim(z, guidance=0.5, reconstruction_guidance=0.5, **run)
+    assert float((edits - refs).abs().max()) == 0.0
     # zero guidance from pure noise ignores the input: two frames end in nearly the same edit
     # (relative to its size; this untrained model's edits are far from unit scale)
-    det.update(guidance_scale=0.0, start_timestep=999)
-    editor = scorer.editor
-    a, b = editor.edit(z, seed=0), editor.edit(torch.flip(z, dims=[0]), seed=0)
+    a = editor.ddim(z, start_timestep=999, steps=5, guidance=0.0)[0][0]
+    b = editor.ddim(torch.flip(z, dims=[0]), start_timestep=999, steps=5, guidance=0.0)[0][0]
     assert float((a - b).abs().mean()) < 0.05 * float(a.abs().mean())
 
 
@@ -263,7 +263,7 @@ def test_training_and_eval_cli_write_a_loadable_checkpoint(tmp_path):
     assert len(held) == 2 and set(held) < set(config["training"]["frames"])
     assert {"2", "3", "6"} <= set(config["scores"]) and set(config["scores"]["3"]) == {"pixel", "range", "nll",
                                                                                         "frame"}
-    assert config["edit_scores"]["sampler"] == inv.EDIT_SAMPLER and config["edit_scores"]["pixel"]["std"] > 0
+    assert config["edit_scores"]["sampler"] == inv.EDIT_SAMPLER.to_dict() and config["edit_scores"]["pixel"]["std"] > 0
     stats = ckpt.load_tensors(out, "features")
     assert stats["mean"].shape == stats["std"].shape == (config["features"]["channels"],)
     calib = config["calibration"]["inversion"]

@@ -152,7 +152,10 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
                "--batch-size", "2", "--image-size", "32", "40", "--preset", "tiny", "--autoencoder", "trained"])
     assert rc == 0
     config = ckpt.load_config(out)
-    assert config["family"] == "latent" and config["denoiser"]["kind"] == "dit"
+    # the local prior of latent patches, scored per latent cell with the ID statistics of its sampler
+    assert config["family"] == "latent" and config["denoiser"]["kind"] == "local"
+    assert config["analysis"] == "latent" and config["latent_scores"]["sampler"] == L.EDIT_SAMPLER.to_dict()
+    assert config["latent_scores"]["pixel"]["std"] > 0 and config["training"]["latents_in_memory"]
     assert sorted(config["files"]) == ["autoencoder.safetensors", "denoiser.safetensors"]
     assert config["autoencoder"]["kind"] == "dcae"
     assert config["autoencoder"]["config"]["latent_channels"] == 8  # diffusers config of the AE
@@ -160,18 +163,18 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
     assert set(config["calibration"]["dcae"]) >= {"mask_threshold", "frame_threshold"}
 
     det = Detector(out, variant_settings("dcae", checkpoint=str(out), steps=2, segments="none"))
-    assert det.nfe == 4  # the edit and the model's reconstruction, 2 steps each
+    assert det.nfe == 4  # config/dcae.yaml: the denoising error, 4 draws in one network call
     frame = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     r = det.process(frame)
     assert r.score.shape == (50, 70) and r.score.dtype == np.float32
     assert 0.0 <= r.score.min() and r.score.max() <= 1.0
     assert r.mask.shape == (50, 70) and r.mask.dtype == bool
-    assert r.edited.shape == (50, 70, 3) and r.edited.dtype == np.uint8
-    assert isinstance(r.is_ood, bool)
+    assert r.edited is None and isinstance(r.is_ood, bool)  # scored in latent space: nothing decoded
     again = det.process(frame)
     np.testing.assert_array_equal(r.score, again.score)  # seeded: deterministic
     # live settings reach the latent editor
-    assert det.update(steps=3, guidance_scale=2.0) == [] and det.nfe == 6
+    assert det.update(edit_score="edit", draws=1, steps=3, guidance_scale=2.0) == [] and det.nfe == 6
+    assert not np.allclose(det.process(frame).score, r.score)
     # a pixel checkpoint is refused by the latent variant (and vice versa)
     with pytest.raises(ckpt.CheckpointError, match="latent"):
         Detector(out, variant_settings("ddim", checkpoint=str(out)))
@@ -180,18 +183,17 @@ def test_train_dcae_writes_a_loadable_checkpoint_and_detector_runs(tmp_path, syn
 def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
     config = ckpt.load_config(untrained)
     # compared with the input (not the model's reconstruction) to see what the edit alone does
-    settings = variant_settings("dcae", checkpoint=str(untrained), steps=4, reconstruction_guidance=0.0)
+    settings = variant_settings("dcae", checkpoint=str(untrained), steps=4, reconstruction_guidance=0.0, draws=1,
+                                guidance_scale=1e6)
     scorer = L.build(untrained, config, settings, torch.device("cpu"))
-    # Settings cap w at 1000; at t = 0 the input's weight is w (1 - abar_0) ~ 0.15 for that,
-    # so go past it on the editor itself (as test_editing does for pixels).
-    scorer.editor.guidance_scale = 1e6
     x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         z = scorer.codec.encode(x)
-        assert torch.allclose(scorer.editor.edit(z, seed=0), z, atol=1e-4)  # in latent space
+        edits, _ = scorer.editor.ddim(z, start_timestep=settings.start_timestep, steps=4, guidance=1e6)
+        assert torch.allclose(edits[0], z, atol=1e-4)  # in latent space
         reconstruction = scorer.codec.decode(z, (32, 40))
-        np.testing.assert_allclose(scorer.edit(x).numpy(), reconstruction.numpy(), atol=1e-4)
         out = scorer(x)
+        np.testing.assert_allclose(out.edited01.numpy(), reconstruction.numpy(), atol=1e-4)
     assert out.maps.shape == (2, settings.analysis_height, settings.analysis_width)
     assert out.edited01.shape == x.shape and scorer.nfe == 4
     # compared with the autoencoder's reconstruction instead of the input, nothing changed
@@ -201,7 +203,7 @@ def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
     # without guidance the untrained model's sample is something else entirely
     scorer.apply(settings.updated(guidance_scale=0.0))
     with torch.no_grad():
-        assert (scorer.edit(x) - reconstruction).abs().mean() > 1e-2
+        assert (scorer(x).edited01 - reconstruction).abs().mean() > 1e-2
 
 
 def test_resumed_training_reuses_the_autoencoder_and_continues_the_dit(tmp_path, synthetic, monkeypatch):

@@ -279,6 +279,8 @@ def _predicted_layers(config: dict) -> list[str]:
     names = Q.selected_layer_names(build_denoiser(kind, cfg))
     if kind == "dit":  # per transformer block: four attention projections and two feed-forward layers
         assert len(names) == 6 * cfg["num_layers"]
+    elif kind in ("cell", "local"):  # bounded receptive field: both convolutions of every residual block
+        assert names == [f"blocks.{i}.conv{j}" for i in range(cfg["blocks"]) for j in (1, 2)], names
     else:  # the features UNet: ResNet convs, and the projections of its mid-block attention
         assert all(".resnets." in n and n.endswith(("conv1", "conv2", "conv_shortcut"))
                    or n.startswith("net.mid_block.attentions.") and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))

@@ -1,16 +1,28 @@
-"""Samplers: the noise schedule and every sampler the families run, on any denoiser
-net(x_t, t) and any data (pixels, latents, backbone features).
+"""The noise schedule, the sampler arithmetic and the one Editor that runs every sampler,
+on any denoiser net(x_t, t) and any data (pixels, latents, backbone features).
 
-* NoiseSchedule: the betas come from diffusers' DDPMScheduler (linear, cosine,
-  sigmoid, ...), so the schedule a checkpoint was trained with is recreated exactly
-  from its config; training targets and noising are diffusers' too.
-* GuidedDDIM: deterministic DDIM (eta = 0) from the input noised to start_timestep,
-  with "timestep matching" guidance (method notes, section 1): the editing sampler of
-  the pixel and latent families.
-* GuidedDDPM: the T-step ancestral baseline, its posterior mean shifted by
+As in diffusers, the update rules never call the network: `ddim_step` maps (x_t, eps) to
+the next sample and `timestep_matching` turns the model's eps into the guided one. The
+`Editor` owns the loops: it calls the network, batches K seeded draws and the
+edit/reconstruction pair into one call per step, and counts the network evaluations.
+
+* NoiseSchedule: the betas come from diffusers' DDPMScheduler (linear, cosine, sigmoid,
+  ...), so the schedule a checkpoint was trained with is recreated exactly from its
+  config; training targets and noising are diffusers' too.
+* ddim_step: DDIM with eta. eta = 0 down the chain is the deterministic edit, up the
+  chain (t_next > t) the inversion of the notes (section 2); eta = 1 over consecutive
+  timesteps is DDPM's ancestral step. One update for all three.
+* Editor.ddim: the guided DDIM edit from the input noised to start_timestep, with
+  "timestep matching" guidance (method notes, section 1), and the model's own
+  reconstruction of the input (the same run with strong guidance).
+* Editor.ddpm: the T-step ancestral baseline, its posterior mean shifted by
   Sigma * grad log r(mu, x_input) with log r = -s * mean((mu - x_input)^2).
-* ddim_invert: deterministic DDIM up to t = T-1 (notes, section 2): the inversion
-  family's map to the noise space.
+* Editor.denoising_error: E ||eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t)||^2
+  per location, the ELBO term at one t; one network call for all K draws.
+* Editor.invert: deterministic DDIM up to t = T-1, the inversion family's map to noise.
+
+Draws are seeded per frame: draw k of seed s is the same noise for every frame of a batch
+and does not depend on how many draws run, so a frame gets the same map alone or batched.
 
 The update rules are written out rather than taken from diffusers' DDIMScheduler and
 DDIMInverseScheduler: their step size is tied to T // num_inference_steps (so an edit
@@ -20,7 +32,6 @@ the current one, and the guidance has to act between the model call and the upda
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -89,110 +100,173 @@ def ddim_timesteps(start_timestep: int, steps: int) -> list[int]:
     return [int(t) for t in np.round(np.linspace(start_timestep, 0, steps)).astype(int)]
 
 
-class GuidedDDIM:
-    """Guided DDIM editor (eta = 0), seeded and batched.
-
-    `clip`: the edit is clamped to [-clip, clip] (1.0: pixels in [-1, 1]); None leaves it
-    unclamped (unit-variance latents exceed [-1, 1])."""
-
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, steps: int = 25,
-                 start_timestep: int = 999, guidance_scale: float = 0.6, clip: float | None = 1.0):
-        self.net, self.schedule, self.clip = net, schedule, clip
-        self.steps, self.start_timestep, self.guidance_scale = steps, start_timestep, guidance_scale
-
-    @property
-    def timesteps(self) -> list[int]:
-        # A start beyond the model's chain (start_timestep 999 on a T = 50 model) starts at its end.
-        return ddim_timesteps(min(self.start_timestep, self.schedule.T - 1), self.steps)
-
-    @property
-    def nfe(self) -> int:
-        return len(self.timesteps)
-
-    def step(self, x_t: torch.Tensor, x_input: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
-        """One guided DDIM update t -> t_next (t_next < 0: to the clean sample)."""
-        a, a_next = self.schedule.abar(t), self.schedule.abar(t_next)
-        eps = self.schedule.eps_from_output(self.net(x_t, t), x_t, t)
-        # Timestep matching: the input brought to level t with the model's own noise.
-        y_t = a**0.5 * x_input + (1 - a) ** 0.5 * eps
-        # eps~ = eps - w sqrt(1-a) (y_t - x_t) makes x0^ the blend (1-lam) x0_model + lam x_input
-        # with lam = w (1-a). Capping lam at 1 keeps very strong guidance at "return the
-        # input" instead of overshooting past it.
-        lam = min(1.0, self.guidance_scale * (1 - a))
-        eps_g = eps - lam / (1 - a) ** 0.5 * (y_t - x_t)
-        x0 = (x_t - (1 - a) ** 0.5 * eps_g) / a**0.5
-        return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps_g
-
-    @torch.no_grad()
-    def edit(self, x_input: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        ts = self.timesteps
-        noise = seeded_noise(x_input, seed)
-        a0 = self.schedule.abar(ts[0])
-        x = a0**0.5 * x_input + (1 - a0) ** 0.5 * noise
-        for t, t_next in zip(ts, ts[1:] + [-1]):
-            x = self.step(x, x_input, t, t_next)
-        return x if self.clip is None else x.clamp(-self.clip, self.clip)
+def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int, sample: torch.Tensor,
+              eta: float = 0.0, clip: float | None = None) -> torch.Tensor:
+    """The deterministic part of one DDIM update x_t -> x_{t_next} given eps (t_next < 0: the
+    clean sample). With `clip`, x0 is clamped and eps made consistent with it (as diffusers
+    does). Add ddim_sigma(...) * noise for eta > 0."""
+    a, a_next = schedule.abar(t), schedule.abar(t_next)
+    x0 = (sample - (1 - a) ** 0.5 * eps) / a**0.5
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+        eps = (sample - a**0.5 * x0) / (1 - a) ** 0.5
+    sigma = ddim_sigma(schedule, t, t_next, eta)
+    return a_next**0.5 * x0 + max(0.0, 1 - a_next - sigma**2) ** 0.5 * eps
 
 
-def edit_and_reconstruction(net: nn.Module, schedule: NoiseSchedule, steps: int, start_timestep: int,
-                            guidance_scale: float, reconstruction_guidance: float, clip: float | None = 1.0
-                            ) -> tuple[GuidedDDIM, GuidedDDIM | None]:
-    """The editing variants' pair: the guided DDIM edit and the model's own reconstruction of
-    the same input, i.e. the same seeded run with the strong guidance reconstruction_guidance;
-    None for 0 (the edit is then compared with the input itself)."""
-    def run(w: float) -> GuidedDDIM:
-        return GuidedDDIM(net, schedule, steps, start_timestep, w, clip=clip)
-
-    return run(guidance_scale), (run(reconstruction_guidance) if reconstruction_guidance > 0 else None)
+def ddim_sigma(schedule: NoiseSchedule, t: int, t_next: int, eta: float) -> float:
+    """Standard deviation of the noise DDIM adds at t -> t_next (eta = 1, t_next = t - 1: DDPM's
+    posterior variance); 0 for eta = 0 or an inversion step."""
+    if eta == 0 or t_next >= t:
+        return 0.0
+    a, a_next = schedule.abar(t), schedule.abar(t_next)
+    return eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
 
 
-class GuidedDDPM:
-    """Guided ancestral DDPM over all T steps: the slow baseline."""
-
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, guidance_scale: float = 3e3):
-        self.net, self.schedule, self.guidance_scale = net, schedule, guidance_scale
-        self.betas = schedule.scheduler.betas.to(torch.float64)
-
-    @property
-    def nfe(self) -> int:
-        return self.schedule.T
-
-    @torch.no_grad()
-    def edit(self, x_input: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        gen = torch.Generator(device=x_input.device).manual_seed(seed)
-        x = seeded_noise(x_input, seed)
-        n = x_input[0].numel()
-        for t in range(self.schedule.T - 1, -1, -1):
-            a, a_prev, beta = self.schedule.abar(t), self.schedule.abar(t - 1), float(self.betas[t])
-            eps = self.schedule.eps_from_output(self.net(x, t), x, t)
-            x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
-            mean = (a_prev**0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x
-            var = beta * (1 - a_prev) / (1 - a)
-            # grad of log r = -s * mean((mu - x_input)^2) with respect to mu
-            grad = -2.0 * self.guidance_scale / n * (mean - x_input)
-            x = mean + var * grad
-            if t > 0:
-                x = x + var**0.5 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        return x.clamp(-1, 1)
+def timestep_matching(eps: torch.Tensor, x_t: torch.Tensor, x_input: torch.Tensor, abar: float,
+                      guidance: torch.Tensor | float) -> torch.Tensor:
+    """Guided eps of "timestep matching": with y_t = sqrt(a) x_input + sqrt(1-a) eps (the input
+    brought to level t with the model's own noise), eps~ = eps - lam / sqrt(1-a) (y_t - x_t)
+    makes x0^ the blend (1 - lam) x0_model + lam x_input with lam = w (1 - a). Capping lam at
+    1 keeps very strong guidance at "return the input" instead of overshooting past it."""
+    y_t = abar**0.5 * x_input + (1 - abar) ** 0.5 * eps
+    lam = torch.as_tensor(guidance, dtype=x_t.dtype, device=x_t.device).mul(1 - abar).clamp(max=1.0)
+    return eps - lam / (1 - abar) ** 0.5 * (y_t - x_t)
 
 
-def seeded_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+def draw_noise(like: torch.Tensor, seed: int, draws: int) -> torch.Tensor:
+    """(draws, 1, *frame shape) standard normal noise: draw k of `seed` is the same for every
+    frame of `like` (B, ...) and for any number of draws."""
     gen = torch.Generator(device=like.device).manual_seed(int(seed) + 1)
-    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+    return torch.randn((draws, 1, *like.shape[1:]), generator=gen, device=like.device, dtype=like.dtype)
+
+
+SCORES = ("edit", "error")
+
+
+@dataclass(frozen=True)
+class EditSampler:
+    """What an editing variant runs on a frame (Settings fields of the same names). score
+    "edit": the distance between the guided DDIM edit and the reconstruction (or the input,
+    reconstruction_guidance 0); "error": the denoising error at start_timestep (steps and
+    guidances unused). Either averaged over `draws` seeded draws."""
+    score: str = "edit"
+    start_timestep: int = 250
+    steps: int = 5
+    guidance_scale: float = 0.0
+    reconstruction_guidance: float = 1.0
+    seed: int = 0
+    draws: int = 1
+
+    @classmethod
+    def from_settings(cls, s) -> "EditSampler":
+        return cls(s.edit_score, s.start_timestep, s.steps, float(s.guidance_scale), float(s.reconstruction_guidance),
+                   s.seed, s.draws)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EditSampler":
+        return cls(**{**asdict(cls()), "score": "edit", "draws": 1, **d})  # stored before score/draws: edits
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Editor:
+    """Runs the samplers on a denoiser: the only place that calls the network while sampling.
+
+    `clip`: edits and x0 predictions are clamped to [-clip, clip] (1.0: pixels in [-1, 1]);
+    None leaves them unclamped (unit-variance latents and features exceed [-1, 1])."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, clip: float | None = 1.0):
+        self.net, self.schedule, self.clip = net, schedule, clip
+
+    def _eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return self.schedule.eps_from_output(self.net(x, t), x, t)
+
+    def timesteps(self, start_timestep: int, steps: int) -> list[int]:
+        # A start beyond the model's chain (start_timestep 999 on a T = 50 model) starts at its end.
+        return ddim_timesteps(min(start_timestep, self.schedule.T - 1), steps)
+
+    @torch.no_grad()
+    def ddim(self, x: torch.Tensor, *, start_timestep: int, steps: int, guidance: float, seed: int = 0,
+             draws: int = 1, reconstruction_guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(edits, reconstructions or None), each (draws, B, ...): x (B, ...) noised to
+        start_timestep with draw k's noise and brought back by guided DDIM with `guidance`; the
+        reconstruction is the same run with reconstruction_guidance (None for 0). Edit and
+        reconstruction of every draw go through the network as one batch per step."""
+        ws = [guidance] + ([reconstruction_guidance] if reconstruction_guidance > 0 else [])
+        paths, b = len(ws), x.shape[0]
+        inputs = x.repeat(paths * draws, *[1] * (x.ndim - 1))  # order: path, draw, frame
+        w = torch.tensor(ws, dtype=x.dtype, device=x.device).repeat_interleave(draws * b)
+        w = w.reshape(-1, *[1] * (x.ndim - 1))
+        ts = self.timesteps(start_timestep, steps)
+        a0 = self.schedule.abar(ts[0])
+        noise = draw_noise(x, seed, draws).expand(draws, *x.shape).repeat(paths, *[1] * x.ndim).flatten(0, 1)
+        sample = a0**0.5 * inputs + (1 - a0) ** 0.5 * noise
+        for t, t_next in zip(ts, ts[1:] + [-1]):
+            eps = timestep_matching(self._eps(sample, t), sample, inputs, self.schedule.abar(t), w)
+            sample = ddim_step(self.schedule, eps, t, t_next, sample)
+        if self.clip is not None:
+            sample = sample.clamp(-self.clip, self.clip)
+        out = sample.reshape(paths, draws, *x.shape)
+        return out[0], (out[1] if paths > 1 else None)
+
+    def ddim_nfe(self, start_timestep: int, steps: int, draws: int = 1, reconstruction: bool = False) -> int:
+        """Network evaluations per frame of `ddim` (each draw and path counted)."""
+        return len(self.timesteps(start_timestep, steps)) * draws * (2 if reconstruction else 1)
+
+    @torch.no_grad()
+    def ddpm(self, x: torch.Tensor, *, guidance: float, seed: int = 0, draws: int = 1) -> torch.Tensor:
+        """(draws, B, ...): guided ancestral DDPM from pure noise over all T steps (eta = 1
+        DDIM steps between consecutive timesteps), its mean pulled towards x by `guidance`."""
+        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+        inputs = x.repeat(draws, *[1] * (x.ndim - 1))
+        sample = draw_noise(x, seed, draws).expand(draws, *x.shape).flatten(0, 1).clone()
+        n = x[0].numel()
+        for t in range(self.schedule.T - 1, -1, -1):
+            mean = ddim_step(self.schedule, self._eps(sample, t), t, t - 1, sample, eta=1.0, clip=1.0)
+            sigma = ddim_sigma(self.schedule, t, t - 1, 1.0)
+            # grad of log r = -s * mean((mu - x_input)^2) with respect to mu, scaled by the variance
+            sample = mean - sigma**2 * 2.0 * guidance / n * (mean - inputs)
+            if t > 0:
+                sample = sample + sigma * torch.randn(sample.shape, generator=gen, device=x.device, dtype=x.dtype)
+        return sample.clamp(-1, 1).reshape(draws, *x.shape)
+
+    @torch.no_grad()
+    def denoising_error(self, x: torch.Tensor, *, timestep: int, seed: int = 0, draws: int = 1) -> torch.Tensor:
+        """(B, *spatial): the squared eps error summed over channels, averaged over `draws` noise
+        draws at `timestep`, all draws in one network call."""
+        t = min(timestep, self.schedule.T - 1)
+        a = self.schedule.abar(t)
+        noise = draw_noise(x, seed, draws).expand(draws, *x.shape).flatten(0, 1)
+        x_t = a**0.5 * x.repeat(draws, *[1] * (x.ndim - 1)) + (1 - a) ** 0.5 * noise
+        err = (self._eps(x_t, t) - noise).square().sum(1)
+        return err.reshape(draws, x.shape[0], *err.shape[1:]).mean(0)
+
+    def score(self, x: torch.Tensor, sampler: EditSampler) -> torch.Tensor:
+        """(B, *spatial) anomaly score per location of x (B, C, ...): the L2 norm over channels
+        of edit - reference, or the denoising error (sampler.score), averaged over the draws."""
+        if sampler.score == "error":
+            return self.denoising_error(x, timestep=sampler.start_timestep, seed=sampler.seed, draws=sampler.draws)
+        edits, refs = self.ddim(x, start_timestep=sampler.start_timestep, steps=sampler.steps,
+                                guidance=sampler.guidance_scale, seed=sampler.seed, draws=sampler.draws,
+                                reconstruction_guidance=sampler.reconstruction_guidance)
+        return torch.linalg.vector_norm((x if refs is None else refs) - edits, dim=2).mean(0)
+
+    def score_nfe(self, sampler: EditSampler) -> int:
+        if sampler.score == "error":
+            return sampler.draws
+        return self.ddim_nfe(sampler.start_timestep, sampler.steps, sampler.draws, sampler.reconstruction_guidance > 0)
+
+    def invert(self, x: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) from x at timesteps[0] up to timesteps[-1], eps taken at
+        the current (x_t, t)."""
+        for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+            x = ddim_step(self.schedule, self._eps(x, t), t, t_next, x)
+        return x
 
 
 def inversion_timesteps(steps: int, T: int = 1000) -> list[int]:
     """`steps` evenly spaced timesteps from 0 to T-1 (3 -> [0, 500, 999]): steps - 1 network
     calls. One step would be no inversion at all, so 1 is treated as 2 ([0, 999])."""
     return [int(t) for t in np.linspace(0, T - 1, max(int(steps), 2)).round()]
-
-
-def ddim_invert(net, schedule: NoiseSchedule, x: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from x at timesteps[0] up to timesteps[-1], eps taken at
-    the current (x_t, t)."""
-    for t, t_next in zip(timesteps[:-1], timesteps[1:]):
-        a, a_next = schedule.abar(t), schedule.abar(t_next)
-        eps = schedule.eps_from_output(net(x, t), x, t)
-        x0 = x / math.sqrt(a) - math.sqrt(1.0 / a - 1.0) * eps
-        x = math.sqrt(a_next) * x0 + math.sqrt(1.0 - a_next) * eps
-    return x

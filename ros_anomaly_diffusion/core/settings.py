@@ -16,6 +16,7 @@ WITHOUT_DENOISER = frozenset({"knn"})
 
 # Settings that take effect on the next frame without rebuilding the model.
 LIVE = {"mask_threshold", "frame_threshold", "steps", "start_timestep", "guidance_scale", "reconstruction_guidance",
+        "edit_score", "draws",
         "ddpm_guidance_scale", "seed", "overlay_alpha", "inversion_steps", "flag_window", "flag_raise_count",
         "flag_clear_count", "flag_hysteresis", "score_ema_alpha"}
 
@@ -38,12 +39,18 @@ class Settings:
     steps: int = _f(25, "DDIM steps (number of network evaluations)", 1, 1000)
     start_timestep: int = _f(999, "timestep the input is noised to before editing (lower: weaker edit, faster)",
                              1, 999)
-    guidance_scale: float = _f(0.6, "DDIM timestep-matching guidance w (the input's weight in x0 is w(1-abar))",
-                               0.0, 1000.0)
+    guidance_scale: float = _f(0.6, "DDIM timestep-matching guidance w (the input's weight in x0 is w(1-abar), "
+                                    "capped at 1: very strong guidance returns the input)", 0.0, 1e6)
     reconstruction_guidance: float = _f(0.0, "editing variants: guidance w of the model's own reconstruction of "
                                              "the frame (same sampler and seed) that the edit is compared with, so "
                                              "what the model cannot reproduce anywhere does not count; 0: compare "
-                                             "with the frame itself", 0.0, 1000.0)
+                                             "with the frame itself", 0.0, 1e6)
+    edit_score: str = _f("edit", "editing variants' score per location: edit (distance between the guided DDIM "
+                                 "edit and the reconstruction, or the frame) or error (the denoising error "
+                                 "||eps - eps_theta||^2 at start_timestep: one network call; feature_edit and dcae)",
+                         choices=("edit", "error"))
+    draws: int = _f(1, "editing variants: seeded noise draws K averaged into the score, batched into one network "
+                       "call per step", 1, 64)
     ddpm_guidance_scale: float = _f(3000.0, "DDPM baseline guidance s of log r = -s mean((mu - x)^2)",
                                     0.0, 1e7)
     seed: int = _f(0, "noise seed (editing is deterministic given the seed)", 0, 2**31 - 1)

@@ -37,10 +37,9 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..data import Frame
 from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
-from ..networks.denoisers import build_denoiser, unet_config
+from ..networks.denoisers import build_denoiser, local_config, unet_config
 from ..networks.quantization import load_denoiser
-from ..samplers import (GuidedDDIM, NoiseSchedule, ScheduleConfig, ddim_invert, edit_and_reconstruction,
-                        inversion_timesteps)
+from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig, inversion_timesteps
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
@@ -58,8 +57,12 @@ SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="linear", beta
 # setting outside this range uses the nearest one (the mapping to [0, 1] is then approximate).
 STAT_STEPS = tuple(range(2, 7))
 # The feature_edit variant's sampler whose ID statistics `fit` measures (config/feature_edit.yaml
-# runs it): noise the features part way, a few DDIM steps back down.
-EDIT_SAMPLER = {"start_timestep": 250, "steps": 5, "guidance_scale": 0.0, "reconstruction_guidance": 1.0, "seed": 0}
+# runs it; chosen by `bench --folds` on the sample, README "Results").
+EDIT_SAMPLER = EditSampler(score="error", start_timestep=400, steps=5, guidance_scale=0.0,
+                           reconstruction_guidance=1.0, seed=0, draws=4)
+# The denoiser a new checkpoint gets (TrainOptions.denoiser empty): a per-cell MLP, the ID
+# prior of one cell's features (method notes, section 5); "unet" is the scene-level one.
+DEFAULT_DENOISER = "cell"
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -95,7 +98,8 @@ def score_statistics(net, schedule: NoiseSchedule, batches, steps: tuple[int, ..
     per = {s: ([], [], []) for s in steps}
     for z, weights in batches:
         for s in steps:
-            norm, rng, nll = latent_scores(ddim_invert(net, schedule, z, inversion_timesteps(s, schedule.T)), weights)
+            norm, rng, nll = latent_scores(Editor(net, schedule, None).invert(z, inversion_timesteps(s, schedule.T)),
+                                           weights)
             per[s][0].append(norm[weights[:, 0].bool()].cpu())
             per[s][1].append(rng.cpu())
             per[s][2].append(nll.cpu())
@@ -130,7 +134,7 @@ class InversionGraph(nn.Module):
 
     def latents(self, batch01: torch.Tensor) -> torch.Tensor:
         z = (self.features(batch01) - self.mean) / self.std
-        return ddim_invert(self.net, self.schedule, z, self.timesteps)
+        return Editor(self.net, self.schedule, None).invert(z, self.timesteps)
 
     def forward(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.stats
@@ -178,63 +182,47 @@ class InversionScorer:
         return ScoreOutput(maps, None, frames)
 
 
-def edit_distance(editor: GuidedDDIM, reconstructor: GuidedDDIM | None, z: torch.Tensor, seed: int) -> torch.Tensor:
-    """Standardised features (B, C, h, w) -> (B, h, w) L2 distance between their guided DDIM
-    edit and the features themselves or, with a reconstructor, the model's own reconstruction
-    of them (the same run with strong guidance; see pixel.EditingScorer)."""
-    reference = z if reconstructor is None else reconstructor.edit(z, seed=seed)
-    return torch.linalg.vector_norm(reference - editor.edit(z, seed=seed), dim=1)
-
-
-def feature_editors(net, schedule: NoiseSchedule, sampler: dict) -> tuple[GuidedDDIM, GuidedDDIM | None]:
-    """(editor, reconstructor or None) of a sampler dict (EDIT_SAMPLER's keys); no clamp:
-    standardised features exceed [-1, 1]."""
-    return edit_and_reconstruction(net, schedule, sampler["steps"], sampler["start_timestep"],
-                                   sampler["guidance_scale"], sampler.get("reconstruction_guidance", 0.0), clip=None)
-
-
 @torch.inference_mode()
-def edit_statistics(net, schedule: NoiseSchedule, batches, sampler: dict = EDIT_SAMPLER, acc=None) -> dict:
-    """ID mean/std of the edit distance over the ID cells of batches (z, weights), with the
-    sampler that measured them; with acc, over every process's batches."""
-    editor, reconstructor = feature_editors(net, schedule, sampler)
-    d = [edit_distance(editor, reconstructor, z, sampler["seed"])[weights[:, 0].bool()].cpu() for z, weights in batches]
-    return {"sampler": dict(sampler), "pixel": _moments(gathered(d, acc))}
+def edit_statistics(net, schedule: NoiseSchedule, batches, sampler: EditSampler = EDIT_SAMPLER, acc=None) -> dict:
+    """ID mean/std of the edit's score (Editor.score) over the ID cells of batches (z, weights),
+    with the sampler that measured them; with acc, over every process's batches."""
+    editor = Editor(net, schedule, clip=None)  # standardised features exceed [-1, 1]
+    d = [editor.score(z, sampler)[weights[:, 0].bool()].cpu() for z, weights in batches]
+    return {"sampler": sampler.to_dict(), "pixel": _moments(gathered(d, acc))}
 
 
 class FeatureEditScorer:
-    """Analysis by synthesis without a decoder: the frame's standardised backbone features are
-    noised to start_timestep and brought back by guided DDIM (samplers.GuidedDDIM, the pixel
-    family's editor) under the ID feature model; each cell scores the L2 distance between
-    input and edited features, mapped into [0, 1] with its ID statistics (`edit_statistics`).
-    The edit is seeded (Settings.seed), so a frame always gets the same map."""
+    """Analysis by synthesis without a decoder, where the prior lives: the frame's standardised
+    backbone features are scored cell by cell by the ID feature model (samplers.Editor.score:
+    the guided DDIM edit's distance from the reconstruction, or the denoising error), averaged
+    over seeded draws and mapped into [0, 1] with the ID statistics of the sampler the
+    checkpoint measured (`edit_statistics`). Seeded, so a frame always gets the same map."""
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
                  stats: dict, settings: Settings, device: torch.device, features: StackedFeatures):
-        self.net, self.schedule, self.stats, self.features = net, schedule, stats, features
+        self.net, self.stats, self.features = net, stats, features  # `export` writes the denoiser
+        self.editor = Editor(net, schedule, clip=None)
         self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
-        """Live settings: the edit's steps, start timestep, guidances and seed."""
-        live = {"start_timestep": s.start_timestep, "steps": s.steps, "guidance_scale": s.guidance_scale,
-                "reconstruction_guidance": s.reconstruction_guidance, "seed": s.seed}
-        self.editor, self.reconstructor = feature_editors(self.net, self.schedule, live)
+        """Live settings: the score, the edit's steps, start timestep, guidances, seed and draws."""
+        self.sampler = EditSampler.from_settings(s)
         self.size = (s.analysis_height, s.analysis_width)
-        if live != self.stats["sampler"]:
+        measured = EditSampler.from_dict(self.stats["sampler"])
+        if self.sampler != measured:
             log.warning("feature_edit runs %s but the checkpoint's ID statistics were measured with %s: scores in "
-                        "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", live,
-                        self.stats["sampler"])
-        self.settings = s
+                        "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", self.sampler,
+                        measured)
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe + (0 if self.reconstructor is None else self.reconstructor.nfe)
+        return self.editor.score_nfe(self.sampler)
 
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         z = (self.features(batch01) - self.mean) / self.std
-        d = edit_distance(self.editor, self.reconstructor, z, self.settings.seed)
+        d = self.editor.score(z, self.sampler)
         up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
         return ScoreOutput(to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"]), None)
 
@@ -260,11 +248,19 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     return InversionScorer(net, schedule, mean, std, config["scores"], settings, device, features)
 
 
-def model_config(size: tuple[int, int], channels: int, preset: str) -> dict:
+def denoiser_entry(kind: str, preset: str, channels: int, grid: tuple[int, int]) -> dict:
+    """config.json "denoiser" of a new checkpoint: kind "cell" (default), "local" or "unet"."""
+    if kind == "unet":
+        return {"kind": kind, "config": unet_config("features", preset, channels, grid)}
+    if kind in ("cell", "local"):
+        return {"kind": kind, "config": local_config(kind, preset, channels)}
+    raise ValueError(f"the feature_diffusion family's denoiser is 'cell', 'local' or 'unet', not {kind!r}")
+
+
+def model_config(size: tuple[int, int], channels: int, preset: str, kind: str = DEFAULT_DENOISER) -> dict:
     grid = (size[0] // GRID_STRIDE, size[1] // GRID_STRIDE)
     return {"family": FAMILY, "image_size": list(size), "features": features_config(size, channels),
-            "denoiser": {"kind": "unet", "config": unet_config("features", preset, channels, grid)},
-            "schedule": SCHEDULE.to_dict()}
+            "denoiser": denoiser_entry(kind, preset, channels, grid), "schedule": SCHEDULE.to_dict()}
 
 
 def split_statistics(frames: list[Frame], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -301,8 +297,8 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True, acc=N
     for feats, weights, _ in source.passes(fit_idx):
         moments.add(feats, weights)
     mean, std = moments.result(acc)
-    config = model_config(size, source.channels, opts.preset)
-    net = build_denoiser("unet", config["denoiser"]["config"])
+    config = model_config(size, source.channels, opts.preset, opts.denoiser or DEFAULT_DENOISER)
+    net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"])
     schedule = NoiseSchedule(SCHEDULE)
     trainer = DenoiserTrainer(net, schedule, opts, out, acc)
     trainer.load_state()
@@ -337,7 +333,7 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
     image_size = tuple(image_size or (64, 96))
     feats, weights, mean, std, z = random_frame_features(image_size, seed)
     config = model_config(image_size, feats.shape[1], preset)
-    net = build_denoiser("unet", config["denoiser"]["config"]).eval()
+    net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"]).eval()
     config["scores"] = score_statistics(net, NoiseSchedule(SCHEDULE), [(z, weights)], steps=(2, 3))
     config["edit_scores"] = edit_statistics(net, NoiseSchedule(SCHEDULE), [(z, weights)])
     if calibration:

@@ -46,6 +46,10 @@ class TrainOptions:
     variant: str = "ddim"
     image_size: tuple[int, int] = (64, 80)  # (H, W) the model sees; the reference used 176x216
     preset: str = "small"
+    # the denoiser's design (networks/denoisers.py: cell, local, unet, dit); empty: the family's
+    # default. receptive_field: a local denoiser's window side in input cells; 0: the family's
+    denoiser: str = ""
+    receptive_field: int = 0
     steps: int = 3000
     batch_size: int = 8
     lr: float = 3e-4
@@ -182,6 +186,17 @@ def augment(x: torch.Tensor, wgt: torch.Tensor, gen: torch.Generator) -> tuple[t
     wgt = F.interpolate(wgt[..., top:top + ch, left:left + cw], size=(h, w), mode="nearest")
     x = (x * (0.9 + 0.2 * torch.rand(b, 1, 1, 1, generator=gen))).clamp(0, 1)
     return x, wgt
+
+
+def random_crop(x: torch.Tensor, wgt: torch.Tensor, size: int, gen: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random size x size window (the same for the batch) of samples and weights: what a
+    bounded-receptive-field denoiser trains on (it runs unchanged on whole frames)."""
+    h, w = x.shape[-2:]
+    ch, cw = min(size, h), min(size, w)
+    top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+    left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+    return x[..., top:top + ch, left:left + cw], wgt[..., top:top + ch, left:left + cw]
 
 
 class DenoiserTrainer:

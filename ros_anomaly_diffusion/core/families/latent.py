@@ -25,10 +25,12 @@ same scale as the pixel model does.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderDC
 from torch import nn
@@ -43,13 +45,14 @@ from ..networks.autoencoder import (LatentCodec, autoencoder_config, autoencoder
 from ..networks.taef2 import SOURCE as TAEF2_SOURCE
 from ..networks.taef2 import load_taef2
 from ..networks.backbone import FeatureExtractor
-from ..networks.denoisers import DiTDenoiser, dit_config, pad_to
+from ..networks.denoisers import DiTDenoiser, build_denoiser, dit_config, local_config, pad_to
 from ..networks.quantization import load_denoiser
-from ..samplers import NoiseSchedule, ScheduleConfig, edit_and_reconstruction
+from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ScoreOutput
 from ..settings import Settings
+from .feature_space import to_unit
 from .fitting import (STATE, DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
-                      mean_std, summed)
+                      mean_std, random_crop, summed)
 
 log = logging.getLogger(__name__)
 
@@ -63,57 +66,77 @@ TRAINED = "trained"  # TrainOptions.autoencoder: a compact DC-AE trained on the 
 
 
 REFERENCES = ("input", "reconstruction")
+# A new checkpoint's denoiser (TrainOptions.denoiser empty) and its analysis: a local prior of
+# latent patches (3x3 blocks, RECEPTIVE_FIELD latent cells; method notes section 5), trained on
+# CROP x CROP latent windows of frames at LOCAL_SIZE, scored where it lives, per latent cell
+# (EDIT_SAMPLER, chosen by `bench --folds` on the sample). "dit" is the scene-level network
+# of the notes, analysed on decoded frames.
+DEFAULT_DENOISER = "local"
+LOCAL_SIZE = (256, 320)
+RECEPTIVE_FIELD = 13
+CROP = 16
+EDIT_SAMPLER = EditSampler(score="error", start_timestep=500, steps=5, guidance_scale=0.0,
+                           reconstruction_guidance=1.0, seed=0, draws=4)
 
 
 class LatentEditingScorer:
-    """encode -> guided DDIM on the latents -> decode -> FeatureDistance(input, decoded).
+    """encode -> score the latents under the ID prior (config "analysis"):
 
-    reference "input" (default) compares the decoded edit with the input frame itself, so
-    whatever the autoencoder cannot reproduce also counts as change; "reconstruction"
-    compares it with decode(encode(input)) instead (one more decode), which leaves only
-    what the diffusion edit changed. Chosen by the checkpoint's `analysis_reference`.
-    With reconstruction_guidance w_r > 0 (Settings) the reference is the model's own
-    reconstruction instead: the same latent edit with the strong guidance w_r, decoded, so
-    the autoencoder's and the DiT's rendering cancel out (see pixel.EditingScorer).
+    * "latent" (a local denoiser's checkpoint): per latent cell, samplers.Editor.score (the
+      guided DDIM edit's distance from the reconstruction, or the denoising error), averaged
+      over seeded draws, mapped into [0, 1] with the ID statistics stored in the checkpoint.
+      TAEF2 renders smooth man-made objects well and foliage badly, so comparing decoded
+      frames would score ID texture above objects; in latent space that bias is absent.
+    * "decoded" (the DiT of the notes): the edit is decoded and compared through backbone
+      features (`FeatureDistance`) with the input frame (reference "input"), its
+      autoencoder round trip ("reconstruction") or, with reconstruction_guidance w_r > 0,
+      the decoded reconstruction: the same latent edit with the strong guidance w_r.
     """
 
     def __init__(self, codec: LatentCodec, net: nn.Module, schedule: NoiseSchedule, settings: Settings,
-                 device: torch.device, reference: str = "input"):
+                 device: torch.device, reference: str = "input", stats: dict | None = None):
         if reference not in REFERENCES:
             raise ValueError(f"analysis_reference must be one of {list(REFERENCES)}, got {reference!r}")
-        self.reference = reference
-        self.codec, self.net = codec, net  # the DiT as loaded (quantized or not)
-        self.distance = FeatureDistance(FeatureExtractor().to(device),
-                                        (settings.analysis_height, settings.analysis_width))
-        self.schedule = schedule
+        self.reference, self.stats = reference, stats
+        self.codec, self.net = codec, net  # the denoiser as loaded (quantized or not; `export` writes it)
+        self.editor = Editor(net, schedule, clip=None)  # unit-variance latents exceed [-1, 1]
+        self.distance = None if stats else FeatureDistance(FeatureExtractor().to(device),
+                                                           (settings.analysis_height, settings.analysis_width))
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
-        """Take new live settings (sampler parameters) for the next frame."""
-        # no clamp: unit-variance latents exceed [-1, 1]
-        self.editor, self.reconstructor = edit_and_reconstruction(
-            self.net, self.schedule, s.steps, s.start_timestep, s.guidance_scale, s.reconstruction_guidance, clip=None)
-        self.settings = s
+        """Take new live settings (the sampler) for the next frame."""
+        self.settings, self.sampler = s, EditSampler.from_settings(s)
+        self.size = (s.analysis_height, s.analysis_width)
+        if self.stats and self.sampler != EditSampler.from_dict(self.stats["sampler"]):
+            log.warning("dcae runs %s but the checkpoint's ID statistics were measured with %s: scores in [0, 1] "
+                        "are then only roughly comparable to the thresholds (recalibrate)", self.sampler,
+                        self.stats["sampler"])
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe + (0 if self.reconstructor is None else self.reconstructor.nfe)
-
-    @torch.no_grad()
-    def edit(self, batch01: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(self.editor.edit(self.codec.encode(batch01), seed=self.settings.seed),
-                                 batch01.shape[-2:])
+        if self.stats:
+            return self.editor.score_nfe(self.sampler)
+        edit = dataclasses.replace(self.sampler, score="edit")
+        return self.editor.score_nfe(edit)
 
     @torch.no_grad()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        size, seed = batch01.shape[-2:], self.settings.seed
+        size, s = batch01.shape[-2:], self.sampler
         z = self.codec.encode(batch01)  # once, for the edit and the reference
-        edited = self.codec.decode(self.editor.edit(z, seed=seed), size)
-        if self.reconstructor is not None:  # the reference (see the class docstring)
-            ref = self.codec.decode(self.reconstructor.edit(z, seed=seed), size)
+        if self.stats:
+            d = self.editor.score(z, s)
+            up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
+            return ScoreOutput(to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"]), None)
+        edits, refs = self.editor.ddim(z, start_timestep=s.start_timestep, steps=s.steps, guidance=s.guidance_scale,
+                                       seed=s.seed, draws=s.draws, reconstruction_guidance=s.reconstruction_guidance)
+        decoded = [self.codec.decode(e, size) for e in edits]
+        if refs is not None:  # the reference (see the class docstring)
+            references = [self.codec.decode(r, size) for r in refs]
         else:
-            ref = batch01 if self.reference == "input" else self.codec.decode(z, size)
-        return ScoreOutput(self.distance(ref, edited), edited)
+            references = [batch01 if self.reference == "input" else self.codec.decode(z, size)] * len(decoded)
+        maps = torch.stack([self.distance(r, e) for r, e in zip(references, decoded)]).mean(0)
+        return ScoreOutput(maps, decoded[0])
 
 
 def load_latent_models(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
@@ -129,7 +152,8 @@ def load_latent_models(directory: Path, config: dict, device: torch.device, sett
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device):
     codec, net, schedule = load_latent_models(Path(directory), config, device, settings)
-    return LatentEditingScorer(codec, net, schedule, settings, device, config.get("analysis_reference", "input"))
+    return LatentEditingScorer(codec, net, schedule, settings, device, config.get("analysis_reference", "input"),
+                               config.get("latent_scores"))
 
 
 # --------------------------------------------------------------------------- training
@@ -137,13 +161,31 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
 
 def latent_config(opts: TrainOptions, ae, source: str, shift: float, scale: float) -> dict:
     factor = compression(ae)
-    grid = latent_size(opts.image_size, factor)
-    return {"family": FAMILY, "image_size": list(opts.image_size),
+    grid = latent_size(image_size(opts), factor)
+    return {"family": FAMILY, "image_size": list(image_size(opts)),
             "autoencoder": {**autoencoder_entry(ae), "source": source, "compression": factor,
                             "latent_shift": shift, "latent_scale": scale},
             "latent_size": list(grid),
-            "denoiser": {"kind": "dit", "config": dit_config(opts.preset, latent_channels(ae), grid)},
-            "schedule": opts.schedule.to_dict()}
+            "denoiser": denoiser_entry(opts, latent_channels(ae), grid), "schedule": opts.schedule.to_dict()}
+
+
+def denoiser_entry(opts: TrainOptions, channels: int, grid: tuple[int, int]) -> dict:
+    """config.json "denoiser" of a new checkpoint: kind "local" (default) or "dit"."""
+    kind = opts.denoiser or DEFAULT_DENOISER
+    if kind == "dit":
+        return {"kind": kind, "config": dit_config(opts.preset, channels, grid)}
+    if kind == "local":
+        return {"kind": kind, "config": local_config(kind, opts.preset, channels,
+                                                     receptive_field=opts.receptive_field or RECEPTIVE_FIELD)}
+    raise ValueError(f"the latent family's denoiser is 'local' or 'dit', not {kind!r}")
+
+
+def image_size(opts: TrainOptions) -> tuple[int, int]:
+    """LOCAL_SIZE for a local denoiser unless opts.image_size was changed from its default."""
+    size = tuple(int(v) for v in opts.image_size)
+    if (opts.denoiser or DEFAULT_DENOISER) == "local" and size == TrainOptions.image_size:
+        return LOCAL_SIZE
+    return size
 
 
 @torch.no_grad()
@@ -153,7 +195,7 @@ def latent_statistics(codec: LatentCodec, frames: list[Frame], opts: TrainOption
     mean L1 and PSNR (dB, images in [0, 1]) of decode(encode(x))."""
     # latent values: count, sum, sum of squares; frames: count, L1 sum, PSNR sum
     sums = torch.zeros(6, dtype=torch.float64, device=acc.device)
-    for batch in frame_passes(frames, opts.image_size, acc, opts.batch_size, opts.workers):
+    for batch in frame_passes(frames, image_size(opts), acc, opts.batch_size, opts.workers):
         xb = batch.images.to(acc.device)
         raw = codec.raw(xb).double()
         rec = codec.decode(codec.encode(xb), xb.shape[-2:])
@@ -278,22 +320,66 @@ def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool
                  "scale %.4f", source, quality["l1"], quality["psnr_db"], shift, scale)
 
     config = latent_config(opts, ae, source, shift, scale)
-    net = DiTDenoiser(config["denoiser"]["config"])
-    trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out, acc)
+    kind = config["denoiser"]["kind"]
+    net = build_denoiser(kind, config["denoiser"]["config"])
+    schedule = NoiseSchedule(opts.schedule)
+    trainer = DenoiserTrainer(net, schedule, opts, out, acc)
     trainer.load_state()
     factor = codec.factor
-    frames = FrameStream(train_frames, opts.image_size, opts, acc, seed=opts.seed + trainer.step)
+    size = tuple(config["image_size"])
+    cached = kind != "dit" and _fits_in_memory(codec, size, len(train_frames), opts)
+    frames = None if cached else FrameStream(train_frames, size, opts, acc, seed=opts.seed + trainer.step)
+    if cached:  # encoded once: the autoencoder costs far more than a local prior's training step
+        latents = [(codec.encode(b.images.to(acc.device)), latent_weights(b.weights, factor).to(acc.device))
+                   for b in frame_passes(train_frames, size, acc, opts.batch_size, opts.workers)]
+        z_all, w_all = (torch.cat(v) for v in zip(*latents))
 
     @torch.no_grad()
     def sample_batch(gen):
+        if cached:
+            pick = torch.randint(0, len(z_all), (opts.batch_size,), generator=gen)
+            z, w = random_crop(z_all[pick], w_all[pick], CROP, gen)
+            flip = (torch.rand(len(pick), generator=gen) < 0.5)[:, None, None, None].to(z.device)
+            return torch.where(flip, z.flip(-1), z), torch.where(flip, w.flip(-1), w)
         batch = frames.next()
         xb, wb = augment(batch.images, batch.weights, gen)
-        return codec.encode(xb.to(acc.device)), latent_weights(wb, factor)
+        z, w = codec.encode(xb.to(acc.device)), latent_weights(wb, factor)
+        return (z, w) if kind == "dit" else random_crop(z, w, CROP, gen)  # a local prior learns patches
 
     trainer.fit(sample_batch, opts.steps, progress)
-    config["training"] = {"steps": trainer.step, "skipped_frames": frames.skipped,
+    ema = trainer.ema_state()
+    config["training"] = {"steps": trainer.step, "skipped_frames": 0 if cached else frames.skipped,
+                          "latents_in_memory": cached,
                           "autoencoder": {**ae_info, "source": source, "reconstruction_train": quality}}
-    return config, {"autoencoder": autoencoder_state(ae), "denoiser": trainer.ema_state()}
+    if kind != "dit":
+        net.load_state_dict(ema)
+        config["analysis"] = "latent"
+        config["latent_scores"] = latent_score_statistics(codec, net.eval(), schedule, train_frames, size, opts, acc)
+    return config, {"autoencoder": autoencoder_state(ae), "denoiser": ema}
+
+
+def _fits_in_memory(codec: LatentCodec, size: tuple[int, int], frames: int, opts: TrainOptions) -> bool:
+    """Whether this process's latents of the training frames fit in opts.feature_cache_mb."""
+    channels = latent_channels(codec.ae)
+    h, w = latent_size(size, codec.factor)
+    return frames * (channels + 1) * h * w * 4 / 2**20 <= opts.feature_cache_mb
+
+
+@torch.no_grad()
+def latent_score_statistics(codec: LatentCodec, net: nn.Module, schedule: NoiseSchedule, frames: list[Frame],
+                            size: tuple[int, int], opts: TrainOptions, acc: Accelerator,
+                            sampler: EditSampler = EDIT_SAMPLER) -> dict:
+    """ID mean/std of the latent score (Editor.score with `sampler`) over the ID latent cells of
+    the training frames, every process's shard; the map into [0, 1] of the scorer."""
+    editor = Editor(net, schedule, clip=None)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for batch in frame_passes(frames, size, acc, opts.batch_size, opts.workers):
+        z = codec.encode(batch.images.to(acc.device))
+        keep = latent_weights(batch.weights, codec.factor)[:, 0].to(acc.device) >= 1
+        d = editor.score(z, sampler)[keep].double().cpu()
+        sums += torch.stack([d.new_tensor(d.numel()), d.sum(), d.square().sum()])
+    mean, std = mean_std(*summed(sums, acc))
+    return {"sampler": sampler.to_dict(), "pixel": {"mean": float(mean), "std": max(float(std), 1e-6)}}
 
 
 def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
@@ -301,7 +387,7 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
     """A latent-family checkpoint with an untrained DiT (tests, smoke runs), 32x40 unless image_size
     is given; autoencoder "dcae": an untrained tiny DC-AE, "taef2": the shipped TAEF2."""
     torch.manual_seed(seed)
-    opts = TrainOptions(variant="dcae", preset=preset, image_size=tuple(image_size or (32, 40)))
+    opts = TrainOptions(variant="dcae", preset=preset, image_size=tuple(image_size or (32, 40)), denoiser="dit")
     if autoencoder == "taef2":
         ae, source = load_taef2(), TAEF2_SOURCE
     elif autoencoder == "dcae":

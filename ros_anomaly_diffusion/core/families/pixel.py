@@ -16,12 +16,12 @@ from .. import checkpoint as ckpt
 from ..analysis import FeatureDistance
 from ..data import Frame
 from ..networks.backbone import FeatureExtractor
-from ..networks.denoisers import build_denoiser, unet_config
+from ..networks.denoisers import build_denoiser, local_config, unet_config
 from ..networks.quantization import load_denoiser
-from ..samplers import GuidedDDPM, NoiseSchedule, ScheduleConfig, edit_and_reconstruction
+from ..samplers import Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .fitting import DenoiserTrainer, FrameStream, TrainOptions, augment, make_accelerator
+from .fitting import DenoiserTrainer, FrameStream, TrainOptions, augment, make_accelerator, random_crop
 
 log = logging.getLogger(__name__)
 
@@ -37,43 +37,50 @@ class EditingScorer:
     start, steps) with the strong guidance w_r, which keeps everything, objects included,
     but renders it as the model does. Whatever the model cannot reproduce (texture, blur of
     a small CPU model) then differs in neither and only what the weak-guidance edit painted
-    over remains."""
+    over remains. With `draws` K > 1 the maps of K seeded edits are averaged (one batched
+    network call per step)."""
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, settings: Settings, sampler: str,
                  device: torch.device):
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        self.net, self.schedule = net, schedule  # the denoiser as loaded (quantized or not)
+        self.net = net  # the denoiser as loaded (quantized or not; `export` writes it)
+        self.editor = Editor(net, schedule, clip=1.0)
+        self.sampler = sampler
         self.distance = FeatureDistance(FeatureExtractor().to(device),
                                         (settings.analysis_height, settings.analysis_width))
-        self.ddpm = GuidedDDPM(net, schedule) if sampler == "ddpm" else None
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
         """Take new live settings (sampler parameters) for the next frame."""
-        ddim, self.reconstructor = edit_and_reconstruction(self.net, self.schedule, s.steps, s.start_timestep,
-                                                           s.guidance_scale, s.reconstruction_guidance)
-        if self.ddpm is not None:
-            self.ddpm.guidance_scale = s.ddpm_guidance_scale
-        self.editor = ddim if self.ddpm is None else self.ddpm
         self.settings = s
 
     @property
     def nfe(self) -> int:
-        return self.editor.nfe + (0 if self.reconstructor is None else self.reconstructor.nfe)
+        s = self.settings
+        reconstruction = self.editor.ddim_nfe(s.start_timestep, s.steps) if s.reconstruction_guidance > 0 else 0
+        if self.sampler == "ddpm":
+            return s.draws * (self.editor.schedule.T + reconstruction)
+        return s.draws * (self.editor.ddim_nfe(s.start_timestep, s.steps) + reconstruction)
 
-    def edit(self, batch01: torch.Tensor) -> torch.Tensor:
-        return (self.editor.edit(batch01 * 2 - 1, seed=self.settings.seed) + 1) / 2
-
-    def reference(self, batch01: torch.Tensor) -> torch.Tensor:
-        """What the edit is compared with: the frame, or the model's reconstruction of it."""
-        if self.reconstructor is None:
-            return batch01
-        return (self.reconstructor.edit(batch01 * 2 - 1, seed=self.settings.seed) + 1) / 2
+    def edits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(edits, reconstructions or None), each (K, B, 3, h, w) in [-1, 1], of x in [-1, 1]."""
+        s = self.settings
+        ddim = dict(start_timestep=s.start_timestep, steps=s.steps, seed=s.seed, draws=s.draws)
+        if self.sampler == "ddim":
+            return self.editor.ddim(x, guidance=s.guidance_scale, reconstruction_guidance=s.reconstruction_guidance,
+                                    **ddim)
+        edits = self.editor.ddpm(x, guidance=s.ddpm_guidance_scale, seed=s.seed, draws=s.draws)
+        if s.reconstruction_guidance <= 0:
+            return edits, None
+        return edits, self.editor.ddim(x, guidance=s.reconstruction_guidance, **ddim)[0]
 
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        edited = self.edit(batch01)
-        return ScoreOutput(self.distance(self.reference(batch01), edited), edited)
+        edits, refs = self.edits(batch01 * 2 - 1)
+        edits01 = (edits + 1) / 2
+        refs01 = batch01.expand_as(edits01) if refs is None else (refs + 1) / 2
+        maps = torch.stack([self.distance(r, e) for r, e in zip(refs01, edits01)]).mean(0)
+        return ScoreOutput(maps, edits01[0])
 
 
 def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
@@ -89,9 +96,34 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     return EditingScorer(net, schedule, settings, sampler, device)
 
 
+# The patch prior (the default denoiser, method notes section 5): a local denoiser behind a 2x2
+# space-to-depth stem, trained on CROP x CROP windows of frames at LOCAL_SIZE (a person is a
+# few pixels at 64x80); it runs unchanged on whole frames.
+DEFAULT_DENOISER = "local"
+LOCAL_SIZE = (128, 160)
+LOCAL_STEM = 2
+CROP = 64
+
+
+def image_size(opts: TrainOptions) -> tuple[int, int]:
+    """The pixel family's input size: LOCAL_SIZE for a local denoiser unless opts.image_size was
+    changed from its default (the scene-level UNet's 64x80)."""
+    size = tuple(int(v) for v in opts.image_size)
+    if (opts.denoiser or DEFAULT_DENOISER) == "local" and size == TrainOptions.image_size:
+        return LOCAL_SIZE
+    return size
+
+
 def pixel_config(opts: TrainOptions) -> dict:
-    return {"family": FAMILY, "image_size": list(opts.image_size),
-            "denoiser": {"kind": "unet", "config": unet_config("pixel", opts.preset, 3, opts.image_size)},
+    size, kind = image_size(opts), opts.denoiser or DEFAULT_DENOISER
+    if kind == "unet":
+        denoiser = unet_config("pixel", opts.preset, 3, size)
+    elif kind in ("local", "cell"):
+        denoiser = local_config(kind, opts.preset, 3, stem=LOCAL_STEM,
+                                receptive_field=opts.receptive_field or None if kind == "local" else None)
+    else:
+        raise ValueError(f"the pixel family's denoiser is 'local', 'cell' or 'unet', not {kind!r}")
+    return {"family": FAMILY, "image_size": list(size), "denoiser": {"kind": kind, "config": denoiser},
             "schedule": opts.schedule.to_dict()}
 
 
@@ -99,7 +131,7 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
                     seed: int = 0, calibration: dict | None = None) -> Path:
     """An untrained pixel-family checkpoint (tests, smoke runs), 32x40 unless image_size is given."""
     torch.manual_seed(seed)
-    config = pixel_config(TrainOptions(preset=preset, image_size=tuple(image_size or (32, 40))))
+    config = pixel_config(TrainOptions(preset=preset, image_size=tuple(image_size or (32, 40)), denoiser="unet"))
     if calibration:
         config["calibration"] = calibration
     net = build_denoiser("unet", config["denoiser"]["config"])
@@ -108,18 +140,21 @@ def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: 
 
 def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool,
         acc: Accelerator | None = None) -> tuple[dict, dict]:
-    """Pixel family (ddpm, ddim): the UNet on augmented frames streamed from disk, OOD pixels
-    masked out."""
+    """Pixel family (ddpm, ddim): the denoiser on augmented frames (crops of them for a local
+    one) streamed from disk, OOD pixels masked out."""
     acc = acc or make_accelerator(opts, out)
     config = pixel_config(opts)
-    net = build_denoiser("unet", config["denoiser"]["config"])
+    kind = config["denoiser"]["kind"]
+    net = build_denoiser(kind, config["denoiser"]["config"])
     trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out, acc)
     trainer.load_state()
-    frames = FrameStream(train_frames, opts.image_size, opts, acc, seed=opts.seed + trainer.step)
+    frames = FrameStream(train_frames, tuple(config["image_size"]), opts, acc, seed=opts.seed + trainer.step)
 
     def sample_batch(gen):
         batch = frames.next()
         xb, wb = augment(batch.images, batch.weights, gen)
+        if kind != "unet":  # a bounded receptive field learns patches: crops suffice
+            xb, wb = random_crop(xb, wb, CROP, gen)
         return xb * 2 - 1, wb
 
     trainer.fit(sample_batch, opts.steps, progress)

@@ -1,13 +1,26 @@
-"""Denoising networks (diffusers models) behind one call signature: net(x_t, t).
+"""Denoising networks behind one call signature: net(x_t, t).
 
-The pixel- and feature-space UNet and the latent family's DiT, with their size presets;
-`build_denoiser` turns a checkpoint's {"kind", "config"} into either, so the one loader
-(quantization.load_denoiser) needs no family module."""
+Two designs, each with size presets; `build_denoiser` turns a checkpoint's {"kind", "config"}
+into any of them, so the one loader (quantization.load_denoiser) needs no family module.
+
+* Bounded receptive field (`LocalDenoiser`, kinds "cell" and "local"): residual blocks of
+  1x1 ("cell": an MLP per location) or 3x3 ("local") convolutions with a timestep
+  embedding, optionally behind a space-to-depth stem. The output at a location depends
+  on the input within `receptive_field` of it and nowhere else, so what the model learns
+  is what a *patch* of ID terrain looks like: a dozen frames give thousands of patches,
+  and a network trained on crops runs unchanged on whole frames. The editing families'
+  default (method notes, section 5).
+* Scene-level (diffusers' UNet2DModel with attention, the latent family's DiT): whole-frame
+  context, for teams with thousands of frames and a GPU.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from diffusers import Transformer2DModel, UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 # UNet width presets by the space the UNet denoises. Pixels: "reference" is the original
@@ -77,10 +90,6 @@ class UNetDenoiser(nn.Module):
         self.config = dict(config)
         self.net = UNet2DModel(**self.config)
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["block_out_channels"]) - 1)
-
     def forward(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(t):
             t = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -144,10 +153,6 @@ class DiTDenoiser(nn.Module):
         self.net = Transformer2DModel(**self.config)
         self.patch_size = int(self.config["patch_size"])
 
-    @property
-    def downsample_factor(self) -> int:
-        return self.patch_size
-
     def forward(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(t):
             t = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -159,9 +164,109 @@ class DiTDenoiser(nn.Module):
         return out[..., :h, :w]
 
 
+# Bounded-receptive-field presets: (width, residual blocks). "cell" (1x1) is an MLP per
+# location; "local" (3x3) blocks widen the receptive field by 4 stem cells each.
+LOCAL_PRESETS = {
+    "cell": {"tiny": (64, 2), "small": (256, 3), "medium": (512, 4), "reference": (768, 6)},
+    "local": {"tiny": (32, 2), "small": (64, 4), "medium": (96, 6), "reference": (128, 8)},
+}
+
+
+def local_config(kind: str, preset: str, in_channels: int, stem: int = 1, receptive_field: int | None = None
+                 ) -> dict:
+    """Config of a LocalDenoiser of `kind` ("cell" or "local"). With `receptive_field` (local
+    only: the side, in input cells, of the window an output cell sees), the number of
+    blocks is the fewest that reach it instead of the preset's."""
+    if kind not in LOCAL_PRESETS:
+        raise ValueError(f"unknown bounded-receptive-field kind {kind!r}; choose one of {sorted(LOCAL_PRESETS)}")
+    if preset not in LOCAL_PRESETS[kind]:
+        raise ValueError(f"unknown {kind} preset {preset!r}; choose one of {sorted(LOCAL_PRESETS[kind])}")
+    width, blocks = LOCAL_PRESETS[kind][preset]
+    if receptive_field is not None:
+        if kind == "cell":
+            raise ValueError("a 'cell' denoiser sees one cell (receptive_field 1); use kind 'local' for more")
+        # side = stem * (4 * blocks + 2) - 1 (see LocalDenoiser.receptive_field)
+        blocks = max(1, math.ceil(((receptive_field + 1) / stem - 2) / 4))
+    return dict(in_channels=in_channels, width=width, blocks=blocks, kernel_size=1 if kind == "cell" else 3,
+                stem=stem)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each location. Not GroupNorm: its statistics span the
+    whole grid, so a change anywhere would reach every output and no receptive field would
+    bound what the model sees."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv2(silu(norm(conv1(silu(norm(x))) + time))): two k x k convolutions."""
+
+    def __init__(self, width: int, time_dim: int, kernel_size: int):
+        super().__init__()
+        pad = kernel_size // 2
+        self.norm1, self.norm2 = ChannelNorm(width), ChannelNorm(width)
+        self.conv1 = nn.Conv2d(width, width, kernel_size, padding=pad)
+        self.conv2 = nn.Conv2d(width, width, kernel_size, padding=pad)
+        self.time = nn.Linear(time_dim, width)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.time(temb)[..., None, None]
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class LocalDenoiser(nn.Module):
+    """Fully convolutional denoiser with a bounded receptive field (kinds "cell" and "local").
+
+    stem s > 1 folds s x s input cells into one (space-to-depth) and unfolds the output, so
+    the grid must be a multiple of s (replicate-padded and cropped back otherwise)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        c, width, k, s = config["in_channels"], config["width"], config["kernel_size"], config["stem"]
+        self.kind = "cell" if k == 1 else "local"
+        self.stem = s
+        self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(width, width)
+        self.conv_in = nn.Conv2d(c * s * s, width, 1)
+        self.blocks = nn.ModuleList(ResidualBlock(width, width, k) for _ in range(config["blocks"]))
+        self.norm_out = ChannelNorm(width)
+        self.conv_out = nn.Conv2d(width, c * s * s, 1)
+
+    @property
+    def receptive_field(self) -> int:
+        """Side (input cells) of the window, centred on an output cell, that it depends on: each
+        k x k convolution reaches (k - 1) / 2 stem cells further, and a stem cell spans s input
+        cells, the output cell anywhere in it."""
+        radius = self.config["blocks"] * (self.config["kernel_size"] - 1)  # stem cells, two convs a block
+        return self.stem * (2 * radius + 2) - 1
+
+    def forward(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        elif t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = self.time_embedding(self.time_proj(t.to(x.device)).to(x.dtype))
+        h, w = x.shape[-2:]
+        y = F.pixel_unshuffle(pad_to(x, self.stem), self.stem) if self.stem > 1 else x
+        y = self.conv_in(y)
+        for block in self.blocks:
+            y = block(y, temb)
+        y = self.conv_out(F.silu(self.norm_out(y)))
+        return F.pixel_shuffle(y, self.stem)[..., :h, :w] if self.stem > 1 else y
+
+
+KINDS = {"unet": UNetDenoiser, "dit": DiTDenoiser, "cell": LocalDenoiser, "local": LocalDenoiser}
+
+
 def build_denoiser(kind: str, config: dict) -> nn.Module:
-    if kind == "unet":
-        return UNetDenoiser(config)
-    if kind == "dit":
-        return DiTDenoiser(config)
-    raise ValueError(f"unknown denoiser kind {kind!r} (expected 'unet' or 'dit')")
+    """The untrained network of a checkpoint's {"kind", "config"} (config.json "denoiser")."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown denoiser kind {kind!r} (expected one of {sorted(KINDS)})")
+    return KINDS[kind](config)

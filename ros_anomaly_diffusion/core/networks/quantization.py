@@ -2,14 +2,16 @@
 
 Selected layers are the bulk of the network's weights that tolerate low precision:
 attention projections (to_q, to_k, to_v, to_out.0 of every diffusers `Attention`),
-ResNet convolutions (conv1, conv2, conv_shortcut of every `ResnetBlock2D`) and the
+ResNet convolutions (conv1, conv2, conv_shortcut of every `ResnetBlock2D`, conv1 and
+conv2 of the bounded-receptive-field denoisers' `ResidualBlock`) and the
 feed-forward Linears of transformer blocks (`FeedForward`, the DiT). Never selected:
 norms, biases, time embeddings (and the time projections inside ResNet blocks),
 the first and last layers (conv_in / conv_out, pos_embed / proj_out), up- and
 down-sampling convolutions, adaLN modulation. "all" takes every Conv2d and Linear.
 Per family: the pixel UNet gives ResNet convs and attention projections, the latent
 family's DiT its attention projections and feed-forward layers, the feature_diffusion family's
-UNet (no attention in its down/up blocks) its ResNet convs and mid-block attention projections.
+UNet (no attention in its down/up blocks) its ResNet convs and mid-block attention projections,
+the "cell" and "local" denoisers their residual blocks' convolutions.
 
 Every family with a denoiser loads it through `load_denoiser`, the one place that
 applies a stored or requested quantization.
@@ -42,7 +44,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from .. import checkpoint as ckpt
-from .denoisers import build_denoiser
+from .denoisers import ResidualBlock, build_denoiser
 from .deploy import with_backend
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def selected_layer_names(net: nn.Module, layers: str = "selected") -> list[str]:
             out = getattr(m, "to_out", None)
             if isinstance(out, nn.ModuleList) and len(out) and _is_weight_layer(out[0]):
                 chosen.add(prefix + "to_out.0")
-        elif isinstance(m, ResnetBlock2D):
+        elif isinstance(m, (ResnetBlock2D, ResidualBlock)):
             for attr in RESNET_CONVS:
                 if _is_weight_layer(getattr(m, attr, None)):
                     chosen.add(prefix + attr)
@@ -405,8 +407,11 @@ def load_denoiser(directory: str | Path, config: dict, device: torch.device | st
             _quantize_denoiser(net, config, wanted, settings.quantize_layers)
     net = net.to(device).eval()
     backend = getattr(settings, "backend", "torch") if settings is not None else "torch"
-    unet = config["denoiser"]["config"]
-    shape = (1, unet["in_channels"], *unet["sample_size"]) if config["denoiser"]["kind"] == "unet" else None
+    cfg = config["denoiser"]["config"]
+    # TensorRT compiles for one input shape: the UNet's sample size, a pixel model's frame size
+    size = cfg.get("sample_size") if config["denoiser"]["kind"] == "unet" else (
+        config.get("image_size") if config.get("family") == "pixel" else None)
+    shape = (1, cfg["in_channels"], *size) if size else None
     precision = getattr(settings, "precision", "fp32") if settings is not None else "fp32"
     net, how = with_backend(net, backend, device, shape=shape, precision=precision)
     log.info("denoiser runs on %s", how)
