@@ -49,7 +49,8 @@ def cmd_train(args) -> None:
 
     from .ros import bag
 
-    opts = TrainOptions(variant=args.variant, image_size=tuple(args.image_size), preset=args.preset,
+    opts = TrainOptions(variant=args.variant, image_size=tuple(args.image_size) if args.image_size else None,
+                        preset=args.preset,
                         denoiser=args.denoiser, receptive_field=args.receptive_field, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         frames=args.frames, scenes=args.scenes, device=args.device or "cpu",
                         calib_fraction=args.calib_fraction, autoencoder=args.autoencoder,
@@ -110,11 +111,11 @@ def cmd_bench(args) -> None:
             raise ValueError("--folds trains on the other folds of --data: it needs --train and no --train-data")
         bench_folds(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.folds, args.seed,
                     args.frames, args.device or "cpu", args.max_frames, args.train_steps, args.train_frames or "all",
-                    tuple(args.train_size), args.train_preset)
+                    tuple(args.train_size) if args.train_size else None, args.train_preset)
     else:
         if args.train:
             train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
-                      args.device or "cpu", args.train_frames or "id", tuple(args.train_size), args.train_preset,
+                      args.device or "cpu", args.train_frames or "id", tuple(args.train_size) if args.train_size else None, args.train_preset,
                       args.seed)
         bench(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.frames,
               args.device or "cpu", args.max_frames)
@@ -212,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed if it holds train_state/)")
     _common_run(p, TRAIN_VARIANT)
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--image-size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"))
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="the size the model sees; default: the family's (pixel 128x160, latent and feature "
+                        "families 256x320; 64x80 for the scene-level unet and dit)")
     p.add_argument("--preset", default="small", help="network width: tiny, small, medium, reference")
     p.add_argument("--denoiser", default="", choices=["", "cell", "local", "unet", "dit"],
                    help="the denoiser's design: cell (an MLP per location) or local (3x3 blocks, bounded receptive "
@@ -287,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained and calibrated on the other folds only (CKPT_ROOT/fold<i>), metrics pooled")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment and of training")
     p.add_argument("--train-steps", type=int, default=3000)
-    p.add_argument("--train-size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"),
-                   help="--train: the size the models see (as train --image-size)")
+    p.add_argument("--train-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="--train: the size the models see (as train --image-size; default: each family's)")
     p.add_argument("--train-preset", default="small", help="--train: network width (as train --preset)")
     p.set_defaults(func=cmd_bench)
 

@@ -33,13 +33,19 @@ def test_a_benchmark_root_finds_each_family_under_its_current_or_old_name(tmp_pa
     assert checkpoint_for(tmp_path, "knn", {}) == tmp_path / "knn"  # not there: where `bench --train` writes it
 
 
-def test_the_table_says_which_model_and_autoencoder_a_row_ran():
+def test_the_table_says_which_model_network_and_autoencoder_a_row_ran():
     latent = {"family": "latent", "image_size": [64, 80]}
     assert model_description({**latent, "autoencoder": {"kind": "taef2"}}) == "latent 64x80 ae=taef2"
     assert model_description({**latent, "autoencoder": {"source": "trained"}}) == "latent 64x80 ae=dcae(trained)"
     assert (model_description({**latent, "autoencoder": {"kind": "dcae", "source": "/models/dc-ae-f32c32"}})
             == "latent 64x80 ae=dcae(pretrained)")
     assert model_description({"family": "knn", "image_size": [256, 320]}) == "knn 256x320"
+    # and which network: its kind, and the receptive field of a bounded one
+    local = {"kind": "local", "config": {"in_channels": 3, "width": 8, "blocks": 4, "kernel_size": 3, "stem": 2}}
+    assert model_description({"family": "pixel", "image_size": [128, 160], "denoiser": local}) == \
+        "pixel 128x160 local(R=35)"
+    assert model_description({**latent, "denoiser": {"kind": "dit", "config": {}}, "autoencoder": {"kind": "taef2"}}) \
+        == "latent 64x80 dit ae=taef2"
 
 
 def test_process_memory_from_proc():

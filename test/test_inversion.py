@@ -176,6 +176,7 @@ def test_cell_weights_exclude_every_cell_an_ood_pixel_falls_into():
 
 def test_input_size_defaults_to_256x320_for_the_feature_family():
     assert fs.input_size(TrainOptions()) == (256, 320)
+    assert fs.input_size(TrainOptions(image_size=(64, 96))) == (64, 96)  # an explicit size is honoured
     assert fs.input_size(TrainOptions(image_size=(128, 160))) == (128, 160)
     with pytest.raises(ValueError, match="multiple of 32"):
         fs.input_size(TrainOptions(image_size=(100, 100)))

@@ -139,7 +139,7 @@ def test_train_with_the_default_taef2_writes_a_checkpoint_a_detector_runs(tmp_pa
     assert all(p.dtype == torch.float32 for p in det.scorer.codec.ae.parameters())
     frame = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     r = det.process(frame)
-    assert r.score.shape == (50, 70) and r.mask.shape == (50, 70) and r.edited.shape == (50, 70, 3)
+    assert r.score.shape == (50, 70) and r.mask.shape == (50, 70) and r.edited is None  # scored in latent space
     np.testing.assert_array_equal(r.score, det.process(frame).score)
     # quantization touches the DiT only: the autoencoder stays as loaded
     q = Detector(out, variant_settings("dcae", checkpoint=str(out), steps=2, segments="none", quantization="int8"))

@@ -167,8 +167,16 @@ def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_
 
 
 def model_description(config: dict) -> str:
-    """What a row ran, for the table: family, input size, and the latent family's autoencoder."""
+    """What a row ran, for the table: family, input size, the denoiser (kind, and the receptive
+    field of a bounded one) and the latent family's autoencoder."""
     desc = f"{config.get('family')} {'x'.join(map(str, config.get('image_size', [])))}"
+    from ..core.networks.denoisers import receptive_field
+
+    net = config.get("denoiser")
+    if net is not None:
+        desc += f" {net['kind']}"
+        if net["kind"] == "local":
+            desc += f"(R={receptive_field(net['config'])})"
     ae = config.get("autoencoder")
     if ae is not None:
         desc += f" ae={ae.get('kind', 'dcae')}"
@@ -178,7 +186,7 @@ def model_description(config: dict) -> str:
 
 
 def train_all(train_data: str, ckpt_root: Path, rows: list[str], steps: int, device: str,
-              frames: str = "id", image_size: tuple[int, int] = (64, 80), preset: str = "small",
+              frames: str = "id", image_size: tuple[int, int] | None = None, preset: str = "small",
               seed: int = 0, names: Sequence[str] | None = None) -> dict[str, float]:
     """Train each family that a row needs once on train_data (frames: id = ID frames only; with
     `names`, only those frames); returns the seconds each family's `train` (fit and
@@ -401,7 +409,7 @@ def pool_folds(data: str, npz_files: list[Path]) -> dict:
 
 def bench_folds(data: str, ckpt_root: str, rows: list[str], out: str, k: int, seed: int = 0, frames: str = "all",
                 device: str = "cpu", max_frames: int = 0, train_steps: int = 3000, train_frames: str = "all",
-                image_size: tuple[int, int] = (64, 80), preset: str = "small", timeout_s: float = 3600) -> list[dict]:
+                image_size: tuple[int, int] | None = None, preset: str = "small", timeout_s: float = 3600) -> list[dict]:
     """K-fold cross-validated benchmark: for fold i, every family a row needs is trained and
     calibrated in CKPT_ROOT/fold<i> on the other folds' frames only (train_frames: all = OOD
     pixels masked out of the loss; id = OOD frames left out), then every row runs on fold i's

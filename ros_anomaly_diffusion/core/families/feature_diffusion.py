@@ -3,8 +3,10 @@ scores frames reconstruction-free, by DDIM inversion.
 
 Method notes sec. 2. Backbone features z of the frame (feature_space.py: EfficientNet-Lite0
 taps at strides 2/4/8/16, resized to the stride-16 grid and stacked), standardised per
-channel with the ID training statistics, are the data of a small diffusion model (UNet,
-linear betas, T = 1000, eps-prediction) trained on ID cells only. At test time z is
+channel with the ID training statistics, are the data of a small diffusion model (a per-cell
+MLP by default, the ID prior of one cell's features; `train --denoiser unet` for the scene-level
+UNet; linear betas, T = 1000, eps-prediction) trained on ID cells only. Its `feature_edit`
+variant scores each cell under that prior (FeatureEditScorer). At test time z is
 *inverted* with deterministic DDIM (eta = 0, samplers.ddim_invert) to t = 999 in a few
 steps; for ID features the final latent should look like N(0, I) noise, so its size is
 the anomaly score:

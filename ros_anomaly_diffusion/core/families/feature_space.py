@@ -31,18 +31,13 @@ log = logging.getLogger(__name__)
 # Stride -> block of checkpoints whose config has no "blocks": their "stride 2" tap was block 1,
 # at stride 4. Kept so that those checkpoints (the README's results) run with their own features.
 LEGACY_BLOCKS = {2: 1, 4: 2, 8: 4, 16: 10}
-# Input size of the feature families (H, W): 16x20 cells. `fit` uses it unless
-# TrainOptions.image_size was changed from its default (64, 80), which is the pixel
-# family's size and far too small for stride-16 features (a 4x5 grid).
+# Input size of the feature families (H, W) when TrainOptions.image_size is not set: 16x20 cells.
 FEATURE_INPUT_SIZE = (256, 320)
-PIXEL_DEFAULT_SIZE = (64, 80)
 
 
 def input_size(opts) -> tuple[int, int]:
-    """The feature families' input size: FEATURE_INPUT_SIZE unless opts.image_size was changed."""
-    size = tuple(int(v) for v in opts.image_size)
-    if size == PIXEL_DEFAULT_SIZE:
-        size = FEATURE_INPUT_SIZE
+    """The feature families' input size: opts.image_size, or FEATURE_INPUT_SIZE when not set."""
+    size = tuple(int(v) for v in opts.image_size or FEATURE_INPUT_SIZE)
     if size[0] % (2 * GRID_STRIDE) or size[1] % (2 * GRID_STRIDE):
         raise ValueError(f"image size {size} of a feature-space model must be a multiple of {2 * GRID_STRIDE} "
                          f"(a {GRID_STRIDE}-pixel grid the UNet halves once); default {FEATURE_INPUT_SIZE}")

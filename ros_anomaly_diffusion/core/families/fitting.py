@@ -44,7 +44,9 @@ STATE = "train_state"
 @dataclass
 class TrainOptions:
     variant: str = "ddim"
-    image_size: tuple[int, int] = (64, 80)  # (H, W) the model sees; the reference used 176x216
+    # (H, W) the model sees; None: the family's default (pixel.image_size, latent.image_size,
+    # feature_space.input_size); the reference used 176x216
+    image_size: tuple[int, int] | None = None
     preset: str = "small"
     # the denoiser's design (networks/denoisers.py: cell, local, unet, dit); empty: the family's
     # default. receptive_field: a local denoiser's window side in input cells; 0: the family's

@@ -1,10 +1,12 @@
-"""Latent variant (family "latent", variant "dcae"): autoencoder + DiT, guided DDIM on latents.
+"""Latent variant (family "latent", variant "dcae"): autoencoder + a diffusion prior of latents.
 
 Method notes, section 1, "Latent variant": frames are encoded by a pretrained
-autoencoder (the notes use a deep-compression DC-AE), an unconditional diffusion transformer is
-trained on the latents of ID frames, and the same guided DDIM edit as the pixel
-variant runs in latent space (the guidance compares latents). The edited latents are
-decoded and compared with the input frame in pixel space (`FeatureDistance`).
+autoencoder (the notes use a deep-compression DC-AE), an unconditional denoiser is trained on
+the latents of ID frames, and the frame is scored under it in latent space. New checkpoints
+get a local prior of latent patches (networks/denoisers.py, trained on latent crops) scored
+per latent cell (`LatentEditingScorer`, "latent" analysis); `train --denoiser dit` keeps the
+notes' diffusion transformer, whose guided DDIM edit is decoded and compared in pixel space
+through backbone features (`FeatureDistance`).
 
 The autoencoder (`TrainOptions.autoencoder`, `train --autoencoder`) is one of
 * "taef2" (default): the pretrained TAEF2 shipped with the package (`networks/taef2.py`;
@@ -73,6 +75,7 @@ REFERENCES = ("input", "reconstruction")
 # of the notes, analysed on decoded frames.
 DEFAULT_DENOISER = "local"
 LOCAL_SIZE = (256, 320)
+DIT_SIZE = (64, 80)
 RECEPTIVE_FIELD = 13
 CROP = 16
 EDIT_SAMPLER = EditSampler(score="error", start_timestep=500, steps=5, guidance_scale=0.0,
@@ -181,11 +184,10 @@ def denoiser_entry(opts: TrainOptions, channels: int, grid: tuple[int, int]) -> 
 
 
 def image_size(opts: TrainOptions) -> tuple[int, int]:
-    """LOCAL_SIZE for a local denoiser unless opts.image_size was changed from its default."""
-    size = tuple(int(v) for v in opts.image_size)
-    if (opts.denoiser or DEFAULT_DENOISER) == "local" and size == TrainOptions.image_size:
-        return LOCAL_SIZE
-    return size
+    """opts.image_size, or when not set LOCAL_SIZE for a local denoiser and DIT_SIZE for the DiT."""
+    if opts.image_size:
+        return tuple(int(v) for v in opts.image_size)
+    return LOCAL_SIZE if (opts.denoiser or DEFAULT_DENOISER) == "local" else DIT_SIZE
 
 
 @torch.no_grad()
@@ -222,7 +224,7 @@ def train_autoencoder(ae: AutoencoderDC, frames: list[Frame], opts: TrainOptions
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, max(1, opts.steps), eta_min=AE_LR * 0.05)
     model, optim, sched = acc.prepare(ae, optim, sched)
     gen = torch.Generator().manual_seed(opts.seed + 7919 + 1_000_003 * acc.process_index)
-    stream = FrameStream(frames, opts.image_size, opts, acc, seed=opts.seed + 7919)
+    stream = FrameStream(frames, image_size(opts), opts, acc, seed=opts.seed + 7919)
     losses = []
     factor = compression(ae)
     bar = tqdm(total=opts.steps, desc="training autoencoder", disable=not (progress and acc.is_main_process))

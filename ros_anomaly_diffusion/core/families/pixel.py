@@ -1,8 +1,11 @@
-"""The pixel family (variants ddpm and ddim): a UNet on the frames themselves, edited
-towards the ID model by guided DDPM or DDIM, scored by the feature change.
+"""The pixel family (variants ddpm and ddim): a denoiser of the frames themselves, edited
+towards the ID model by guided DDPM or DDIM (samplers.Editor), scored by the feature change.
 
-Checkpoint: config.json {"family": "pixel", "image_size", "denoiser": {"kind": "unet",
-"config"}, "schedule"} and denoiser.safetensors.
+New checkpoints get a patch prior (a local denoiser, networks/denoisers.py) at 128x160,
+trained on crops; `train --denoiser unet` keeps the scene-level UNet.
+
+Checkpoint: config.json {"family": "pixel", "image_size", "denoiser": {"kind", "config"},
+"schedule"} and denoiser.safetensors.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from ..networks.quantization import load_denoiser
 from ..samplers import Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .fitting import DenoiserTrainer, FrameStream, TrainOptions, augment, make_accelerator, random_crop
+from .fitting import (DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
+                      random_crop)
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +102,20 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
 
 # The patch prior (the default denoiser, method notes section 5): a local denoiser behind a 2x2
 # space-to-depth stem, trained on CROP x CROP windows of frames at LOCAL_SIZE (a person is a
-# few pixels at 64x80); it runs unchanged on whole frames.
+# few pixels at 64x80); it runs unchanged on whole frames. The scene-level UNet's size: UNET_SIZE.
 DEFAULT_DENOISER = "local"
 LOCAL_SIZE = (128, 160)
+UNET_SIZE = (64, 80)
 LOCAL_STEM = 2
 CROP = 64
 
 
 def image_size(opts: TrainOptions) -> tuple[int, int]:
-    """The pixel family's input size: LOCAL_SIZE for a local denoiser unless opts.image_size was
-    changed from its default (the scene-level UNet's 64x80)."""
-    size = tuple(int(v) for v in opts.image_size)
-    if (opts.denoiser or DEFAULT_DENOISER) == "local" and size == TrainOptions.image_size:
-        return LOCAL_SIZE
-    return size
+    """The pixel family's input size: opts.image_size, or when not set LOCAL_SIZE for a local
+    denoiser and UNET_SIZE for the UNet."""
+    if opts.image_size:
+        return tuple(int(v) for v in opts.image_size)
+    return LOCAL_SIZE if (opts.denoiser or DEFAULT_DENOISER) in ("local", "cell") else UNET_SIZE
 
 
 def pixel_config(opts: TrainOptions) -> dict:
@@ -148,15 +152,28 @@ def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool
     net = build_denoiser(kind, config["denoiser"]["config"])
     trainer = DenoiserTrainer(net, NoiseSchedule(opts.schedule), opts, out, acc)
     trainer.load_state()
-    frames = FrameStream(train_frames, tuple(config["image_size"]), opts, acc, seed=opts.seed + trainer.step)
+    size = tuple(config["image_size"])
+    # A few frames are decoded once and kept (decoding, not the network, is most of a local
+    # prior's training step); a set larger than opts.feature_cache_mb streams from disk.
+    cached = len(train_frames) * 4 * size[0] * size[1] * 4 / 2**20 <= opts.feature_cache_mb
+    if cached:
+        held = [(b.images, b.weights) for b in frame_passes(train_frames, size, acc, opts.batch_size, opts.workers)]
+        images, weights = (torch.cat(v) for v in zip(*held))
+    else:
+        frames = FrameStream(train_frames, size, opts, acc, seed=opts.seed + trainer.step)
 
     def sample_batch(gen):
-        batch = frames.next()
-        xb, wb = augment(batch.images, batch.weights, gen)
+        if cached:
+            pick = torch.randint(0, len(images), (opts.batch_size,), generator=gen)
+            xb, wb = augment(images[pick], weights[pick], gen)
+        else:
+            batch = frames.next()
+            xb, wb = augment(batch.images, batch.weights, gen)
         if kind != "unet":  # a bounded receptive field learns patches: crops suffice
             xb, wb = random_crop(xb, wb, CROP, gen)
         return xb * 2 - 1, wb
 
     trainer.fit(sample_batch, opts.steps, progress)
-    config["training"] = {"steps": trainer.step, "skipped_frames": frames.skipped}
+    config["training"] = {"steps": trainer.step, "frames_in_memory": cached,
+                          "skipped_frames": 0 if cached else frames.skipped}
     return config, {"denoiser": trainer.ema_state()}

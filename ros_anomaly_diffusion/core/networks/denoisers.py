@@ -191,6 +191,14 @@ def local_config(kind: str, preset: str, in_channels: int, stem: int = 1, recept
                 stem=stem)
 
 
+def receptive_field(config: dict) -> int:
+    """Side (input cells) of the window, centred on an output cell, that a LocalDenoiser of
+    `config` depends on: each k x k convolution reaches (k - 1) / 2 stem cells further, and a
+    stem cell spans s input cells, the output cell anywhere in it."""
+    radius = config["blocks"] * (config["kernel_size"] - 1)  # stem cells, two convolutions a block
+    return config["stem"] * (2 * radius + 2) - 1
+
+
 class ChannelNorm(nn.Module):
     """LayerNorm over the channels of each location. Not GroupNorm: its statistics span the
     whole grid, so a change anywhere would reach every output and no receptive field would
@@ -241,11 +249,7 @@ class LocalDenoiser(nn.Module):
 
     @property
     def receptive_field(self) -> int:
-        """Side (input cells) of the window, centred on an output cell, that it depends on: each
-        k x k convolution reaches (k - 1) / 2 stem cells further, and a stem cell spans s input
-        cells, the output cell anywhere in it."""
-        radius = self.config["blocks"] * (self.config["kernel_size"] - 1)  # stem cells, two convs a block
-        return self.stem * (2 * radius + 2) - 1
+        return receptive_field(self.config)
 
     def forward(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(t):
