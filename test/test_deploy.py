@@ -159,12 +159,13 @@ def test_export_writes_a_valid_onnx_denoiser(options, batch, dtype, tmp_path, ca
         assert np.abs(got.astype(np.float32) - want).max() < (1e-2 if dtype == "FLOAT16" else 1e-4)
 
 
-@pytest.mark.parametrize("variant", ["knn", "inversion"])
+@pytest.mark.parametrize("variant", ["knn", "inversion", "feature_edit"])
 @pytest.mark.parametrize("options", [[], ["--dynamic-batch"], ["--batch", "2"], ["--precision", "fp16"]])
 def test_export_writes_the_frame_graph_that_onnxruntime_runs_as_torch(variant, options, rugd_sample,
                                                                       family_checkpoint, tmp_path, capsys):
-    """knn (the shipped model: no --checkpoint) and inversion export what the node runs per frame,
-    their whole frame graph: input x, outputs maps (and frames). On a real RUGD frame at the model
+    """knn (the shipped model: no --checkpoint), inversion and feature_edit (its draws' noise a
+    constant of the graph) export what the node runs per frame, their whole frame graph: input
+    x, outputs maps (and frames). On a real RUGD frame at the model
     size (and its mirror images, batched) ONNX Runtime gives torch's maps and frame scores within
     1e-4 (float16 graph: 1e-2), at the fixed batch, or any batch where it is free; no If is left
     (TensorRT refuses the exporter's squeeze guard, whose branches differ in rank)."""
@@ -317,8 +318,9 @@ def test_auto_picks_onnxruntime_on_a_cpu_tensorrt_on_cuda_where_it_can_and_torch
     assert Settings().backend == "auto"
 
 
-@pytest.mark.parametrize("family", ["pixel", "latent", "feature_diffusion", "knn"])
-def test_the_default_backend_runs_every_family_on_onnxruntime_with_torchs_maps(family, family_checkpoint,
+@pytest.mark.parametrize("family, variant", [("pixel", ""), ("latent", ""), ("feature_diffusion", ""),
+                                             ("feature_diffusion", "feature_edit"), ("knn", "")])
+def test_the_default_backend_runs_every_family_on_onnxruntime_with_torchs_maps(family, variant, family_checkpoint,
                                                                                tiny_checkpoint, tmp_path,
                                                                                monkeypatch):
     """backend auto (the default) on a CPU: ONNX Runtime, for every family, within 1e-4 of
@@ -329,7 +331,7 @@ def test_the_default_backend_runs_every_family_on_onnxruntime_with_torchs_maps(f
 
     monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path)
     ck = str(tiny_checkpoint if family == "pixel" else family_checkpoint(family))
-    auto, eager = (Detector(ck, variant_settings("", checkpoint=ck, segments="none", **extra))
+    auto, eager = (Detector(ck, variant_settings(variant, checkpoint=ck, segments="none", **extra))
                    for extra in ({}, {"backend": "torch"}))
     assert (auto.backend, auto.settings.backend, eager.backend) == ("onnxruntime", "auto", "torch")
     frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(2)]

@@ -189,11 +189,13 @@ class Editor:
 
     @torch.no_grad()
     def ddim(self, x: torch.Tensor, *, start_timestep: int, steps: int, guidance: float, seed: int = 0,
-             draws: int = 1, reconstruction_guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+             draws: int = 1, reconstruction_guidance: float = 0.0, noise: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(edits, reconstructions or None), each (draws, B, ...): x (B, ...) noised to
         start_timestep with draw k's noise and brought back by guided DDIM with `guidance`; the
         reconstruction is the same run with reconstruction_guidance (None for 0). Edit and
-        reconstruction of every draw go through the network as one batch per step."""
+        reconstruction of every draw go through the network as one batch per step. `noise`:
+        draw_noise(x, seed, draws) computed beforehand (a frame graph holds it as a constant)."""
         ws = [guidance] + ([reconstruction_guidance] if reconstruction_guidance > 0 else [])
         paths, b = len(ws), x.shape[0]
         inputs = x.repeat(paths * draws, *[1] * (x.ndim - 1))  # order: path, draw, frame
@@ -201,7 +203,8 @@ class Editor:
         w = w.reshape(-1, *[1] * (x.ndim - 1))
         ts = self.timesteps(start_timestep, steps)
         a0 = self.schedule.abar(ts[0])
-        noise = draw_noise(x, seed, draws).expand(draws, *x.shape).repeat(paths, *[1] * x.ndim).flatten(0, 1)
+        noise = draw_noise(x, seed, draws) if noise is None else noise
+        noise = noise.expand(draws, *x.shape).repeat(paths, *[1] * x.ndim).flatten(0, 1)
         sample = a0**0.5 * inputs + (1 - a0) ** 0.5 * noise
         for t, t_next in zip(ts, ts[1:] + [-1]):
             eps = timestep_matching(self._eps(sample, t), sample, inputs, self.schedule.abar(t), w)
@@ -233,24 +236,27 @@ class Editor:
         return sample.clamp(-1, 1).reshape(draws, *x.shape)
 
     @torch.no_grad()
-    def denoising_error(self, x: torch.Tensor, *, timestep: int, seed: int = 0, draws: int = 1) -> torch.Tensor:
+    def denoising_error(self, x: torch.Tensor, *, timestep: int, seed: int = 0, draws: int = 1,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, *spatial): the squared eps error summed over channels, averaged over `draws` noise
-        draws at `timestep`, all draws in one network call."""
+        draws at `timestep`, all draws in one network call (`noise`: as in `ddim`)."""
         t = min(timestep, self.schedule.T - 1)
         a = self.schedule.abar(t)
-        noise = draw_noise(x, seed, draws).expand(draws, *x.shape).flatten(0, 1)
+        noise = (draw_noise(x, seed, draws) if noise is None else noise).expand(draws, *x.shape).flatten(0, 1)
         x_t = a**0.5 * x.repeat(draws, *[1] * (x.ndim - 1)) + (1 - a) ** 0.5 * noise
         err = (self._eps(x_t, t) - noise).square().sum(1)
         return err.reshape(draws, x.shape[0], *err.shape[1:]).mean(0)
 
-    def score(self, x: torch.Tensor, sampler: EditSampler) -> torch.Tensor:
+    def score(self, x: torch.Tensor, sampler: EditSampler, noise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, *spatial) anomaly score per location of x (B, C, ...): the L2 norm over channels
-        of edit - reference, or the denoising error (sampler.score), averaged over the draws."""
+        of edit - reference, or the denoising error (sampler.score), averaged over the draws
+        (`noise`: as in `ddim`)."""
         if sampler.score == "error":
-            return self.denoising_error(x, timestep=sampler.start_timestep, seed=sampler.seed, draws=sampler.draws)
+            return self.denoising_error(x, timestep=sampler.start_timestep, seed=sampler.seed, draws=sampler.draws,
+                                        noise=noise)
         edits, refs = self.ddim(x, start_timestep=sampler.start_timestep, steps=sampler.steps,
                                 guidance=sampler.guidance_scale, seed=sampler.seed, draws=sampler.draws,
-                                reconstruction_guidance=sampler.reconstruction_guidance)
+                                reconstruction_guidance=sampler.reconstruction_guidance, noise=noise)
         return torch.linalg.vector_norm((x if refs is None else refs) - edits, dim=2).mean(0)
 
     def score_nfe(self, sampler: EditSampler) -> int:

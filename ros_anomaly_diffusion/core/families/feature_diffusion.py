@@ -41,7 +41,7 @@ from ..data import Frame
 from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.denoisers import build_denoiser, local_config, unet_config
 from ..networks.quantization import load_denoiser
-from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig, inversion_timesteps
+from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig, draw_noise, inversion_timesteps
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
@@ -193,18 +193,49 @@ def edit_statistics(net, schedule: NoiseSchedule, batches, sampler: EditSampler 
     return {"sampler": sampler.to_dict(), "pixel": _moments(gathered(d, acc))}
 
 
+class FeatureEditGraph(nn.Module):
+    """The feature_edit scorer's whole computation for one analysis size and one sampler: frames
+    (B, 3, h, w) in [0, 1] -> maps (B, H, W) in [0, 1]. The sampler's seeded noise is computed
+    once and held as a constant, so the graph exports to ONNX whole (feature_space.FrameGraphs)."""
+
+    def __init__(self, features: StackedFeatures, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor,
+                 std: torch.Tensor, sampler: EditSampler, grid: tuple[int, int], size: tuple[int, int], stats: dict):
+        super().__init__()
+        self.features, self.net, self.schedule = features, net, schedule
+        self.sampler, self.size, self.stats = sampler, tuple(size), stats
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1))
+        self.register_buffer("std", std.reshape(1, -1, 1, 1))
+        self.register_buffer("noise", draw_noise(mean.new_zeros(1, mean.numel(), *grid), sampler.seed, sampler.draws))
+
+    @property
+    def signature(self) -> str:
+        """The constants baked into the graph besides the buffers (deploy.OrtModule's cache key)."""
+        return f"feature_edit:{self.sampler}:{self.size}:{sorted(self.stats.items())}"
+
+    def forward(self, batch01: torch.Tensor) -> torch.Tensor:
+        z = (self.features(batch01) - self.mean) / self.std
+        # the Editor of self.net as it is now (an export may have wrapped it); no clamp: standardised
+        # features exceed [-1, 1]
+        d = Editor(self.net, self.schedule, clip=None).score(z, self.sampler, noise=self.noise)
+        up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
+        return to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"])
+
+
 class FeatureEditScorer:
     """Analysis by synthesis without a decoder, where the prior lives: the frame's standardised
     backbone features are scored cell by cell by the ID feature model (samplers.Editor.score:
     the guided DDIM edit's distance from the reconstruction, or the denoising error), averaged
     over seeded draws and mapped into [0, 1] with the ID statistics of the sampler the
-    checkpoint measured (`edit_statistics`). Seeded, so a frame always gets the same map."""
+    checkpoint measured (`edit_statistics`). Seeded, so a frame always gets the same map. Runs a
+    FeatureEditGraph per (sampler, analysis size) on settings.backend (FrameGraphs)."""
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
-                 stats: dict, settings: Settings, device: torch.device, features: StackedFeatures):
-        self.net, self.stats, self.features = net, stats, features  # `export` writes the denoiser
+                 stats: dict, settings: Settings, device: torch.device, features: StackedFeatures,
+                 grid: tuple[int, int]):
+        self.net, self.schedule, self.stats, self.features, self.grid = net, schedule, stats, features, grid
         self.editor = Editor(net, schedule, clip=None)
         self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
+        self._graphs = FrameGraphs(device, outputs=("maps",))
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
@@ -216,6 +247,9 @@ class FeatureEditScorer:
             log.warning("feature_edit runs %s but the checkpoint's ID statistics were measured with %s: scores in "
                         "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", self.sampler,
                         measured)
+        self.graph = self._graphs.get((self.sampler, self.size), s, lambda: FeatureEditGraph(
+            self.features, self.net, self.schedule, self.mean, self.std, self.sampler, self.grid, self.size,
+            self.stats))
 
     @property
     def nfe(self) -> int:
@@ -223,10 +257,7 @@ class FeatureEditScorer:
 
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        z = (self.features(batch01) - self.mean) / self.std
-        d = self.editor.score(z, self.sampler)
-        up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
-        return ScoreOutput(to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"]), None)
+        return ScoreOutput(self.graph(batch01), None)
 
 
 MODES = ("inversion", "edit")
@@ -240,13 +271,14 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     if mode == "edit" and "edit_scores" not in config:
         raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the feature edit "
                                    "(a checkpoint trained before the feature_edit variant): train it again")
-    parts = parts_settings(settings) if mode == "inversion" else settings  # inversion: one graph per frame
+    parts = parts_settings(settings)  # one graph per frame: the parts stay torch modules
     features = checkpoint_features(directory, config, device, parts.backend, parts.precision)
     mean, std = load_feature_stats(directory, config)
     net = load_denoiser(directory, config, device, parts)  # quantized as stored or as settings ask
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
     if mode == "edit":
-        return FeatureEditScorer(net, schedule, mean, std, config["edit_scores"], settings, device, features)
+        return FeatureEditScorer(net, schedule, mean, std, config["edit_scores"], settings, device, features,
+                                 tuple(config["features"]["grid"]))
     return InversionScorer(net, schedule, mean, std, config["scores"], settings, device, features)
 
 
