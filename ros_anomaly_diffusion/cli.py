@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="write what a variant runs as ONNX for TensorRT's trtexec (Jetson): the "
-                                      "whole frame graph of knn and inversion (<variant>_frame.onnx), the "
+                                      "whole frame graph of knn, inversion and feature_edit (<variant>_frame.onnx), the "
                                       "denoiser of the others (<variant>_denoiser.onnx); prints the trtexec command")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the shipped model)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
