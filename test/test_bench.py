@@ -146,7 +146,7 @@ def test_bench_folds_trains_each_fold_without_its_test_frames_and_pools_them(tmp
     frames = {f.name: f for f in open_dataset(data)}
     assert sorted(n for f in folds for n in f["frames"]) == sorted(frames)
     assert all(f["ood_frames"] for f in folds)
-    scores, frame_scores, labels = [], [], []
+    scores, frame_scores, labels, flags = [], [], [], []
     for i, fold in enumerate(folds):
         test = set(fold["frames"])
         config = ckpt.load_config(root / f"fold{i}" / "pixel")
@@ -160,9 +160,14 @@ def test_bench_folds_trains_each_fold_without_its_test_frames_and_pools_them(tmp
             scores += [z[f"score_{j}"] for j in range(len(z["names"]))]
             frame_scores += list(z["frame_scores"])
             labels += [frames[n].label() for n in z["names"]]
+            # the flag of each frame at its fold's calibrated threshold
+            assert float(z["frame_threshold"]) == config["calibration"]["ddim"]["frame_threshold"]
+            flags += [(bool(f), frames[n].is_ood()) for f, n in zip(z["frame_scores"] > z["frame_threshold"], z["names"])]
     pooled = label_metrics(scores, frame_scores, labels)  # exact pooling over both folds' frames
     for c in ("pixel_ap", "pixel_auroc", "fpr95", "frame_auroc"):
         assert float(r[c]) == pytest.approx(pooled[c], abs=1e-12)
+    assert float(r["false_alarm_rate"]) == pytest.approx(np.mean([f for f, ood in flags if not ood]))
+    assert float(r["detection_rate"]) == pytest.approx(np.mean([f for f, ood in flags if ood]))
     per_fold = list(csv.DictReader((out / "per_fold.csv").open()))
     aps = [float(p["pixel_ap"]) for p in per_fold]
     assert len(aps) == 2 and float(r["ap_fold_mean"]) == pytest.approx(np.mean(aps))

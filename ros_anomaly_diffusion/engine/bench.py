@@ -36,10 +36,11 @@ from ..core.procmem import reset_peak_rss, status_mb
 
 COLUMNS = ("variant", "model", "pixel_ap", "pixel_auroc", "fpr95", "f_star", "f1_smiyc", "frame_auroc", "latency_ms",
            "peak_mem_mb", "infer_mem_mb", "model_mb", "nfe")
-# --folds: the metrics pooled over every fold's frames, pixel AP per fold (mean, std with ddof=1),
+# --folds: the metrics pooled over every fold's frames, the OOD flag's rates on ID and OOD frames
+# (each fold's frames flagged at that fold's calibrated threshold), pixel AP per fold (mean, std with ddof=1),
 # the number of folds the row was scored on (a fold without frames of the --frames kind is
 # skipped) and the mean seconds per fold that `train` (fit + calibration) of the row's family took.
-FOLD_COLUMNS = COLUMNS + ("ap_fold_mean", "ap_fold_std", "folds", "train_s")
+FOLD_COLUMNS = COLUMNS + ("false_alarm_rate", "detection_rate", "ap_fold_mean", "ap_fold_std", "folds", "train_s")
 
 
 def parse_row(spec: str) -> tuple[str, dict]:
@@ -156,6 +157,7 @@ def run_row(data: str, ckpt_root: str, spec: str, frames: str, device: str, max_
         Path(scores_out).parent.mkdir(parents=True, exist_ok=True)
         np.savez(scores_out, names=np.array([f.name for f in chosen]),
                  frame_scores=np.array([r.frame_score for r in results], np.float64),
+                 frame_threshold=np.float64(det.frame_threshold),
                  latency_ms=np.array([r.timings_ms["total"] for r in results], np.float64),
                  **{f"score_{i}": np.asarray(r.score, np.float32) for i, r in enumerate(results)})
     files = [checkpoint / n for n in det.config["files"]]
@@ -393,17 +395,25 @@ def pool_folds(data: str, npz_files: list[Path]) -> dict:
     from ..core.data import open_dataset
     from .evaluation import label_metrics
 
+    from ..core.data import is_ood_label
+
     by_name = {f.name: f for f in open_dataset(data)}
-    scores, frame_scores, labels, latency = [], [], [], []
+    scores, frame_scores, labels, latency, flags = [], [], [], [], []
     for path in npz_files:
         with np.load(path, allow_pickle=False) as z:
             names = [str(n) for n in z["names"]]
             scores += [z[f"score_{i}"] for i in range(len(names))]
             frame_scores += z["frame_scores"].tolist()
             latency += z["latency_ms"].tolist()
+            # each fold's flag at its own calibrated threshold (files without one: no rates)
+            flags += (z["frame_scores"] > z["frame_threshold"]).tolist() if "frame_threshold" in z else [None] * len(names)
         labels += [by_name[n].label() for n in names]
     m = label_metrics(scores, frame_scores, labels)
     m.update(latency_ms=float(np.median(latency)), frames=len(labels))
+    ood = [is_ood_label(y) for y in labels]
+    for column, kind in (("false_alarm_rate", False), ("detection_rate", True)):
+        mine = [f for f, o in zip(flags, ood) if o == kind]
+        m[column] = float(np.mean(mine)) if mine and None not in mine else float("nan")
     return m
 
 
@@ -464,7 +474,7 @@ def bench_folds(data: str, ckpt_root: str, rows: list[str], out: str, k: int, se
         m = pool_folds(data, npz[r])
         aps = np.array([f["pixel_ap"] for f in folds_of_row], float)
         aps = aps[np.isfinite(aps)]
-        row = {c: m[c] for c in COLUMNS if c in m}
+        row = {c: m[c] for c in COLUMNS + ("false_alarm_rate", "detection_rate") if c in m}
         row.update(variant=spec, model=folds_of_row[0]["model"], nfe=folds_of_row[0]["nfe"],
                    peak_mem_mb=max(f["peak_mem_mb"] for f in folds_of_row),
                    infer_mem_mb=max(f["infer_mem_mb"] for f in folds_of_row),
