@@ -71,7 +71,7 @@ REFERENCES = ("input", "reconstruction")
 # A new checkpoint's denoiser (TrainOptions.denoiser empty) and its analysis: a local prior of
 # latent patches (3x3 blocks, RECEPTIVE_FIELD latent cells; method notes section 5), trained on
 # CROP x CROP latent windows of frames at LOCAL_SIZE, scored where it lives, per latent cell
-# (EDIT_SAMPLER, chosen by `bench --folds` on the sample). "dit" is the scene-level network
+# (EDIT_SAMPLER, chosen on fold 0 of `bench --folds 3 --seed 0` on the sample). "dit" is the scene-level network
 # of the notes, analysed on decoded frames.
 DEFAULT_DENOISER = "local"
 LOCAL_SIZE = (256, 320)
