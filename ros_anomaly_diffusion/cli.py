@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-with", default="", choices=["", "tensorboard"],
                    help="also log to TensorBoard under OUT/logs (pip install tensorboard)")
     p.add_argument("--feature-cache-mb", type=int, default=1024,
-                   help="feature variants: keep the training set's backbone features in memory up to this size")
+                   help="keep what the training set needs in memory up to this size (MB): the backbone features "
+                        "(feature families), the latents or the decoded frames (local priors); larger sets and 0 "
+                        "stream from disk")
     p.add_argument("--autoencoder", default="taef2", metavar="taef2|trained|PATH",
                    help="latent variants: 'taef2' (default): the pretrained TAEF2 shipped with the package; "
                         "'trained': a compact DC-AE trained on the frames; PATH: a local diffusers AutoencoderDC "

@@ -226,7 +226,7 @@ def _peak_rss_of_training(data, out) -> float:
     """Peak RSS (MB) of a `train` process, read from outside while it runs."""
     cmd = [sys.executable, "-m", "ros_anomaly_diffusion", "-q", "train", "--variant", "ddim", "--data", str(data),
            "--out", str(out), "--image-size", "64", "80", "--preset", "tiny", "--steps", "60", "--batch-size", "4",
-           "--calib-fraction", "0"]
+           "--calib-fraction", "0", "--feature-cache-mb", "0"]  # streamed: a small set would be held
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0.0
     while proc.poll() is None:

@@ -76,8 +76,9 @@ class TrainOptions:
     workers: int = 0
     log_every: int = 50  # loss and learning rate logged every this many steps (main process)
     log_with: str = ""  # "tensorboard": also to TensorBoard under <out>/logs (accelerate's tracker)
-    # feature families: a training set whose backbone features fit in this many MB is encoded
-    # once and kept in memory (fast on a few frames); a larger one is encoded batch by batch
+    # a training set whose backbone features (feature families), latents (latent family, local
+    # prior) or decoded frames (pixel family, local prior) fit in this many MB is prepared once
+    # and kept in memory (fast on a few frames); a larger one streams batch by batch (0: always)
     feature_cache_mb: int = 1024
 
 
