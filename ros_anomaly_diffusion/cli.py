@@ -44,14 +44,19 @@ def _common_run(p: argparse.ArgumentParser, variant_default: str = "") -> None:
                    help="RUGD reference scene split")
 
 
+def _size(hw) -> tuple[int, int] | None:
+    """--image-size / --train-size H W; None when not given (each family's default)."""
+    return tuple(hw) if hw else None
+
+
 def cmd_train(args) -> None:
     from .engine.training import TrainOptions, train
 
     from .ros import bag
 
-    opts = TrainOptions(variant=args.variant, image_size=tuple(args.image_size) if args.image_size else None,
-                        preset=args.preset,
-                        denoiser=args.denoiser, receptive_field=args.receptive_field, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    opts = TrainOptions(variant=args.variant, image_size=_size(args.image_size), preset=args.preset,
+                        denoiser=args.denoiser, receptive_field=args.receptive_field, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         frames=args.frames, scenes=args.scenes, device=args.device or "cpu",
                         calib_fraction=args.calib_fraction, autoencoder=args.autoencoder,
                         save_every=args.save_every, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
@@ -111,11 +116,11 @@ def cmd_bench(args) -> None:
             raise ValueError("--folds trains on the other folds of --data: it needs --train and no --train-data")
         bench_folds(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.folds, args.seed,
                     args.frames, args.device or "cpu", args.max_frames, args.train_steps, args.train_frames or "all",
-                    tuple(args.train_size) if args.train_size else None, args.train_preset)
+                    _size(args.train_size), args.train_preset)
     else:
         if args.train:
             train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
-                      args.device or "cpu", args.train_frames or "id", tuple(args.train_size) if args.train_size else None, args.train_preset,
+                      args.device or "cpu", args.train_frames or "id", _size(args.train_size), args.train_preset,
                       args.seed)
         bench(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.frames,
               args.device or "cpu", args.max_frames)
@@ -306,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="write what a variant runs as ONNX for TensorRT's trtexec (Jetson): the "
-                                      "whole frame graph of knn, inversion and feature_edit (<variant>_frame.onnx), the "
-                                      "denoiser of the others (<variant>_denoiser.onnx); prints the trtexec command")
+                                      "whole frame graph of knn, inversion and feature_edit (<variant>_frame.onnx), "
+                                      "the denoiser of the others (<variant>_denoiser.onnx); prints the trtexec "
+                                      "command")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the shipped model)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _common_run(p)

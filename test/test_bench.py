@@ -162,7 +162,8 @@ def test_bench_folds_trains_each_fold_without_its_test_frames_and_pools_them(tmp
             labels += [frames[n].label() for n in z["names"]]
             # the flag of each frame at its fold's calibrated threshold
             assert float(z["frame_threshold"]) == config["calibration"]["ddim"]["frame_threshold"]
-            flags += [(bool(f), frames[n].is_ood()) for f, n in zip(z["frame_scores"] > z["frame_threshold"], z["names"])]
+            flagged = z["frame_scores"] > z["frame_threshold"]
+            flags += [(bool(f), frames[n].is_ood()) for f, n in zip(flagged, z["names"])]
     pooled = label_metrics(scores, frame_scores, labels)  # exact pooling over both folds' frames
     for c in ("pixel_ap", "pixel_auroc", "fpr95", "frame_auroc"):
         assert float(r[c]) == pytest.approx(pooled[c], abs=1e-12)

@@ -141,9 +141,6 @@ def draw_noise(like: torch.Tensor, seed: int, draws: int) -> torch.Tensor:
     return torch.randn((draws, 1, *like.shape[1:]), generator=gen, device=like.device, dtype=like.dtype)
 
 
-SCORES = ("edit", "error")
-
-
 @dataclass(frozen=True)
 class EditSampler:
     """What an editing variant runs on a frame (Settings fields of the same names). score

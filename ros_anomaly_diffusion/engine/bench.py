@@ -396,6 +396,7 @@ def pool_folds(data: str, npz_files: list[Path]) -> dict:
     from .evaluation import label_metrics
 
     from ..core.data import is_ood_label
+    from ..core.metrics import frame_metrics
 
     by_name = {f.name: f for f in open_dataset(data)}
     scores, frame_scores, labels, latency, flags = [], [], [], [], []
@@ -405,21 +406,22 @@ def pool_folds(data: str, npz_files: list[Path]) -> dict:
             scores += [z[f"score_{i}"] for i in range(len(names))]
             frame_scores += z["frame_scores"].tolist()
             latency += z["latency_ms"].tolist()
-            # each fold's flag at its own calibrated threshold (files without one: no rates)
-            flags += (z["frame_scores"] > z["frame_threshold"]).tolist() if "frame_threshold" in z else [None] * len(names)
+            # each fold's frames flagged at that fold's calibrated threshold (files without one: no rates)
+            known = "frame_threshold" in z
+            flags += (z["frame_scores"] > z["frame_threshold"] if known else np.full(len(names), np.nan)).tolist()
         labels += [by_name[n].label() for n in names]
     m = label_metrics(scores, frame_scores, labels)
     m.update(latency_ms=float(np.median(latency)), frames=len(labels))
-    ood = [is_ood_label(y) for y in labels]
-    for column, kind in (("false_alarm_rate", False), ("detection_rate", True)):
-        mine = [f for f, o in zip(flags, ood) if o == kind]
-        m[column] = float(np.mean(mine)) if mine and None not in mine else float("nan")
+    # the flags' rates, as frame_metrics defines them, of flags given as 0/1 scores
+    rates = frame_metrics(flags, [is_ood_label(y) for y in labels], 0.5) if not np.isnan(flags).any() else {}
+    m.update({c: rates.get(c, math.nan) for c in ("false_alarm_rate", "detection_rate")})
     return m
 
 
 def bench_folds(data: str, ckpt_root: str, rows: list[str], out: str, k: int, seed: int = 0, frames: str = "all",
                 device: str = "cpu", max_frames: int = 0, train_steps: int = 3000, train_frames: str = "all",
-                image_size: tuple[int, int] | None = None, preset: str = "small", timeout_s: float = 3600) -> list[dict]:
+                image_size: tuple[int, int] | None = None, preset: str = "small", timeout_s: float = 3600
+                ) -> list[dict]:
     """K-fold cross-validated benchmark: for fold i, every family a row needs is trained and
     calibrated in CKPT_ROOT/fold<i> on the other folds' frames only (train_frames: all = OOD
     pixels masked out of the loss; id = OOD frames left out), then every row runs on fold i's

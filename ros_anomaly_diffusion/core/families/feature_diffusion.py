@@ -7,7 +7,7 @@ channel with the ID training statistics, are the data of a small diffusion model
 MLP by default, the ID prior of one cell's features; `train --denoiser unet` for the scene-level
 UNet; linear betas, T = 1000, eps-prediction) trained on ID cells only. Its `feature_edit`
 variant scores each cell under that prior (FeatureEditScorer). At test time z is
-*inverted* with deterministic DDIM (eta = 0, samplers.ddim_invert) to t = 999 in a few
+*inverted* with deterministic DDIM (eta = 0, samplers.Editor.invert) to t = 999 in a few
 steps; for ID features the final latent should look like N(0, I) noise, so its size is
 the anomaly score:
 
@@ -33,7 +33,6 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint as ckpt
@@ -45,7 +44,8 @@ from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig, draw_
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
-                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
+                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit,
+                            unit_map)
 from .fitting import DenoiserTrainer, gathered, make_accelerator, summed
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,7 @@ class InversionGraph(nn.Module):
     def forward(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.stats
         norm, rng, nll = latent_scores(self.latents(batch01))
-        up = F.interpolate(norm.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
-        maps = to_unit((up - st["pixel"]["mean"]) / st["pixel"]["std"])
+        maps = unit_map(norm, self.size, st["pixel"])
         total = (rng - st["range"]["mean"]) / st["range"]["std"] + (nll - st["nll"]["mean"]) / st["nll"]["std"]
         return maps, to_unit((total - st["frame"]["mean"]) / st["frame"]["std"])
 
@@ -217,8 +216,7 @@ class FeatureEditGraph(nn.Module):
         # the Editor of self.net as it is now (an export may have wrapped it); no clamp: standardised
         # features exceed [-1, 1]
         d = Editor(self.net, self.schedule, clip=None).score(z, self.sampler, noise=self.noise)
-        up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
-        return to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"])
+        return unit_map(d, self.size, self.stats["pixel"])
 
 
 class FeatureEditScorer:

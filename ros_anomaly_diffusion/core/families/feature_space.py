@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -191,6 +192,13 @@ def to_unit(u: torch.Tensor) -> torch.Tensor:
     rounding to 1.0 -- a threshold at 1.0 could never fire."""
     w = (u - 3.0) * 0.5
     return 0.5 + 0.5 * w * torch.rsqrt(1.0 + w * w)
+
+
+def unit_map(cells: torch.Tensor, size: tuple[int, int], moments: dict) -> torch.Tensor:
+    """A score per grid cell (B, h, w) -> the map (B, H, W) in [0, 1] at the analysis size:
+    upsampled bilinearly, z-scored with the ID `moments` ({"mean", "std"}), then `to_unit`."""
+    up = F.interpolate(cells.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return to_unit((up - moments["mean"]) / moments["std"])
 
 
 def features_config(size: tuple[int, int], channels: int) -> dict:

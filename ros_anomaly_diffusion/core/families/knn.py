@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torch import nn
 
@@ -32,7 +31,8 @@ from ..networks.backbone import StackedFeatures, shared_features
 from ..scorer import ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
-                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit)
+                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise,
+                            unit_map)
 from .fitting import make_accelerator, mean_std, summed
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ class KnnGraph(nn.Module):
         return d.reshape(b, h, w)
 
     def forward(self, batch01: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(self.distances(batch01).unsqueeze(1), size=self.size, mode="bilinear",
-                           align_corners=False).squeeze(1)
-        return to_unit((up - self.stats["mean"]) / self.stats["std"])
+        return unit_map(self.distances(batch01), self.size, self.stats)
 
 
 class KnnScorer:

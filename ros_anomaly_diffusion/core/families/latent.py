@@ -32,7 +32,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderDC
 from torch import nn
@@ -52,7 +51,7 @@ from ..networks.quantization import load_denoiser
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ScoreOutput
 from ..settings import Settings
-from .feature_space import to_unit
+from .feature_space import unit_map
 from .fitting import (STATE, DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
                       mean_std, random_crop, summed)
 
@@ -71,8 +70,8 @@ REFERENCES = ("input", "reconstruction")
 # A new checkpoint's denoiser (TrainOptions.denoiser empty) and its analysis: a local prior of
 # latent patches (3x3 blocks, RECEPTIVE_FIELD latent cells; method notes section 5), trained on
 # CROP x CROP latent windows of frames at LOCAL_SIZE, scored where it lives, per latent cell
-# (EDIT_SAMPLER, chosen on fold 0 of `bench --folds 3 --seed 0` on the sample). "dit" is the scene-level network
-# of the notes, analysed on decoded frames.
+# (EDIT_SAMPLER, chosen on fold 0 of `bench --folds 3 --seed 0` on the sample). "dit" is the
+# scene-level network of the notes, analysed on decoded frames.
 DEFAULT_DENOISER = "local"
 LOCAL_SIZE = (256, 320)
 DIT_SIZE = (64, 80)
@@ -128,9 +127,7 @@ class LatentEditingScorer:
         size, s = batch01.shape[-2:], self.sampler
         z = self.codec.encode(batch01)  # once, for the edit and the reference
         if self.stats:
-            d = self.editor.score(z, s)
-            up = F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False).squeeze(1)
-            return ScoreOutput(to_unit((up - self.stats["pixel"]["mean"]) / self.stats["pixel"]["std"]), None)
+            return ScoreOutput(unit_map(self.editor.score(z, s), self.size, self.stats["pixel"]), None)
         edits, refs = self.editor.ddim(z, start_timestep=s.start_timestep, steps=s.steps, guidance=s.guidance_scale,
                                        seed=s.seed, draws=s.draws, reconstruction_guidance=s.reconstruction_guidance)
         decoded = [self.codec.decode(e, size) for e in edits]
@@ -355,8 +352,13 @@ def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool
                           "autoencoder": {**ae_info, "source": source, "reconstruction_train": quality}}
     if kind != "dit":
         net.load_state_dict(ema)
+        if cached:  # the latents encoded for training, a batch at a time
+            batches = zip(z_all.split(opts.batch_size), w_all.split(opts.batch_size))
+        else:
+            batches = ((codec.encode(b.images.to(acc.device)), latent_weights(b.weights, factor).to(acc.device))
+                       for b in frame_passes(train_frames, size, acc, opts.batch_size, opts.workers))
         config["analysis"] = "latent"
-        config["latent_scores"] = latent_score_statistics(codec, net.eval(), schedule, train_frames, size, opts, acc)
+        config["latent_scores"] = latent_score_statistics(net.eval(), schedule, batches, acc)
     return config, {"autoencoder": autoencoder_state(ae), "denoiser": ema}
 
 
@@ -368,17 +370,15 @@ def _fits_in_memory(codec: LatentCodec, size: tuple[int, int], frames: int, opts
 
 
 @torch.no_grad()
-def latent_score_statistics(codec: LatentCodec, net: nn.Module, schedule: NoiseSchedule, frames: list[Frame],
-                            size: tuple[int, int], opts: TrainOptions, acc: Accelerator,
+def latent_score_statistics(net: nn.Module, schedule: NoiseSchedule, batches, acc: Accelerator,
                             sampler: EditSampler = EDIT_SAMPLER) -> dict:
     """ID mean/std of the latent score (Editor.score with `sampler`) over the ID latent cells of
-    the training frames, every process's shard; the map into [0, 1] of the scorer."""
+    batches (latents, latent weights) of the training frames, every process's shard; the map into
+    [0, 1] of the scorer."""
     editor = Editor(net, schedule, clip=None)
     sums = torch.zeros(3, dtype=torch.float64)
-    for batch in frame_passes(frames, size, acc, opts.batch_size, opts.workers):
-        z = codec.encode(batch.images.to(acc.device))
-        keep = latent_weights(batch.weights, codec.factor)[:, 0].to(acc.device) >= 1
-        d = editor.score(z, sampler)[keep].double().cpu()
+    for z, weights in batches:
+        d = editor.score(z, sampler)[weights[:, 0] >= 1].double().cpu()
         sums += torch.stack([d.new_tensor(d.numel()), d.sum(), d.square().sum()])
     mean, std = mean_std(*summed(sums, acc))
     return {"sampler": sampler.to_dict(), "pixel": {"mean": float(mean), "std": max(float(std), 1e-6)}}

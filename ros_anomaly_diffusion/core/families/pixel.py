@@ -62,10 +62,11 @@ class EditingScorer:
     @property
     def nfe(self) -> int:
         s = self.settings
-        reconstruction = self.editor.ddim_nfe(s.start_timestep, s.steps) if s.reconstruction_guidance > 0 else 0
-        if self.sampler == "ddpm":
-            return s.draws * (self.editor.schedule.T + reconstruction)
-        return s.draws * (self.editor.ddim_nfe(s.start_timestep, s.steps) + reconstruction)
+        reconstruction = s.reconstruction_guidance > 0
+        if self.sampler == "ddim":
+            return self.editor.ddim_nfe(s.start_timestep, s.steps, s.draws, reconstruction)
+        ddpm = s.draws * self.editor.schedule.T  # all T steps a draw, plus the DDIM reconstruction
+        return ddpm + (self.editor.ddim_nfe(s.start_timestep, s.steps, s.draws) if reconstruction else 0)
 
     def edits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(edits, reconstructions or None), each (K, B, 3, h, w) in [-1, 1], of x in [-1, 1]."""
