@@ -8,9 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
 
-from .config import variant_settings
+from .config import parse_assignments, variant_settings
 
 # Each command imports what it runs (torch and diffusers, rclpy for the ROS commands) inside
 # its function: `--help` starts at once and a command pays only for its own imports.
@@ -18,12 +17,7 @@ from .config import variant_settings
 
 def _settings(args):
     """The variant's config/<variant>.yaml, then --set overrides, then the checkpoint."""
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_assignments(args.set or [], "--set")
     checkpoint = str(args.checkpoint) if args.checkpoint else ""  # empty: the shipped model
     return variant_settings(args.variant, checkpoint=checkpoint, device=args.device, **overrides)
 

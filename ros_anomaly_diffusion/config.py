@@ -9,6 +9,7 @@ Settings). Its readers: the CLI, the ROS tools, and the orchestration above the 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,15 @@ def variant_settings(variant: str, **overrides: Any) -> Settings:
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["variant"] = variant
     return Settings.from_dict(values)
+
+
+def parse_assignments(items: Iterable[str], where: str) -> dict[str, Any]:
+    """['steps=10', 'quantization=int8'] -> {'steps': 10, 'quantization': 'int8'}: each value
+    read as YAML, as a parameter file would hold it (`--set`, a bench row's overrides)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{where}: expected key=value, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out

@@ -11,26 +11,36 @@ import pytest
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
 from ros_anomaly_diffusion.core import procmem
-from ros_anomaly_diffusion.engine.bench import (COLUMNS, FOLD_COLUMNS, assign_folds, checkpoint_for, model_description,
-                                                parse_row)
-from ros_anomaly_diffusion.engine.bench import _claim_fold_root
+from ros_anomaly_diffusion.core.splits import assign_folds
+from ros_anomaly_diffusion.engine.bench import claim_fold_root
+from ros_anomaly_diffusion.engine.bench_report import FOLD_COLUMNS, plot_groups
+from ros_anomaly_diffusion.engine.bench_rows import COLUMNS, checkpoint_for, model_description, parse_row
 
 
 def test_row_specs_parse():
     assert parse_row("ddim") == ("ddim", {})
     assert parse_row("ddim:steps=10,quantization=int8") == ("ddim", {"steps": 10, "quantization": "int8"})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected key=value"):
         parse_row("ddim:steps")
+
+
+def test_the_plot_gives_a_variant_and_its_quantized_copies_one_label():
+    rows = [{"variant": v} for v in ("knn", "dcae", "dcae:draws=1", "dcae:quantization=int8",
+                                     "dcae:quantization=fp16", "dcae:draws=1,quantization=int8")]
+    groups = {label: [m["variant"] for m in members] for label, members in plot_groups(rows)}
+    assert groups == {"knn": ["knn"],
+                      "dcae (+int8, fp16)": ["dcae", "dcae:quantization=int8", "dcae:quantization=fp16"],
+                      "dcae:draws=1 (+int8)": ["dcae:draws=1", "dcae:draws=1,quantization=int8"]}
 
 
 def test_a_benchmark_root_finds_each_family_under_its_current_or_old_name(tmp_path):
     (tmp_path / "pixel").mkdir()
     (tmp_path / "features").mkdir()  # the inversion family's folder before it was renamed
-    assert checkpoint_for(tmp_path, "ddim", {}) == tmp_path / "pixel"
-    assert checkpoint_for(tmp_path, "inversion", {}) == tmp_path / "features"
+    assert checkpoint_for(tmp_path, "ddim", {"steps": 5}) == (tmp_path / "pixel", {"steps": 5})
+    assert checkpoint_for(tmp_path, "inversion", {})[0] == tmp_path / "features"
     (tmp_path / "feature_diffusion").mkdir()
-    assert checkpoint_for(tmp_path, "inversion", {}) == tmp_path / "feature_diffusion"
-    assert checkpoint_for(tmp_path, "knn", {}) == tmp_path / "knn"  # not there: where `bench --train` writes it
+    assert checkpoint_for(tmp_path, "inversion", {})[0] == tmp_path / "feature_diffusion"
+    assert checkpoint_for(tmp_path, "knn", {})[0] == tmp_path / "knn"  # not there: where `bench --train` writes it
 
 
 def test_the_table_says_which_model_network_and_autoencoder_a_row_ran():
@@ -73,7 +83,7 @@ def test_bench_writes_every_column_for_every_row(tmp_path, rugd_sample):
         assert float(r["peak_mem_mb"]) > 100 and 0 < float(r["model_mb"]) < 5
         # the detector's own share: the EfficientNet backbone at least, far below the libraries
         assert 5 < float(r["infer_mem_mb"]) < float(r["peak_mem_mb"]) - 100
-    assert [int(r["nfe"]) for r in table] == [4, 8]  # the edit and the model's reconstruction
+    assert [int(r["nfe"]) for r in table] == [8, 16]  # ddim.yaml: 4 draws a step
     assert (out / "results.md").read_text().count("\n") == 2 + len(rows)
     assert (out / "ap_vs_latency.png").stat().st_size > 1000
 
@@ -112,13 +122,13 @@ def test_fold_assignment_on_the_rugd_sample_is_seeded_scene_grouped_and_spreads_
 
 
 def test_a_fold_checkpoint_folder_of_another_split_is_refused(tmp_path):
-    _claim_fold_root(tmp_path / "fold0", ["a_1"], ["b_1", "c_1"])
-    _claim_fold_root(tmp_path / "fold0", ["a_1"], ["b_1", "c_1"])  # the same split: resumes
+    claim_fold_root(tmp_path / "fold0", ["a_1"], ["b_1", "c_1"])
+    claim_fold_root(tmp_path / "fold0", ["a_1"], ["b_1", "c_1"])  # the same split: resumes
     with pytest.raises(ValueError, match="another fold assignment"):
-        _claim_fold_root(tmp_path / "fold0", ["b_1"], ["a_1", "c_1"])
+        claim_fold_root(tmp_path / "fold0", ["b_1"], ["a_1", "c_1"])
     (tmp_path / "fold1" / "pixel").mkdir(parents=True)
     with pytest.raises(ValueError, match="no frames.json"):
-        _claim_fold_root(tmp_path / "fold1", ["a_1"], ["b_1"])
+        claim_fold_root(tmp_path / "fold1", ["a_1"], ["b_1"])
 
 
 def test_bench_folds_trains_each_fold_without_its_test_frames_and_pools_them(tmp_path, monkeypatch):
@@ -139,7 +149,7 @@ def test_bench_folds_trains_each_fold_without_its_test_frames_and_pools_them(tmp
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [r["variant"] for r in table] == [row] and list(table[0]) == list(FOLD_COLUMNS)
     r = table[0]
-    assert int(r["folds"]) == 2 and int(r["nfe"]) == 4 and float(r["train_s"]) > 0
+    assert int(r["folds"]) == 2 and int(r["nfe"]) == 8 and float(r["train_s"]) > 0  # 2 steps, 4 draws
     assert 0 <= float(r["pixel_ap"]) <= 1 and 0 <= float(r["ap_fold_mean"]) <= 1 and float(r["ap_fold_std"]) >= 0
 
     folds = json.loads((out / "folds.json").read_text())["folds"]

@@ -32,6 +32,15 @@ def test_train_records_the_variant_and_calibrates_it(ddim_checkpoint):
     assert set(config["calibration"]) == {"ddim"}
 
 
+def test_a_variant_the_checkpoint_was_not_calibrated_for_is_named_in_a_warning(ddim_checkpoint, caplog):
+    with caplog.at_level("WARNING", logger="ros_anomaly_diffusion.core.detector"):
+        Detector(ddim_checkpoint, Settings(checkpoint=str(ddim_checkpoint), variant="ddim", segments="none"))
+        assert "not calibrated" not in caplog.text
+        det = Detector(ddim_checkpoint, Settings(checkpoint=str(ddim_checkpoint), variant="ddpm", segments="none"))
+    assert "not calibrated for variant ddpm" in caplog.text and "calibrate --variant ddpm" in caplog.text
+    assert det.mask_threshold == det.frame_threshold == 0.5
+
+
 def test_eval_and_calibrate_run_the_checkpoints_variant(ddim_checkpoint, rugd_sample, tmp_path):
     assert cli(["-q", "eval", "--data", str(rugd_sample), "--checkpoint", str(ddim_checkpoint), "--out",
                 str(tmp_path / "eval"), "--set", "segments=none"]) == 0

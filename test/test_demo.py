@@ -41,3 +41,25 @@ def test_demo_on_real_frames_uses_the_shipped_model(rugd_sample, tmp_path):
     assert metrics["frames_with_results"] == metrics["frames_replayed"] == 4
     assert metrics["checkpoint"] == str(ckpt.DEFAULT_MODEL) and metrics["pixel_auroc"] > 0.5
     assert (out / "sheet.png").is_file() and len(list((out / "overlays").glob("*.png"))) == 4
+
+
+def test_the_synthetic_demo_calibrates_its_model_with_the_parameters_its_node_gets(tmp_path):
+    """Without --data the demo trains the scene-level UNet and runs it with SCENE_LEVEL_PARAMETERS;
+    its thresholds come from the same held-out frames scored with those parameters, not with
+    the parameter file's (which are the patch prior's)."""
+    from ros_anomaly_diffusion.engine.training import calibrate
+    from ros_anomaly_diffusion.ros import demo
+
+    args = demo.parse(["--out", str(tmp_path), "--train-steps", "2"])
+    train_dir, _ = demo.prepare(args)
+    model = demo.ensure_model(args, train_dir)
+    config = ckpt.load_config(model)
+    assert config["denoiser"]["kind"] == "unet" and config["image_size"] == list(demo.SCENE_LEVEL_SIZE)
+    stored = config["calibration"]["ddim"]
+    held = [f for f in open_dataset(train_dir) if f.name in set(stored["frames"])]
+    assert held
+    as_node = calibrate(model, held, "ddim", progress=False, **demo.node_parameters(args))
+    as_file = calibrate(model, held, "ddim", progress=False)
+    assert stored["mask_threshold"] == pytest.approx(as_node["mask_threshold"], rel=1e-3)
+    assert as_file["mask_threshold"] != pytest.approx(as_node["mask_threshold"], rel=1e-2)
+    assert demo.node_parameters(demo.parse(["--data", str(tmp_path)])) == {}  # real terrain: the file's

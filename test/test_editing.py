@@ -139,10 +139,11 @@ def test_the_edit_is_compared_with_the_models_own_reconstruction(variant, tiny_c
     from ros_anomaly_diffusion.core.detector import Detector
 
     ckpt = tiny_checkpoint if variant == "ddim" else family_checkpoint("latent")
-    det = Detector(ckpt, variant_settings(variant, checkpoint=str(ckpt), segments="none", steps=3, draws=1))
+    det = Detector(ckpt, variant_settings(variant, checkpoint=str(ckpt), segments="none", steps=3, draws=1,
+                                          reconstruction_guidance=1.0))
     scorer = det.scorer
     x = torch.rand(2, 3, *det.model_size, generator=torch.Generator().manual_seed(0))
-    assert det.settings.reconstruction_guidance == 1.0 and det.nfe == 6  # config file: two runs of 3 steps
+    assert det.nfe == 6  # two runs of 3 steps
     with_reconstruction = scorer(x).maps
     # a reconstruction with the edit's own guidance is the edit itself: nothing changed anywhere
     det.update(reconstruction_guidance=0.5, guidance_scale=0.5)

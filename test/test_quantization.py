@@ -354,12 +354,13 @@ def test_bench_quantization_row_runs_quantized(family, family_checkpoint, tmp_pa
     import shutil
 
     from ros_anomaly_diffusion.config import variant_settings
-    from ros_anomaly_diffusion.engine.bench import checkpoint_for
     from ros_anomaly_diffusion.core.detector import Detector
+    from ros_anomaly_diffusion.engine.bench_rows import checkpoint_for
 
     shutil.copytree(family_checkpoint(family), tmp_path / family)
     variant = DENOISER_FAMILIES[family]
-    path = checkpoint_for(tmp_path, variant, {"quantization": "fp16"})
+    path, settings = checkpoint_for(tmp_path, variant, {"quantization": "fp16"})
+    assert settings == {}
     assert path == tmp_path / f"{family}-fp16-selected"
     det = Detector(path, variant_settings(variant, checkpoint=str(path), segments="none", backend="torch"))
     assert _quantized_layers(det.scorer.net) == _predicted_layers(ckpt.load_config(path))

@@ -33,7 +33,7 @@ def trained(scenes, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     opts = TrainOptions(image_size=(32, 40), preset="tiny", steps=6, batch_size=4, save_every=3,
                         calib_fraction=0.34)
-    return train(scenes, out, opts, progress=False), opts
+    return train(scenes, out, opts, progress=False, also_calibrate=["ddpm"]), opts
 
 
 def test_ood_pixels_are_excluded_from_the_loss(scenes):
@@ -80,13 +80,24 @@ def test_training_writes_a_loadable_calibrated_checkpoint(trained):
     config = ckpt.load_config(out)
     assert config["family"] == "pixel" and config["training"]["steps"] == 6
     assert {"denoiser.safetensors"} == set(config["files"])
+    # the variant trained for and the one asked for, each at its own thresholds
+    assert set(config["calibration"]) == {"ddim", "ddpm"}
+    assert config["calibration"]["ddim"]["frame_threshold"] != config["calibration"]["ddpm"]["frame_threshold"]
     cal = config["calibration"]["ddim"]
     assert 0 <= cal["mask_threshold"] <= 1 and 0 <= cal["frame_threshold"] <= 1
     assert set(cal["frames"]).isdisjoint(config["training"]["frames"])  # held out
+    assert config["analysis_strides"] == [16, 32]  # a patch prior's edit is compared in the deepest taps
     det = Detector(out, variant_settings("ddim", checkpoint=str(out), steps=2, segments="none"))
     assert det.mask_threshold == pytest.approx(cal["mask_threshold"])
+    assert det.scorer.distance.features.strides == (16, 32)
     r = det.process(np.zeros((50, 60, 3), np.uint8))
     assert r.score.shape == r.mask.shape == (50, 60) and r.score.dtype == np.float32
+
+
+def test_training_refuses_to_calibrate_a_variant_of_another_family(scenes, tmp_path):
+    with pytest.raises(ValueError, match="knn cannot run a pixel checkpoint"):
+        train(scenes, tmp_path, TrainOptions(variant="ddim", steps=1), progress=False, also_calibrate=["knn"])
+    assert not (tmp_path / "config.json").exists()
 
 
 def _record_fit_starts(monkeypatch) -> list[dict]:
@@ -191,7 +202,7 @@ def test_eval_cli_writes_metrics_and_overlays(trained, scenes, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("pixel_ap", "pixel_auroc", "fpr95", "f_star", "frame_auroc", "latency_ms", "nfe"):
         assert key in metrics
-    assert metrics["nfe"] == 4 and 0 <= metrics["pixel_auroc"] <= 1  # edit + reconstruction, 2 steps each
+    assert metrics["nfe"] == 8 and 0 <= metrics["pixel_auroc"] <= 1  # ddim.yaml: 4 draws, 2 steps each
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 9
     assert (tmp_path / "sheet.png").stat().st_size > 1000
 

@@ -77,6 +77,11 @@ class Detector:
             self.backend = auto_backend(self.device, tensorrt=self.variant.module.RUNS_ON_TENSORRT)
             log.info("backend auto: %s on %s", self.backend, self.device)
         self.model_size = tuple(self.config["image_size"])
+        if min(settings.mask_threshold, settings.frame_threshold) < 0 and \
+                self.variant.name not in self.config.get("calibration", {}):
+            log.warning("%s is not calibrated for variant %s: thresholds left unset fall back to 0.5 "
+                        "(`ros-anomaly-diffusion calibrate --variant %s` sets them from ID frames)",
+                        self.directory, self.variant.name, self.variant.name)
         resolved = self._resolved(settings)
         resolved.validate()  # what the variant refuses (quantization of knn, say) once it is known
         self.scorer = self.variant.build(self.directory, self.config, resolved, self.device)

@@ -1,6 +1,7 @@
-"""Which frames a command uses: the RUGD scene split and the ID/OOD frame split."""
+"""Which frames a command uses: the RUGD scene split, the ID/OOD frame split and the folds of\ncross-validation (scene-grouped, OOD frames spread)."""
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from .data import Frame
@@ -32,3 +33,69 @@ def select(frames: Sequence[Frame], kind: str = "all", scenes: str = "all") -> l
             raise ValueError(f"frames={kind!r} needs labels; unlabelled: {unlabelled[:3]}")
         chosen = [f for f in chosen if f.is_ood() == (kind == "ood")]
     return chosen
+
+
+def assign_folds(frames: Sequence, k: int, seed: int = 0) -> list[list[str]]:
+    """Split labelled frames into k folds of frame names (each sorted), seeded and deterministic.
+
+    Frames of one scene (`splits.scene_of`: the name before the last '_') go to the same fold,
+    so near-duplicate frames of a scene never straddle training and test. Only when there are
+    fewer scenes than folds are scenes cut, the largest first, into two runs of consecutive
+    frames (each with an OOD frame where it has two or more, then as even as possible).
+    Whole scenes are then dealt greedily: scenes with OOD frames first (most OOD frames,
+    then most frames first; equal ones in a seeded random order), each to the fold with the
+    fewest OOD frames so far (then the fewest frames); scenes without OOD frames to the fold
+    with the fewest frames. Every fold gets at least one scene and, when there are at least
+    k OOD frames in k or more scenes, at least one OOD frame (is_ood: >= 100 OOD pixels).
+    """
+    frames = sorted(frames, key=lambda f: f.name)
+    if k < 2:
+        raise ValueError(f"need at least 2 folds, got {k}")
+    if len(frames) < k:
+        raise ValueError(f"{len(frames)} frames cannot make {k} folds")
+    unlabelled = [f.name for f in frames if f.label_path is None]
+    if unlabelled:
+        raise ValueError(f"cross-validation needs labelled frames; unlabelled: {unlabelled[:3]}")
+    ood = {f.name: bool(f.is_ood()) for f in frames}
+    scenes: dict[str, list[str]] = {}
+    for f in frames:
+        scenes.setdefault(scene_of(f), []).append(f.name)
+    units = list(scenes.values())
+    while len(units) < k:
+        units.sort(key=len, reverse=True)  # stable: of equally long scenes the first by name
+        units = _cut(units[0], ood) + units[1:]
+    def n_ood(unit: list[str]) -> int:
+        return sum(ood[n] for n in unit)
+
+    random.Random(seed).shuffle(units)
+    units.sort(key=lambda u: (-n_ood(u), -len(u)))  # stable: the seeded order among equal scenes
+    folds: list[list[str]] = [[] for _ in range(k)]
+    fold_ood = [0] * k
+    for u in units:
+        if n_ood(u):
+            i = min(range(k), key=lambda j: (fold_ood[j], len(folds[j])))
+        else:
+            i = min(range(k), key=lambda j: (len(folds[j]), fold_ood[j]))
+        folds[i] += u
+        fold_ood[i] += n_ood(u)
+    return [sorted(f) for f in folds]
+
+
+def _cut(names: list[str], ood: dict[str, bool]) -> list[list[str]]:
+    """Two runs of consecutive frames: each with an OOD frame if there are two, then even."""
+    total = sum(ood[n] for n in names)
+
+    def cost(c: int) -> tuple:
+        left = sum(ood[n] for n in names[:c])
+        return (total >= 2 and not 0 < left < total, abs(2 * c - len(names)), abs(2 * left - total))
+
+    c = min(range(1, len(names)), key=cost)
+    return [names[:c], names[c:]]
+
+
+def fold_info(frames: Sequence, folds: list[list[str]], seed: int) -> dict:
+    """The fold assignment as recorded in folds.json and results.md."""
+    by_name = {f.name: f for f in frames}
+    return {"k": len(folds), "seed": seed, "folds": [
+        {"frames": names, "ood_frames": [n for n in names if by_name[n].is_ood()],
+         "scenes": sorted({scene_of(by_name[n]) for n in names})} for names in folds]}

@@ -6,7 +6,7 @@ denoiser on ID pixels only, OOD pixels of labelled frames masked out of the loss
 augmentation, EMA, resumable state; see core/families/fitting.py) under `accelerate`, one
 process or several (`accelerate launch -m ros_anomaly_diffusion train ...`), writes a
 checkpoint folder (main process), then calibrates the mask and flag thresholds on held-out
-ID frames.
+ID frames (for opts.variant and any other variant of the family asked for).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ..core.detector import Detector
 from ..core.families.fitting import TrainOptions, jsonable, make_accelerator, shard
 from ..core.metrics import calibrate_threshold
 from ..core.splits import select
-from ..core.variants import get_variant
+from ..core.variants import family_variants, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ def split_calibration(frames: list[Frame], fraction: float, seed: int) -> tuple[
 
 
 def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, progress: bool = True,
-          names: Collection[str] | None = None) -> Path:
-    """Fit the model of `opts.variant`'s family, write the checkpoint, calibrate the thresholds.
+          names: Collection[str] | None = None, also_calibrate: Sequence[str] = ()) -> Path:
+    """Fit the model of `opts.variant`'s family, write the checkpoint, calibrate the thresholds
+    of opts.variant and of the family's variants in `also_calibrate` (ddpm's 1000 steps a frame
+    are not spent unless asked for; `calibrate` does it later).
 
     `data`: a RUGD-format or plain image folder, or frames already opened (e.g. the messages
     of a rosbag2, ros.bag.bag_frames). Each family's fit function (Variant.fit in the
@@ -52,6 +54,10 @@ def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, 
     at all (training and calibration): the cross-validated benchmark's training folds.
     """
     variant = get_variant(opts.variant)
+    foreign = [v for v in also_calibrate if v not in family_variants(variant.family)]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} cannot run a {variant.family} checkpoint "
+                         f"(its variants: {', '.join(family_variants(variant.family))})")
     out = Path(out_dir)
     frames = select(open_dataset(data) if isinstance(data, (str, Path)) else data, opts.frames, opts.scenes)
     if names is not None:
@@ -76,7 +82,8 @@ def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, 
         ckpt.save(out, config, tensors)
         log.info("process %d of %d wrote the checkpoint %s", acc.process_index, acc.num_processes, out)
         if calib_frames:
-            calibrate(out, calib_frames, opts.variant, opts.mask_fpr, opts.frame_fpr, str(acc.device), progress)
+            for name in [variant.name, *(v for v in also_calibrate if v != variant.name)]:
+                calibrate(out, calib_frames, name, opts.mask_fpr, opts.frame_fpr, str(acc.device), progress)
         else:
             log.warning("no held-out ID frames: thresholds left at their defaults")
     acc.wait_for_everyone()
@@ -85,10 +92,13 @@ def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, 
 
 
 def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = "", mask_fpr: float = 0.01,
-              frame_fpr: float = 0.05, device: str = "cpu", progress: bool = True) -> dict:
+              frame_fpr: float = 0.05, device: str = "cpu", progress: bool = True, **overrides) -> dict:
     """Set the mask and flag thresholds from ID frames; stored in the checkpoint per variant
-    (empty: the one the checkpoint was trained for)."""
-    settings = variant_settings(variant, checkpoint=str(checkpoint_dir), device=device)
+    (empty: the one the checkpoint was trained for). The frames are scored with the variant's
+    parameter file and `overrides` (Settings fields), which should be what the node will run."""
+    # explicit thresholds: only the scores count here, and the uncalibrated warning is for users
+    settings = variant_settings(variant, **dict(dict(checkpoint=str(checkpoint_dir), device=device,
+                                                     mask_threshold=0.5, frame_threshold=0.5), **overrides))
     det = Detector(checkpoint_dir, settings)
     variant = det.variant.name
     pixel_scores, frame_scores = [], []

@@ -27,18 +27,22 @@ from ..core import checkpoint as ckpt
 from ..core.data import open_dataset
 from ..core.synthetic import make_synthetic_dataset
 from ..engine.evaluation import label_metrics, write_metrics
-from ..engine.training import TrainOptions, train
+from ..engine.training import TrainOptions, calibrate, train
 from . import transport
 from .processes import spawn, stop
 
 NS = "/demo"
 SHIPPED_VARIANT = "knn"  # the variant of ckpt.DEFAULT_MODEL (its config.json says so; a test checks)
 CAMERA = f"{NS}/camera/image_raw"
-# The demo's 40 synthetic training frames are variations of one scene: the scene-level networks
-# (at 64x80) learn it in the minutes the demo allows, and the README's demo figures are theirs.
-# Real terrain with a dozen frames needs the patch priors, every family's default.
+# The demo's 40 synthetic training frames (no --data) are variations of one scene: the scene-level networks
+# (at 64x80) learn it in the minutes the demo allows, and the README's demo figures are theirs,
+# with the pixel edit compared with the model's own reconstruction in one draw (the parameters
+# below, given to calibration and the node). Real terrain with a dozen frames needs the patch
+# priors and the parameter files' settings, every family's default.
 SCENE_LEVEL = {"ddim": "unet", "ddpm": "unet", "dcae": "dit"}
 SCENE_LEVEL_SIZE = (64, 80)
+SCENE_LEVEL_PARAMETERS = {"ddim": {"reconstruction_guidance": 1.0, "draws": 1},
+                          "ddpm": {"reconstruction_guidance": 1.0, "draws": 1}}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -84,10 +88,21 @@ def ensure_model(args, train_dir: Path) -> Path:
         print(f"using the model in {model} (--retrain to train a new one)", flush=True)
         return model
     print(f"training a small model on the ID pixels of {train_dir} ({args.train_steps} steps) ...", flush=True)
-    scene_level = SCENE_LEVEL.get(args.variant)
-    return train(train_dir, model, TrainOptions(variant=args.variant, steps=args.train_steps, save_every=200,
-                                                denoiser=scene_level or "",
-                                                image_size=SCENE_LEVEL_SIZE if scene_level else None))
+    scene_level = None if args.data else SCENE_LEVEL.get(args.variant)
+    train(train_dir, model, TrainOptions(variant=args.variant, steps=args.train_steps, save_every=200,
+                                         denoiser=scene_level or "",
+                                         image_size=SCENE_LEVEL_SIZE if scene_level else None))
+    parameters = node_parameters(args)
+    if parameters:  # the held-out frames again, scored as the node will score
+        held = set(ckpt.load_config(model)["calibration"][args.variant]["frames"])
+        calibrate(model, [f for f in open_dataset(train_dir) if f.name in held], args.variant, **parameters)
+    return model
+
+
+def node_parameters(args) -> dict:
+    """What the demo's detector_node gets beside the variant's parameter file: on the synthetic
+    sequence, the scene-level settings of its variant."""
+    return {} if args.data else SCENE_LEVEL_PARAMETERS.get(args.variant, {})
 
 
 class Collector:
@@ -175,7 +190,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     bindir = Path(sys.executable).parent
     detector = spawn([str(bindir / "detector_node"), "--ros-args", "-r", f"__ns:={NS}", "-r", f"image:={CAMERA}",
                       "--params-file", str(variant_params_file(args.variant)),
-                      "-p", f"checkpoint:={model.resolve()}", "-p", f"variant:={args.variant}"],
+                      "-p", f"checkpoint:={model.resolve()}", "-p", f"variant:={args.variant}",
+                      *(a for k, v in node_parameters(args).items() for a in ("-p", f"{k}:={v}"))],
                      args.out / "logs" / "detector.log", env)
     replay = spawn([str(bindir / "ros-anomaly-diffusion"), "replay", "--source", str(test_dir), "--topic", CAMERA,
                     "--rate", str(args.rate), "--loop", "--wait-subscribers", "60"],

@@ -2,10 +2,13 @@
 towards the ID model by guided DDPM or DDIM (samplers.Editor), scored by the feature change.
 
 New checkpoints get a patch prior (a local denoiser, networks/denoisers.py) at 128x160,
-trained on crops; `train --denoiser unet` keeps the scene-level UNet.
+trained on crops, whose edits are compared with the frame in the backbone's deepest taps
+(strides 16 and 32): a small patch prior renders foliage only roughly, and those taps see
+terrain where the shallow ones see the difference in texture. `train --denoiser unet` keeps
+the scene-level UNet and the analysis taps it was measured with (strides 4, 8, 16).
 
 Checkpoint: config.json {"family": "pixel", "image_size", "denoiser": {"kind", "config"},
-"schedule"} and denoiser.safetensors.
+"schedule", "analysis_strides"} and denoiser.safetensors.
 """
 from __future__ import annotations
 
@@ -33,6 +36,21 @@ FAMILY = "pixel"
 RUNS_ON_TENSORRT = True  # backend tensorrt: its UNet denoiser compiles with torch-tensorrt
 
 
+# The patch prior (the default denoiser, method notes section 5): a local denoiser behind a 2x2
+# space-to-depth stem, trained on CROP x CROP windows of frames at LOCAL_SIZE (a person is a
+# few pixels at 64x80); it runs unchanged on whole frames. The scene-level UNet's size: UNET_SIZE.
+DEFAULT_DENOISER = "local"
+LOCAL_SIZE = (128, 160)
+UNET_SIZE = (64, 80)
+LOCAL_STEM = 2
+CROP = 64
+# The backbone taps the edit is compared with the frame in: a patch prior's edit in the deepest
+# two (chosen on fold 0 of `bench --folds 3 --seed 0`: pixel AP 0.30 there against 0.07 in
+# strides 4-16), the UNet's in the ones its figures were measured with.
+LOCAL_ANALYSIS_STRIDES = (16, 32)
+UNET_ANALYSIS_STRIDES = (4, 8, 16)
+
+
 class EditingScorer:
     """Analysis by synthesis: edit the frame towards the ID model, measure the change.
 
@@ -45,13 +63,13 @@ class EditingScorer:
     network call per step)."""
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, settings: Settings, sampler: str,
-                 device: torch.device):
+                 device: torch.device, analysis_strides: tuple[int, ...] = UNET_ANALYSIS_STRIDES):
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         self.net = net  # the denoiser as loaded (quantized or not; `export` writes it)
         self.editor = Editor(net, schedule, clip=1.0)
         self.sampler = sampler
-        self.distance = FeatureDistance(FeatureExtractor().to(device),
+        self.distance = FeatureDistance(FeatureExtractor(tuple(analysis_strides)).to(device),
                                         (settings.analysis_height, settings.analysis_width))
         self.apply(settings)
 
@@ -98,17 +116,8 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
           sampler: str = "ddim") -> EditingScorer:
     """The scorer of the variant that edits with `sampler` (ddpm or ddim)."""
     net, schedule = load_pixel_denoiser(directory, config, device, settings)  # on settings.backend
-    return EditingScorer(net, schedule, settings, sampler, device)
-
-
-# The patch prior (the default denoiser, method notes section 5): a local denoiser behind a 2x2
-# space-to-depth stem, trained on CROP x CROP windows of frames at LOCAL_SIZE (a person is a
-# few pixels at 64x80); it runs unchanged on whole frames. The scene-level UNet's size: UNET_SIZE.
-DEFAULT_DENOISER = "local"
-LOCAL_SIZE = (128, 160)
-UNET_SIZE = (64, 80)
-LOCAL_STEM = 2
-CROP = 64
+    strides = config.get("analysis_strides", UNET_ANALYSIS_STRIDES)  # checkpoints before the key: the UNet's
+    return EditingScorer(net, schedule, settings, sampler, device, tuple(strides))
 
 
 def image_size(opts: TrainOptions) -> tuple[int, int]:
@@ -128,8 +137,9 @@ def pixel_config(opts: TrainOptions) -> dict:
                                 receptive_field=opts.receptive_field or None if kind == "local" else None)
     else:
         raise ValueError(f"the pixel family's denoiser is 'local', 'cell' or 'unet', not {kind!r}")
+    strides = UNET_ANALYSIS_STRIDES if kind == "unet" else LOCAL_ANALYSIS_STRIDES
     return {"family": FAMILY, "image_size": list(size), "denoiser": {"kind": kind, "config": denoiser},
-            "schedule": opts.schedule.to_dict()}
+            "schedule": opts.schedule.to_dict(), "analysis_strides": list(strides)}
 
 
 def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,

@@ -16,7 +16,7 @@ from torch import nn
 
 # Output stride -> the last Lite0 block at that stride. Block outputs measured on a 256x320
 # input: the stem and block 0 are at stride 2, blocks 1-2 at 4, 3-4 at 8, 5-10 at 16, 11-15 at 32.
-STAGE_BLOCKS = {2: 0, 4: 2, 8: 4, 16: 10}
+STAGE_BLOCKS = {2: 0, 4: 2, 8: 4, 16: 10, 32: 15}
 # The feature families' taps: the last block at strides 2, 4, 8, 16 (Lite0 blocks 0, 2, 4, 10:
 # 16 + 24 + 40 + 112 = 192 channels), stacked on the stride-16 grid.
 FEATURE_STRIDES = (2, 4, 8, 16)
@@ -44,7 +44,7 @@ def _stride(block: nn.Module) -> int:
 class FeatureExtractor(nn.Module):
     """Multi-scale feature maps of Lite0 block outputs.
 
-    Taps are chosen by output stride (2, 4, 8, 16: the last block at each, STAGE_BLOCKS) or,
+    Taps are chosen by output stride (2, 4, 8, 16, 32: the last block at each, STAGE_BLOCKS) or,
     to rebuild the taps a checkpoint recorded, by block index (`blocks`). `taps` maps each
     tapped block to its output stride and `channels` sums their output channels, both read
     from the network's own block arguments, so they describe what `forward` returns."""
