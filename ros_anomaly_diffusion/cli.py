@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -22,10 +23,6 @@ def _settings(args):
     return variant_settings(args.variant, checkpoint=checkpoint, device=args.device, **overrides)
 
 
-# What `train` trains when no --variant is given: the variant of the shipped model.
-TRAIN_VARIANT = "knn"
-
-
 def _common_run(p: argparse.ArgumentParser, variant_default: str = "") -> None:
     p.add_argument("--variant", default=variant_default,
                    help="variant name (config/<variant>.yaml supplies its settings); default: " + (
@@ -38,24 +35,43 @@ def _common_run(p: argparse.ArgumentParser, variant_default: str = "") -> None:
                    help="RUGD reference scene split")
 
 
-def _size(hw) -> tuple[int, int] | None:
-    """--image-size / --train-size H W; None when not given (each family's default)."""
-    return tuple(hw) if hw else None
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainOptions field (--image-size for image_size), its help, range and
+    default read from the field."""
+    from .core.families.fitting import TrainOptions
+
+    defaults = TrainOptions()
+    for f in fields(TrainOptions):
+        meta, default, flag = f.metadata, getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        shown = f" (default: {default})" if default not in (None, "") and f.name != "schedule" else ""
+        kwargs = dict(help=meta["help"] + shown, metavar=meta["metavar"])
+        if f.name == "image_size":
+            kwargs.update(type=int, nargs=2, default=None)
+        elif f.name == "schedule":
+            kwargs.update(action="append", default=[])
+        else:
+            kwargs.update(type=type(default), default=default, choices=meta["choices"])
+        p.add_argument(flag, **kwargs)
+
+
+def train_options(args) -> "TrainOptions":  # noqa: F821 (imported in the function: --help stays fast)
+    from .core.families.fitting import TrainOptions
+    from .core.samplers import ScheduleConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainOptions)}
+    schedule = parse_assignments(args.schedule, "--schedule")
+    unknown = set(schedule) - {f.name for f in fields(ScheduleConfig)}
+    if unknown:
+        raise ValueError(f"--schedule: unknown {sorted(unknown)}; keys: {[f.name for f in fields(ScheduleConfig)]}")
+    values["schedule"] = ScheduleConfig(**schedule)
+    return TrainOptions(**values)
 
 
 def cmd_train(args) -> None:
-    from .engine.training import TrainOptions, train
-
+    from .engine.training import train
     from .ros import bag
 
-    opts = TrainOptions(variant=args.variant, image_size=_size(args.image_size), preset=args.preset,
-                        denoiser=args.denoiser, receptive_field=args.receptive_field, steps=args.steps,
-                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        frames=args.frames, scenes=args.scenes, device=args.device or "cpu",
-                        calib_fraction=args.calib_fraction, autoencoder=args.autoencoder,
-                        save_every=args.save_every, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
-                        grad_clip=args.grad_clip, workers=args.workers, log_every=args.log_every,
-                        log_with=args.log_with, feature_cache_mb=args.feature_cache_mb)
+    opts = train_options(args)
     data = bag.bag_frames(args.data, args.topic) if bag.is_bag(args.data) else args.data
     out = train(data, args.out, opts, progress=not args.quiet)
     from accelerate import PartialState
@@ -99,6 +115,7 @@ def cmd_synth(args) -> None:
 def cmd_bench(args) -> None:
     from .engine.bench import bench, bench_folds, recorded_rows, train_all
 
+    size = tuple(args.train_size) if args.train_size else None  # None: each family's default
     if not args.variants:
         if args.train or args.folds:
             raise ValueError("--train and --folds need the rows to train: --variants ROW [ROW ...]")
@@ -110,12 +127,11 @@ def cmd_bench(args) -> None:
             raise ValueError("--folds trains on the other folds of --data: it needs --train and no --train-data")
         bench_folds(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.folds, args.seed,
                     args.frames, args.device or "cpu", args.max_frames, args.train_steps, args.train_frames or "all",
-                    _size(args.train_size), args.train_preset)
+                    size, args.train_preset)
     else:
         if args.train:
             train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
-                      args.device or "cpu", args.train_frames or "id", _size(args.train_size), args.train_preset,
-                      args.seed)
+                      args.device or "cpu", args.train_frames or "id", size, args.train_preset, args.seed)
         bench(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.frames,
               args.device or "cpu", args.max_frames)
     print((args.out / "results.md").read_text())
@@ -135,8 +151,6 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_export(args) -> None:
-    import numpy as np
-
     from .core.detector import Detector
     from .core.networks.deploy import TRT_OPSET, export_frame_graph, export_onnx, trtexec_command
 
@@ -148,28 +162,10 @@ def cmd_export(args) -> None:
     if batch < 1:
         raise ValueError(f"{'--dynamic-batch MAX' if dynamic else '--batch'} must be >= 1, got {batch}")
     options = {"opset": args.opset or TRT_OPSET, "dynamic_batch": dynamic, "precision": args.precision}
-    graph, net = getattr(det.scorer, "graph", None), getattr(det.scorer, "net", None)
-    if graph is not None:  # knn, inversion: the whole frame (backbone, model, maps) as one graph
-        exported = export_frame_graph(graph, (batch, 3, *det.model_size), args.out / f"{variant}_frame.onnx",
-                                      **options)
-    elif net is not None:  # the denoiser net(x, t), run several times a frame
-        class Seen(Exception):
-            pass
-
-        def seen(module, inputs):  # its real input shape, on one dummy frame, which stops there
-            shapes.append(tuple(inputs[0].shape))
-            raise Seen
-
-        shapes, hook = [], net.register_forward_pre_hook(seen)
-        try:
-            det.process(np.zeros((*det.model_size, 3), np.uint8))
-        except Seen:
-            pass
-        finally:
-            hook.remove()
-        exported = export_onnx(net, (batch, *shapes[0][1:]), args.out / f"{variant}_denoiser.onnx", **options)
-    else:
-        raise ValueError(f"variant {variant!r} has neither a frame graph nor a denoiser to export")
+    target = det.scorer.export_target(det.model_size)
+    export = export_frame_graph if target.kind == "frame" else export_onnx  # frame: backbone, model and maps
+    exported = export(target.module, (batch, *target.item_shape), args.out / f"{variant}_{target.kind}.onnx",
+                      **options)
     print(exported.summary())
     print("build the TensorRT engine on the robot (an engine is specific to its GPU and TensorRT version):")
     print(f"  {trtexec_command(exported, batch)}")
@@ -210,41 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RUGD-format folder, plain image folder, or rosbag2 (its image topic; see --topic)")
     p.add_argument("--topic", default=None, help="rosbag2 --data: the image topic (default: its only one)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed if it holds train_state/)")
-    _common_run(p, TRAIN_VARIANT)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="the size the model sees; default: the family's (pixel 128x160, latent and feature "
-                        "families 256x320; 64x80 for the scene-level unet and dit)")
-    p.add_argument("--preset", default="small", help="network width: tiny, small, medium, reference")
-    p.add_argument("--denoiser", default="", choices=["", "cell", "local", "unet", "dit"],
-                   help="the denoiser's design: cell (an MLP per location) or local (3x3 blocks, bounded receptive "
-                        "field), the editing families' defaults; unet or dit (scene-level, for thousands of frames "
-                        "and a GPU); empty: the family's default")
-    p.add_argument("--receptive-field", type=int, default=0,
-                   help="local denoiser: the side in cells (pixels, latent cells) of the window each output sees; "
-                        "0: the family's default")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-fraction", type=float, default=0.2, help="share of ID frames held out for calibration")
-    p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable train_state/")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="autocast precision of the forward passes (weights stay fp32); bf16 on CPUs with bf16 units")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding frames (0: in the trainer)")
-    p.add_argument("--log-every", type=int, default=50, help="log loss and learning rate every N steps")
-    p.add_argument("--log-with", default="", choices=["", "tensorboard"],
-                   help="also log to TensorBoard under OUT/logs (pip install tensorboard)")
-    p.add_argument("--feature-cache-mb", type=int, default=1024,
-                   help="keep what the training set needs in memory up to this size (MB): the backbone features "
-                        "(feature families), the latents or the decoded frames (local priors); larger sets and 0 "
-                        "stream from disk")
-    p.add_argument("--autoencoder", default="taef2", metavar="taef2|trained|PATH",
-                   help="latent variants: 'taef2' (default): the pretrained TAEF2 shipped with the package; "
-                        "'trained': a compact DC-AE trained on the frames; PATH: a local diffusers AutoencoderDC "
-                        "folder (config.json + .safetensors, e.g. dc-ae-f32c32-in-1.0; ./taef2 for a folder of "
-                        "that name)")
+    add_train_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics.json, overlays and a picture sheet on labelled frames")

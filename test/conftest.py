@@ -77,10 +77,10 @@ def make_family_checkpoint(directory: Path, family: str, mask_threshold: float =
                            frame_threshold: float = 0.5) -> Path:
     """Tiny checkpoint of the "feature_diffusion" (inversion), "knn" (64x96 input) or "latent" (dcae:
     untrained tiny DC-AE + DiT, 32x40 input) family, calibrated."""
-    from ros_anomaly_diffusion.core.variants import get_variant
+    from checkpoints import init_checkpoint
 
     variant = {"feature_diffusion": "inversion", "knn": "knn", "latent": "dcae"}[family]
-    return get_variant(variant).init_checkpoint(directory, calibration={variant: {
+    return init_checkpoint(variant, directory, calibration={variant: {
         "mask_threshold": mask_threshold, "frame_threshold": frame_threshold}})
 
 

@@ -36,12 +36,12 @@ def test_each_tap_is_at_its_named_stride_and_channels_count_what_is_stacked():
     maps = fe(x)
     assert [(256 // m.shape[-2], 320 // m.shape[-1]) for m in maps.values()] == [(2, 2), (4, 4), (8, 8), (16, 16)]
     assert fe.strides == (2, 4, 8, 16) and list(fe.taps.values()) == [2, 4, 8, 16]
-    assert fe.channels == sum(m.shape[1] for m in maps.values()) == fe.stacked(x).shape[1] == 16 + 24 + 40 + 112
+    assert fe.channels == sum(m.shape[1] for m in maps.values()) == 16 + 24 + 40 + 112
     # the analysis step's default taps (strides 4, 8, 16) are the blocks they always were
     assert FeatureExtractor().taps == {2: 4, 4: 8, 10: 16}
     # taps by block index (how older feature checkpoints are rebuilt) report their real strides
     old = FeatureExtractor(blocks=(1, 2, 4, 10))
-    assert old.strides == (4, 4, 8, 16) and old.channels == old.stacked(x).shape[1] == 200
+    assert old.strides == (4, 4, 8, 16) and old.channels == sum(m.shape[1] for m in old(x).values()) == 200
 
 
 def test_identical_frames_score_zero(rugd, distance):

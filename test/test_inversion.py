@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from checkpoints import feature_checkpoint
 from conftest import make_legacy_feature_checkpoint, random_frame
 
 from ros_anomaly_diffusion.config import variant_settings
@@ -43,7 +45,7 @@ def schedule():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     calib = {"inversion": {"mask_threshold": 0.5, "frame_threshold": 0.5}}
-    return inv.init_checkpoint(tmp_path_factory.mktemp("inv") / "ck", image_size=(64, 96), calibration=calib)
+    return feature_checkpoint(tmp_path_factory.mktemp("inv") / "ck", image_size=(64, 96), calibration=calib)
 
 
 @pytest.mark.parametrize("blocks", [None, (1, 2, 4, 10)])
@@ -52,7 +54,8 @@ def test_folded_features_match_the_feature_extractor(blocks):
 
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     fe = FeatureExtractor(backbone.FEATURE_STRIDES) if blocks is None else FeatureExtractor(blocks=blocks)
-    ref = fe.stacked(x, stride=backbone.GRID_STRIDE)
+    h, w = 64 // backbone.GRID_STRIDE, 96 // backbone.GRID_STRIDE  # the taps resized to one grid, stacked
+    ref = torch.cat([F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in fe(x).values()], 1)
     got = (backbone.StackedFeatures() if blocks is None else backbone.StackedFeatures(blocks))(x)
     assert got.shape == ref.shape == (1, fe.channels, 4, 6)
     assert fe.channels == (192 if blocks is None else 200)

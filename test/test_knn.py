@@ -52,12 +52,18 @@ def monkeypatch_module():
     mp.undo()
 
 
+def _distances(det, batch01: torch.Tensor) -> torch.Tensor:
+    """(B, h/16, w/16) nearest-neighbour distances of the frame graph `export` writes (backend torch)."""
+    with torch.inference_mode():
+        return det.scorer.export_target(det.model_size).module.distances(batch01)
+
+
 def test_a_checkpoint_from_before_the_recorded_taps_loads_with_its_own(tmp_path, monkeypatch):
     old = make_legacy_feature_checkpoint(tmp_path / "old", "knn", monkeypatch)
     assert "blocks" not in ckpt.load_config(old)["features"]
-    det = Detector(old, variant_settings("knn", checkpoint=str(old)))
+    det = Detector(old, variant_settings("knn", checkpoint=str(old), backend="torch"))
     assert det.scorer.features.taps == [1, 2, 4, 10] and det.scorer.bank.shape[1] == 200
-    assert float(det.scorer.distances(torch.rand(1, 3, 64, 96)).min()) >= 0
+    assert float(_distances(det, torch.rand(1, 3, 64, 96)).min()) >= 0
 
 
 def test_bank_holds_seeded_subsample_of_id_cells(rugd_knn):
@@ -72,10 +78,10 @@ def test_bank_holds_seeded_subsample_of_id_cells(rugd_knn):
 
 def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(rugd_knn, rugd_sample):
     out, frames = rugd_knn
-    det = Detector(out, variant_settings("knn", checkpoint=str(out)))
+    det = Detector(out, variant_settings("knn", checkpoint=str(out), backend="torch"))
     origin = ckpt.load_tensors(out, "bank")["origin"]
     rgb = frames[0].rgb()
-    d = det.scorer.distances(det._to_model([rgb]))[0]
+    d = _distances(det, det._to_model([rgb]))[0]
     sampled = origin[(origin[:, 0] == 0) & (origin[:, 1] == 0)]
     assert len(sampled) > 10
     assert bool((d[sampled[:, 2], sampled[:, 3]] == 0).all())  # exactly: the same bits as in the bank
@@ -84,7 +90,7 @@ def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(ru
     ood = ood_frame.label() == OOD
     pasted = rgb.copy()
     pasted[ood] = ood_frame.rgb()[ood]
-    d2 = det.scorer.distances(det._to_model([pasted]))[0]
+    d2 = _distances(det, det._to_model([pasted]))[0]
     cells = torch.from_numpy(cell_weights(ood_frame.label(), d2.shape)[0, 0].numpy() == 0)
     full = torch.from_numpy(cell_weights((~ood).astype(np.uint8) * OOD, d2.shape)[0, 0].numpy() == 1)
     assert bool(full.any())  # cells entirely covered by the pasted objects

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from checkpoints import latent_checkpoint
 from diffusers import AutoencoderDC
 
 from ros_anomaly_diffusion.config import variant_settings
@@ -27,7 +28,7 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
-    return L.init_checkpoint(tmp_path_factory.mktemp("lat") / "ck", image_size=(32, 40))
+    return latent_checkpoint(tmp_path_factory.mktemp("lat") / "ck", image_size=(32, 40))
 
 
 def test_dcae_is_registered_in_the_latent_family():

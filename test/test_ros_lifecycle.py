@@ -38,11 +38,11 @@ def newest_status(box, node_name: str):
 
 
 def test_transitions_gate_the_outputs_and_cleanup_releases_the_model(spawn, probe, tmp_path):
-    from ros_anomaly_diffusion.core.families.pixel import init_checkpoint
+    from checkpoints import pixel_checkpoint
 
     # A "reference" UNet (236 MB of weights): large enough that releasing it stands out from what
     # malloc_trim alone gives back after inference (see also the field test's notes).
-    ckpt = init_checkpoint(tmp_path / "reference", preset="reference", image_size=(64, 80))
+    ckpt = pixel_checkpoint(tmp_path / "reference", preset="reference", image_size=(64, 80))
     weights_mb = (ckpt / "denoiser.safetensors").stat().st_size / 2**20
     ns, topic = "/lc", "/lc_cam/image"
     name = f"{ns}/anomaly_detector"

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from checkpoints import latent_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -154,7 +155,7 @@ def test_train_with_the_default_taef2_writes_a_checkpoint_a_detector_runs(tmp_pa
 
 
 def test_checkpoints_written_before_taef2_load_as_dcae(tmp_path):
-    out = L.init_checkpoint(tmp_path / "old", calibration={"dcae": {"mask_threshold": 0.3, "frame_threshold": 0.5}})
+    out = latent_checkpoint(tmp_path / "old", calibration={"dcae": {"mask_threshold": 0.3, "frame_threshold": 0.5}})
     config = ckpt.load_config(out)
     assert config["autoencoder"].pop("kind") == "dcae"  # as written before: no "kind"
     ckpt.update_config(out, autoencoder=config["autoencoder"])
@@ -167,8 +168,8 @@ def test_checkpoints_written_before_taef2_load_as_dcae(tmp_path):
         Detector(out, variant_settings("dcae", checkpoint=str(out), steps=2, segments="none"))
 
 
-def test_init_checkpoint_with_taef2(tmp_path):
-    out = L.init_checkpoint(tmp_path / "ck", autoencoder="taef2")
+def test_a_checkpoint_with_taef2(tmp_path):
+    out = latent_checkpoint(tmp_path / "ck", autoencoder="taef2")
     config = ckpt.load_config(out)
     assert config["autoencoder"]["kind"] == "taef2" and config["latent_size"] == [4, 5]
     codec, _, _ = L.load_latent_models(out, config, torch.device("cpu"))

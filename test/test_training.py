@@ -31,7 +31,7 @@ def scenes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(scenes, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
-    opts = TrainOptions(image_size=(32, 40), preset="tiny", steps=6, batch_size=4, save_every=3,
+    opts = TrainOptions(variant="ddim", image_size=(32, 40), preset="tiny", steps=6, batch_size=4, save_every=3,
                         calib_fraction=0.34)
     return train(scenes, out, opts, progress=False, also_calibrate=["ddpm"]), opts
 
@@ -92,6 +92,24 @@ def test_training_writes_a_loadable_calibrated_checkpoint(trained):
     assert det.scorer.distance.features.strides == (16, 32)
     r = det.process(np.zeros((50, 60, 3), np.uint8))
     assert r.score.shape == r.mask.shape == (50, 60) and r.score.dtype == np.float32
+
+
+def test_every_training_option_is_a_train_flag_with_the_fields_default_and_range():
+    from ros_anomaly_diffusion.cli import build_parser, train_options
+    from ros_anomaly_diffusion.core.samplers import ScheduleConfig
+
+    def parsed(*flags):
+        return train_options(build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags]))
+
+    assert parsed() == TrainOptions()
+    opts = parsed("--ema-decay", "0.9", "--schedule", "num_train_timesteps=50", "--schedule",
+                  "prediction_type=epsilon", "--image-size", "64", "80", "--frame-fpr", "0.1", "--variant", "ddim")
+    assert opts.ema_decay == 0.9 and opts.image_size == (64, 80) and opts.frame_fpr == 0.1 and opts.variant == "ddim"
+    assert opts.schedule == ScheduleConfig(num_train_timesteps=50, prediction_type="epsilon")
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0.0, 1.0\], got 1.5"):
+        parsed("--ema-decay", "1.5")
+    with pytest.raises(ValueError, match=r"--schedule: unknown \['beta'\]"):
+        parsed("--schedule", "beta=2")
 
 
 def test_training_refuses_to_calibrate_a_variant_of_another_family(scenes, tmp_path):

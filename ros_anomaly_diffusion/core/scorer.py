@@ -24,6 +24,16 @@ class ScoreOutput:
     frame_scores: torch.Tensor | None = None
 
 
+@dataclass
+class ExportTarget:
+    """What `export` writes for a variant: the whole frame as one graph ("frame": backbone,
+    model and maps; input a frame in [0, 1]) or the denoiser net(x, t) the scorer calls
+    several times a frame ("denoiser"); `item_shape` is one input without the batch."""
+    kind: str
+    module: torch.nn.Module
+    item_shape: tuple[int, ...]
+
+
 @runtime_checkable
 class Scorer(Protocol):
     nfe: int  # network evaluations per frame (backbone calls not counted)
@@ -34,9 +44,13 @@ class Scorer(Protocol):
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         """(B, 3, h, w) in [0, 1] at the model's size -> anomaly maps (and edits, frame scores)."""
 
+    def export_target(self, size: tuple[int, int]) -> ExportTarget:
+        """The module `export` writes for frames of `size` (h, w), as the current settings run it
+        (built on backend torch)."""
+
 
 class Family(Protocol):
-    """A family module: one checkpoint layout, its scorer, its training and a test fixture.
+    """A family module: one checkpoint layout, its scorer and its training.
 
     FAMILY is the name its checkpoints record in config.json ("family"); build takes the
     registry's per-variant options as keywords (the pixel family's sampler, say).
@@ -53,8 +67,3 @@ class Family(Protocol):
         run's accelerate.Accelerator `acc` (fitting.make_accelerator(opts) when None). In a
         run of several processes each reads its shard of the frames; every process returns
         the same result and only the main one writes it."""
-
-    def init_checkpoint(self, directory: str | Path, *, preset: str = "tiny",
-                        image_size: tuple[int, int] | None = None, seed: int = 0,
-                        calibration: dict | None = None) -> Path:
-        """An untrained (or two-random-frame) checkpoint for tests and smoke runs."""

@@ -133,26 +133,34 @@ def spec(name: str) -> dict:
     raise KeyError(name)
 
 
+def check_value(name: str, value: Any, default: Any, lo=None, hi=None, choices=None) -> str | None:
+    """Reason why `value` is not acceptable for an option like `default` (its type; an integer
+    passes for a float) with the range lo <= value <= hi (either may be None) and choices, or
+    None: the one rule of settings, node parameters and training options."""
+    if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)) and not (
+            isinstance(default, float) and isinstance(value, int)):
+        return f"{name} must be a {type(default).__name__}, got {value!r}"
+    if choices and value not in choices:
+        return f"{name} must be one of {list(choices)}, got {value!r}"
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if lo is not None and hi is not None else (f">= {lo}" if hi is None else f"<= {hi}")
+        return f"{name} must be {bound}, got {value!r}"
+    return None
+
+
 def check(name: str, value: Any) -> str | None:
     """Reason why `value` is not acceptable for setting `name`, or None."""
     try:
         meta = spec(name)
     except KeyError:
         return f"unknown setting {name!r}"
-    default = meta["default"]
-    if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)) and not (
-            isinstance(default, float) and isinstance(value, int)):
-        return f"{name} must be a {type(default).__name__}, got {value!r}"
     if name == "variant":
-        if value and value not in VARIANT_NAMES:
-            return f"unknown variant {value!r}; registered: {sorted(VARIANT_NAMES)} (empty: the checkpoint's)"
-        return None
-    if meta["choices"] and value not in meta["choices"]:
-        return f"{name} must be one of {list(meta['choices'])}, got {value!r}"
-    lo, hi = meta["lo"], meta["hi"]
-    if lo is not None and not lo <= value <= hi:
-        return f"{name} must be in [{lo}, {hi}], got {value!r}"
-    if name in ("mask_threshold", "frame_threshold") and value != -1.0 and not 0.0 <= value <= 1.0:
-        return f"{name} must be in [0, 1] (or -1 for the calibrated value), got {value!r}"
-    return None
+        reason = check_value(name, value, meta["default"])
+        if reason is None and value and value not in VARIANT_NAMES:
+            reason = f"unknown variant {value!r}; registered: {sorted(VARIANT_NAMES)} (empty: the checkpoint's)"
+        return reason
+    reason = check_value(name, value, meta["default"], meta["lo"], meta["hi"], meta["choices"])
+    if reason is None and name in ("mask_threshold", "frame_threshold") and value != -1.0 and not 0.0 <= value <= 1.0:
+        reason = f"{name} must be in [0, 1] (or -1 for the calibrated value), got {value!r}"
+    return reason
 

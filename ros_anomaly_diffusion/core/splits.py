@@ -1,4 +1,5 @@
-"""Which frames a command uses: the RUGD scene split, the ID/OOD frame split and the folds of\ncross-validation (scene-grouped, OOD frames spread)."""
+"""Which frames a command uses: the RUGD scene split, the ID/OOD frame split and the folds of
+cross-validation (scene-grouped, OOD frames spread)."""
 from __future__ import annotations
 
 import random

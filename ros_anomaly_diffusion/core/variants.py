@@ -42,9 +42,6 @@ class Variant:
     def fit(self, train_frames: list, out: Path, opts, progress: bool, acc=None) -> tuple[dict, dict]:
         return self.module.fit(train_frames, out, opts, progress, acc)
 
-    def init_checkpoint(self, directory: str | Path, **kwargs) -> Path:
-        return self.module.init_checkpoint(directory, **kwargs)
-
 
 VARIANTS: dict[str, Variant] = {
     v.name: v for v in (

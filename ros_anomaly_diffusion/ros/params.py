@@ -14,7 +14,7 @@ from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
-from ..core.settings import Settings, spec
+from ..core.settings import Settings, check_value, spec
 
 
 @dataclass(frozen=True)
@@ -32,21 +32,15 @@ class ParamSpec:
         return type(self.default)
 
     def check(self, value: Any) -> str | None:
-        """Reason why `value` is unacceptable (node-only parameters; settings use core.settings.check)."""
+        """Reason why `value` is unacceptable (node-only parameters; settings use core.settings.check,
+        both the rule of core.settings.check_value)."""
         if self.type is list:  # a fixed-length array of doubles (xyz, rpy)
             n = len(self.default)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != n or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
                 return f"{self.name} must be {n} finite numbers, got {value!r}"
             return None
-        if isinstance(value, bool) != isinstance(self.default, bool) or not isinstance(value, self.type) and not (
-                self.type is float and isinstance(value, int)):
-            return f"{self.name} must be a {self.type.__name__}, got {value!r}"
-        if self.choices and value not in self.choices:
-            return f"{self.name} must be one of {list(self.choices)}, got {value!r}"
-        if self.lo is not None and not self.lo <= value <= self.hi:
-            return f"{self.name} must be in [{self.lo}, {self.hi}], got {value!r}"
-        return None
+        return check_value(self.name, value, self.default, self.lo, self.hi, self.choices)
 
 
 MAX_INPUT_PIXELS = 8_000_000  # 8 MP: a 4000x3000 frame is downscaled to about 3265x2449

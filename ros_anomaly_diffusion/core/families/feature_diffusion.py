@@ -41,11 +41,10 @@ from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.denoisers import build_denoiser, local_config, unet_config
 from ..networks.quantization import load_denoiser
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig, draw_noise, inversion_timesteps
-from ..scorer import ScoreOutput
+from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
-                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise, to_unit,
-                            unit_map)
+                            input_size, load_feature_stats, parts_settings, standardise, to_unit, unit_map)
 from .fitting import DenoiserTrainer, gathered, make_accelerator, summed
 
 log = logging.getLogger(__name__)
@@ -177,6 +176,9 @@ class InversionScorer:
     def nfe(self) -> int:
         return len(self.timesteps) - 1
 
+    def export_target(self, size: tuple[int, int]) -> ExportTarget:
+        return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
+
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         maps, frames = self.graph(batch01)
@@ -252,6 +254,9 @@ class FeatureEditScorer:
     @property
     def nfe(self) -> int:
         return self.editor.score_nfe(self.sampler)
+
+    def export_target(self, size: tuple[int, int]) -> ExportTarget:
+        return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
 
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
@@ -355,19 +360,3 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True, acc=N
                           "statistics_frames": [train_frames[i].name for i in stat_idx],
                           "features_in_memory": source.cached, "skipped_frames": source.skipped}
     return config, {"denoiser": ema, "features": {"mean": mean, "std": std}}
-
-
-def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
-                    seed: int = 0, calibration: dict | None = None) -> Path:
-    """An untrained checkpoint (tests, smoke runs), 64x96 unless image_size is given; statistics
-    from two random frames."""
-    torch.manual_seed(seed)
-    image_size = tuple(image_size or (64, 96))
-    feats, weights, mean, std, z = random_frame_features(image_size, seed)
-    config = model_config(image_size, feats.shape[1], preset)
-    net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"]).eval()
-    config["scores"] = score_statistics(net, NoiseSchedule(SCHEDULE), [(z, weights)], steps=(2, 3))
-    config["edit_scores"] = edit_statistics(net, NoiseSchedule(SCHEDULE), [(z, weights)])
-    if calibration:
-        config["calibration"] = calibration
-    return ckpt.save(directory, config, {"denoiser": net.state_dict(), "features": {"mean": mean, "std": std}})

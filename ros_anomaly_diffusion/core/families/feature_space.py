@@ -172,17 +172,6 @@ def standardise(feats: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return (feats - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
 
 
-def random_frame_features(image_size: tuple[int, int], seed: int) -> tuple[torch.Tensor, ...]:
-    """(features, cell weights, mean, std, standardised features) of two seeded random frames:
-    the data of the feature families' init_checkpoint (tests, smoke runs)."""
-    features = shared_features()
-    frames = torch.rand(2, 3, *image_size, generator=torch.Generator().manual_seed(seed))
-    feats = torch.cat([features(f[None]) for f in frames])
-    weights = torch.ones(feats.shape[0], 1, *feats.shape[-2:])
-    mean, std = channel_stats(feats, weights)
-    return feats, weights, mean, std, standardise(feats, mean, std)
-
-
 def to_unit(u: torch.Tensor) -> torch.Tensor:
     """A z-score (ID mean 0, ID std 1) -> [0, 1], strictly increasing.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -35,51 +35,83 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..datasets import FrameBatch, FrameDataset, frame_loader
+from ..networks.denoisers import KINDS
 from ..samplers import NoiseSchedule, ScheduleConfig
+from ..settings import VARIANT_NAMES, check_value
 
 log = logging.getLogger(__name__)
 STATE = "train_state"
 
 
+def _opt(default, help: str, *, lo=None, hi=None, choices=None, metavar=None, factory=None):
+    """A TrainOptions field: its default, the help the `train` command shows, its range (lo <= v
+    <= hi) or choices, checked when the options are made."""
+    meta = dict(help=help, lo=lo, hi=hi, choices=choices, metavar=metavar)
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainOptions:
-    variant: str = "ddim"
-    # (H, W) the model sees; None: the family's default (pixel.image_size, latent.image_size,
-    # feature_space.input_size); the reference used 176x216
-    image_size: tuple[int, int] | None = None
-    preset: str = "small"
-    # the denoiser's design (networks/denoisers.py: cell, local, unet, dit); empty: the family's
-    # default. receptive_field: a local denoiser's window side in input cells; 0: the family's
-    denoiser: str = ""
-    receptive_field: int = 0
-    steps: int = 3000
-    batch_size: int = 8
-    lr: float = 3e-4
-    ema_decay: float = 0.995
-    seed: int = 0
-    frames: str = "all"  # all | id (frames with OOD objects left out entirely)
-    scenes: str = "all"  # all | train | val | test (RUGD scene split)
-    calib_fraction: float = 0.2  # ID frames held out for threshold calibration
-    mask_fpr: float = 0.01  # pixel false-positive rate on ID calibration pixels
-    frame_fpr: float = 0.05  # false-alarm rate of the OOD flag on ID calibration frames
-    save_every: int = 500
-    device: str = "cpu"
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    # latent family: "taef2" (the shipped pretrained TAEF2), a local diffusers AutoencoderDC
-    # folder, or "trained" (also ""): a compact DC-AE trained on the frames
-    autoencoder: str = "taef2"
-    # accelerate: "no", "bf16" or "fp16" (autocast; weights stay fp32); micro-batches per
-    # optimizer step; gradient-norm clip; DataLoader worker processes decoding frames
-    mixed_precision: str = "no"
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    workers: int = 0
-    log_every: int = 50  # loss and learning rate logged every this many steps (main process)
-    log_with: str = ""  # "tensorboard": also to TensorBoard under <out>/logs (accelerate's tracker)
-    # a training set whose backbone features (feature families), latents (latent family, local
-    # prior) or decoded frames (pixel family, local prior) fit in this many MB is prepared once
-    # and kept in memory (fast on a few frames); a larger one streams batch by batch (0: always)
-    feature_cache_mb: int = 1024
+    """How `train` fits a family and calibrates it. Each field is a `train` option of the same
+    name (cli.py generates the parser from these fields); None and empty mean "the family's
+    default"."""
+    variant: str = _opt("knn", "the variant whose family is trained and calibrated; knn is the shipped "
+                               "model's", choices=VARIANT_NAMES)
+    image_size: tuple[int, int] | None = _opt(
+        None, "the size H W the model sees; default: the family's (pixel 128x160, latent and feature families "
+              "256x320; 64x80 for the scene-level unet and dit; the reference used 176x216)", metavar=("H", "W"))
+    preset: str = _opt("small", "network width", choices=("tiny", "small", "medium", "reference"))
+    denoiser: str = _opt("", "the denoiser's design (networks/denoisers.py): cell (an MLP per location) or local "
+                             "(3x3 blocks, bounded receptive field), the editing families' defaults; unet or dit "
+                             "(scene-level, for thousands of frames and a GPU); empty: the family's default",
+                         choices=("", *KINDS))
+    receptive_field: int = _opt(0, "local denoiser: the side in cells (pixels, latent cells) of the window each "
+                                   "output sees; 0: the family's default", lo=0)
+    steps: int = _opt(3000, "optimizer steps", lo=1)
+    batch_size: int = _opt(8, "frames (or crops) per micro-batch and process", lo=1)
+    lr: float = _opt(3e-4, "Adam learning rate", lo=0.0)
+    ema_decay: float = _opt(0.995, "decay of the weights' exponential moving average (the checkpoint's weights)",
+                            lo=0.0, hi=1.0)
+    seed: int = _opt(0, "seed of the weights, batches, augmentation and calibration split", lo=0)
+    frames: str = _opt("all", "which labelled frames to train on: all (OOD pixels masked out of the loss), id "
+                              "(frames with OOD objects left out) or ood", choices=("all", "id", "ood"))
+    scenes: str = _opt("all", "RUGD reference scene split", choices=("all", "train", "val", "test"))
+    calib_fraction: float = _opt(0.2, "share of the ID frames held out for threshold calibration", lo=0.0, hi=0.9)
+    mask_fpr: float = _opt(0.01, "pixel false-positive rate of the mask threshold on ID calibration pixels",
+                           lo=1e-6, hi=0.5)
+    frame_fpr: float = _opt(0.05, "false-alarm rate of the OOD flag on ID calibration frames", lo=1e-6, hi=0.5)
+    save_every: int = _opt(500, "steps between saves of the resumable OUT/train_state/", lo=1)
+    device: str = _opt("cpu", "torch device: cpu, cuda or cuda:N")
+    schedule: ScheduleConfig = _opt(None, "noise schedule, KEY=VALUE of samplers.ScheduleConfig "
+                                          "(num_train_timesteps, beta_schedule, beta_start, beta_end, "
+                                          "prediction_type), repeatable", metavar="KEY=VALUE",
+                                    factory=ScheduleConfig)
+    autoencoder: str = _opt("taef2", "latent variants: taef2 (the pretrained TAEF2 shipped with the package), "
+                                     "trained (a compact DC-AE trained on the frames) or PATH, a local diffusers "
+                                     "AutoencoderDC folder (config.json + .safetensors)", metavar="taef2|trained|PATH")
+    mixed_precision: str = _opt("no", "autocast precision of the forward passes (weights stay fp32); bf16 on CPUs "
+                                      "with bf16 units", choices=("no", "bf16", "fp16"))
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", lo=1)
+    grad_clip: float = _opt(1.0, "gradient-norm clip", lo=0.0)
+    workers: int = _opt(0, "DataLoader processes decoding frames (0: in the trainer)", lo=0)
+    log_every: int = _opt(50, "log loss and learning rate every N steps (main process)", lo=1)
+    log_with: str = _opt("", "also log to TensorBoard under OUT/logs (pip install tensorboard)",
+                         choices=("", "tensorboard"))
+    feature_cache_mb: int = _opt(1024, "keep what the training set needs in memory up to this size (MB): the "
+                                       "backbone features (feature families), the latents or the decoded frames "
+                                       "(local priors); larger sets and 0 stream from disk", lo=0)
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name not in ("image_size", "schedule"):
+                meta = f.metadata
+                reason = check_value(f.name, getattr(self, f.name), f.default, meta["lo"], meta["hi"], meta["choices"])
+                if reason:
+                    raise ValueError(reason)
+        if self.image_size is not None:
+            self.image_size = tuple(int(v) for v in self.image_size)
+            if len(self.image_size) != 2 or min(self.image_size) < 16:
+                raise ValueError(f"image_size must be H W of at least 16 pixels each, got {self.image_size}")
 
 
 def make_accelerator(opts: TrainOptions, out: Path | None = None) -> Accelerator:

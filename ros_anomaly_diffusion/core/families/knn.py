@@ -28,11 +28,10 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..data import Frame
 from ..networks.backbone import StackedFeatures, shared_features
-from ..scorer import ScoreOutput
+from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
-                            input_size, load_feature_stats, parts_settings, random_frame_features, standardise,
-                            unit_map)
+                            input_size, load_feature_stats, parts_settings, standardise, unit_map)
 from .fitting import make_accelerator, mean_std, summed
 
 log = logging.getLogger(__name__)
@@ -120,10 +119,8 @@ class KnnScorer:
         self.graph = self._graphs.get((self.size,), s, lambda: self._graph(self.size))
         self.settings = s
 
-    @torch.inference_mode()
-    def distances(self, batch01: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) -> (B, h/16, w/16) nearest-neighbour distances (torch)."""
-        return self._graph(self.size).distances(batch01)
+    def export_target(self, size: tuple[int, int]) -> ExportTarget:
+        return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
 
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
@@ -220,7 +217,7 @@ def loo_moments(batches, bank: dict, acc=None) -> dict:
     return {"mean": float(mean), "std": max(float(std), 1e-6)}
 
 
-def _config(size: tuple[int, int], channels: int, bank: dict, loo: dict, seed: int) -> dict:
+def knn_config(size: tuple[int, int], channels: int, bank: dict, loo: dict, seed: int) -> dict:
     return {"family": FAMILY, "image_size": list(size), "features": features_config(size, channels),
             "scores": {"pixel": loo},
             "bank": {"size": len(bank["vectors"]), "candidates": bank["candidates"], "max_size": MAX_BANK,
@@ -258,25 +255,10 @@ def fit(train_frames: list[Frame], out: Path, opts, progress: bool = True, acc=N
 
     bank = sample_bank(standardised(), MAX_BANK, opts.seed, acc)
     loo = loo_moments(standardised(), bank, acc)
-    config = _config(size, source.channels, bank, loo, opts.seed)
+    config = knn_config(size, source.channels, bank, loo, opts.seed)
     config["training"] = {"features_in_memory": source.cached}
     if acc.is_main_process:
         log.info("knn bank: %d of %d ID cells; leave-one-frame-out distance %.3f +- %.3f", len(bank["vectors"]),
                  bank["candidates"], loo["mean"], loo["std"])
     return config, {"bank": {"vectors": bank["vectors"], "origin": bank["origin"]},
                     "features": {"mean": mean, "std": std}}
-
-
-def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
-                    seed: int = 0, calibration: dict | None = None) -> Path:
-    """A knn checkpoint from two random frames (tests, smoke runs), 64x96 unless image_size is
-    given; `preset` is accepted for the family interface (knn has no network to size)."""
-    image_size = tuple(image_size or (64, 96))
-    feats, weights, mean, std, z = random_frame_features(image_size, seed)
-    batches = [(z, weights, torch.tensor([[0, 0], [1, 0]]))]
-    bank = sample_bank(batches, MAX_BANK, seed)
-    config = _config(tuple(image_size), feats.shape[1], bank, loo_moments(batches, bank), seed)
-    if calibration:
-        config["calibration"] = calibration
-    return ckpt.save(directory, config, {"bank": {"vectors": bank["vectors"], "origin": bank["origin"]},
-                                         "features": {"mean": mean, "std": std}})

@@ -46,10 +46,10 @@ from ..networks.autoencoder import (LatentCodec, autoencoder_config, autoencoder
 from ..networks.taef2 import SOURCE as TAEF2_SOURCE
 from ..networks.taef2 import load_taef2
 from ..networks.backbone import FeatureExtractor
-from ..networks.denoisers import DiTDenoiser, build_denoiser, dit_config, local_config, pad_to
+from ..networks.denoisers import build_denoiser, dit_config, local_config, pad_to
 from ..networks.quantization import load_denoiser
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
-from ..scorer import ScoreOutput
+from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
 from .feature_space import unit_map
 from .fitting import (STATE, DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
@@ -121,6 +121,12 @@ class LatentEditingScorer:
             return self.editor.score_nfe(self.sampler)
         edit = dataclasses.replace(self.sampler, score="edit")
         return self.editor.score_nfe(edit)
+
+    @torch.no_grad()
+    def export_target(self, size: tuple[int, int]) -> ExportTarget:
+        device = next(self.net.parameters()).device
+        latent = self.codec.encode(torch.zeros(1, 3, *size, device=device))
+        return ExportTarget("denoiser", self.net, tuple(latent.shape[1:]))
 
     @torch.no_grad()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
@@ -382,24 +388,3 @@ def latent_score_statistics(net: nn.Module, schedule: NoiseSchedule, batches, ac
         sums += torch.stack([d.new_tensor(d.numel()), d.sum(), d.square().sum()])
     mean, std = mean_std(*summed(sums, acc))
     return {"sampler": sampler.to_dict(), "pixel": {"mean": float(mean), "std": max(float(std), 1e-6)}}
-
-
-def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
-                    seed: int = 0, calibration: dict | None = None, autoencoder: str = "dcae") -> Path:
-    """A latent-family checkpoint with an untrained DiT (tests, smoke runs), 32x40 unless image_size
-    is given; autoencoder "dcae": an untrained tiny DC-AE, "taef2": the shipped TAEF2."""
-    torch.manual_seed(seed)
-    opts = TrainOptions(variant="dcae", preset=preset, image_size=tuple(image_size or (32, 40)), denoiser="dit")
-    if autoencoder == "taef2":
-        ae, source = load_taef2(), TAEF2_SOURCE
-    elif autoencoder == "dcae":
-        ae, source = build_autoencoder(autoencoder_config(preset)), "untrained"
-    else:
-        raise ValueError(f"autoencoder must be 'dcae' or 'taef2', got {autoencoder!r}")
-    config = latent_config(opts, ae, source, 0.0, 1.0)
-    if calibration:
-        config["calibration"] = calibration
-    net = DiTDenoiser(config["denoiser"]["config"])
-    return ckpt.save(directory, config, {"autoencoder": autoencoder_state(ae), "denoiser": net.state_dict()})
-
-

@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .. import checkpoint as ckpt
 from ..analysis import FeatureDistance
 from ..data import Frame
 from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, local_config, unet_config
 from ..networks.quantization import load_denoiser
 from ..samplers import Editor, NoiseSchedule, ScheduleConfig
-from ..scorer import ScoreOutput
+from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
 from .fitting import (DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
                       random_crop)
@@ -86,6 +85,9 @@ class EditingScorer:
         ddpm = s.draws * self.editor.schedule.T  # all T steps a draw, plus the DDIM reconstruction
         return ddpm + (self.editor.ddim_nfe(s.start_timestep, s.steps, s.draws) if reconstruction else 0)
 
+    def export_target(self, size: tuple[int, int]) -> ExportTarget:
+        return ExportTarget("denoiser", self.net, (3, *size))
+
     def edits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(edits, reconstructions or None), each (K, B, 3, h, w) in [-1, 1], of x in [-1, 1]."""
         s = self.settings
@@ -140,17 +142,6 @@ def pixel_config(opts: TrainOptions) -> dict:
     strides = UNET_ANALYSIS_STRIDES if kind == "unet" else LOCAL_ANALYSIS_STRIDES
     return {"family": FAMILY, "image_size": list(size), "denoiser": {"kind": kind, "config": denoiser},
             "schedule": opts.schedule.to_dict(), "analysis_strides": list(strides)}
-
-
-def init_checkpoint(directory: str | Path, *, preset: str = "tiny", image_size: tuple[int, int] | None = None,
-                    seed: int = 0, calibration: dict | None = None) -> Path:
-    """An untrained pixel-family checkpoint (tests, smoke runs), 32x40 unless image_size is given."""
-    torch.manual_seed(seed)
-    config = pixel_config(TrainOptions(preset=preset, image_size=tuple(image_size or (32, 40)), denoiser="unet"))
-    if calibration:
-        config["calibration"] = calibration
-    net = build_denoiser("unet", config["denoiser"]["config"])
-    return ckpt.save(directory, config, {"denoiser": net.state_dict()})
 
 
 def fit(train_frames: list[Frame], out: Path, opts: TrainOptions, progress: bool,

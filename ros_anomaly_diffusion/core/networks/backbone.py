@@ -87,12 +87,6 @@ class FeatureExtractor(nn.Module):
                 out[i] = x
         return out
 
-    def stacked(self, rgb01: torch.Tensor, stride: int = 16) -> torch.Tensor:
-        """All taps resized to one grid and concatenated (the inversion detector's input)."""
-        maps = self.forward(rgb01)
-        h, w = rgb01.shape[-2] // stride, rgb01.shape[-1] // stride
-        return torch.cat([F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-                          if m.shape[-2:] != (h, w) else m for m in maps.values()], dim=1)
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,9 +140,10 @@ class _FoldedBlock(nn.Module):
 
 
 class StackedFeatures(nn.Module):
-    """`FeatureExtractor(blocks=blocks).stacked(x, grid_stride)` with BatchNorm folded into the
-    convolutions, in-place activations and channels-last memory: the same numbers (to float
-    rounding), 2-3x faster on this 2-core CPU (256x320: ~25 ms instead of ~65 ms).
+    """The taps of `FeatureExtractor(blocks=blocks)` resized (bilinear) to the grid_stride grid
+    and concatenated, with BatchNorm folded into the convolutions, in-place activations and
+    channels-last memory: the extractor's numbers (to float rounding), 2-3x faster on this
+    2-core CPU (256x320: ~25 ms instead of ~65 ms).
     Built from a FeatureExtractor, so it follows its taps and weights."""
 
     def __init__(self, blocks: tuple[int, ...] = FEATURE_BLOCKS, grid_stride: int = GRID_STRIDE):

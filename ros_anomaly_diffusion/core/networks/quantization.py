@@ -297,19 +297,6 @@ def prepare_for_quantized_state(net: nn.Module, precision: str, layers: str = "s
     return _swap(net, precision, layers, with_weights=False)
 
 
-def describe(net: nn.Module) -> dict:
-    """How many layers of each kind and the bytes of the state dict (reporting)."""
-    kinds: dict[str, int] = {}
-    for m in net.modules():
-        if isinstance(m, QUANTIZED_TYPES):
-            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
-    return {"layers": kinds, "state_bytes": state_bytes(net.state_dict())}
-
-
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 def _file_dtypes(path: Path) -> dict[str, str]:
