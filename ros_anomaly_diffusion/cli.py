@@ -139,7 +139,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from .core.networks.quantization import quantize_checkpoint
+    from .engine.quantize import quantize_checkpoint
 
     before = args.checkpoint / "denoiser.safetensors"
     out = quantize_checkpoint(args.checkpoint, args.out, args.precision, args.layers)
@@ -152,7 +152,7 @@ def cmd_quantize(args) -> None:
 
 def cmd_export(args) -> None:
     from .core.detector import Detector
-    from .core.networks.deploy import TRT_OPSET, export_frame_graph, export_onnx, trtexec_command
+    from .engine.export import TRT_OPSET, export_frame_graph, export_onnx, trtexec_command
 
     args.set = (args.set or []) + ["segments=none", "backend=torch", "precision=fp32"]  # torch modules to export
     det = Detector(args.checkpoint, _settings(args))

@@ -83,7 +83,7 @@ def test_a_local_prior_trained_on_id_texture_flags_a_pasted_foreign_patch():
 
 def test_a_local_denoiser_runs_on_onnxruntime_like_on_torch():
     pytest.importorskip("onnxruntime")
-    from ros_anomaly_diffusion.core.networks.deploy import with_backend
+    from ros_anomaly_diffusion.core.networks.backends import with_backend
 
     net = LocalDenoiser(local_config("local", "tiny", 3, stem=2)).eval()
     ort, how = with_backend(net, "onnxruntime", "cpu")

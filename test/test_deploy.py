@@ -9,10 +9,11 @@ import torch
 
 from conftest import make_checkpoint
 from ros_anomaly_diffusion.cli import main as cli
+from ros_anomaly_diffusion.core.networks import backends
+from ros_anomaly_diffusion.core.networks.backends import OnnxModule, OrtModule, cache_key, with_backend
 from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
-from ros_anomaly_diffusion.core.networks import deploy
-from ros_anomaly_diffusion.core.networks.deploy import OnnxModule, OrtModule, cache_key, with_backend
 from ros_anomaly_diffusion.core.settings import Settings
+from ros_anomaly_diffusion.engine import export
 
 
 def test_backends_refuse_what_cannot_run_here_and_say_why(monkeypatch):
@@ -36,7 +37,7 @@ def test_backends_refuse_what_cannot_run_here_and_say_why(monkeypatch):
 
 
 def test_onnxruntime_matches_torch_and_exports_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path)
+    monkeypatch.setattr(backends, "ONNX_CACHE", tmp_path)
     torch.manual_seed(0)
     net = build_denoiser("unet", unet_config("pixel", "tiny", 3)).eval()
     x = torch.randn(2, 3, 32, 40)
@@ -66,7 +67,7 @@ def test_onnx_backends_give_the_same_maps_on_real_frames(backend, precision, tol
     from ros_anomaly_diffusion.core.data import open_dataset
     from ros_anomaly_diffusion.core.detector import Detector
 
-    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path)
+    monkeypatch.setattr(backends, "ONNX_CACHE", tmp_path)
     frames = [f.rgb() for f in list(open_dataset(rugd_sample))[:3]]
     for variant, ck in (("knn", ""), ("inversion", str(family_checkpoint("feature_diffusion")))):
         torch_det, onnx_det = (Detector(ck, variant_settings(variant, checkpoint=ck, backend=b, precision=p,
@@ -231,7 +232,7 @@ def test_fp16_frame_graph_keeps_the_arithmetic_around_its_networks_in_float32(tm
     import onnxruntime
 
     graph = _SumsCells().eval()
-    exported = deploy.export_frame_graph(graph, (1, 3, 40, 48), tmp_path / "g.onnx", precision="fp16")
+    exported = export.export_frame_graph(graph, (1, 3, 40, 48), tmp_path / "g.onnx", precision="fp16")
     model = onnx.load(str(exported.path))
     assert _onnx_io(model) == {"x": ("FLOAT16", [1, 3, 40, 48]), "maps": ("FLOAT16", [1, 40, 48]),
                                "frames": ("FLOAT16", [1])}
@@ -272,7 +273,7 @@ class _FakeTensorRT:
 
 
 def test_tensorrt_engine_is_compiled_once_then_loaded_from_the_cache(tmp_path):
-    from ros_anomaly_diffusion.core.networks.deploy import compile_cached
+    from ros_anomaly_diffusion.core.networks.backends import compile_cached
 
     net = build_denoiser("unet", unet_config("pixel", "tiny", 3))
     x = torch.randn(1, 3, 32, 40)
@@ -291,7 +292,7 @@ def test_tensorrt_engine_is_compiled_once_then_loaded_from_the_cache(tmp_path):
 
 
 def test_failed_tensorrt_compilation_falls_back_to_the_eager_fp32_model(tmp_path):
-    from ros_anomaly_diffusion.core.networks.deploy import compile_cached
+    from ros_anomaly_diffusion.core.networks.backends import compile_cached
 
     net = build_denoiser("unet", unet_config("pixel", "tiny", 3))
     out, how = compile_cached(net, (1, 3, 32, 40), torch.device("cpu"), _FakeTensorRT(fail=True), tmp_path)
@@ -303,18 +304,18 @@ def test_failed_tensorrt_compilation_falls_back_to_the_eager_fp32_model(tmp_path
 def test_auto_picks_onnxruntime_on_a_cpu_tensorrt_on_cuda_where_it_can_and_torch_otherwise(monkeypatch, tmp_path):
     import types
 
-    assert deploy.auto_backend("cpu") == "onnxruntime"
-    assert deploy.auto_backend("cuda", tensorrt=True) == "torch"  # no torch_tensorrt here
+    assert backends.auto_backend("cpu") == "onnxruntime"
+    assert backends.auto_backend("cuda", tensorrt=True) == "torch"  # no torch_tensorrt here
     monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
-    assert deploy.auto_backend("cuda", tensorrt=True) == "tensorrt"
-    assert deploy.auto_backend("cuda", tensorrt=False) == "torch"  # a family that does not run on it
+    assert backends.auto_backend("cuda", tensorrt=True) == "tensorrt"
+    assert backends.auto_backend("cuda", tensorrt=False) == "torch"  # a family that does not run on it
     (tmp_path / "a_file").write_text("")
-    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path / "a_file" / "onnx")  # no cache can be written there
-    assert deploy.auto_backend("cpu") == "torch"
-    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path / "onnx")
-    assert deploy.auto_backend("cpu") == "onnxruntime"
+    monkeypatch.setattr(backends, "ONNX_CACHE", tmp_path / "a_file" / "onnx")  # no cache can be written there
+    assert backends.auto_backend("cpu") == "torch"
+    monkeypatch.setattr(backends, "ONNX_CACHE", tmp_path / "onnx")
+    assert backends.auto_backend("cpu") == "onnxruntime"
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-    assert deploy.auto_backend("cpu") == "torch"
+    assert backends.auto_backend("cpu") == "torch"
     assert Settings().backend == "auto"
 
 
@@ -329,7 +330,7 @@ def test_the_default_backend_runs_every_family_on_onnxruntime_with_torchs_maps(f
     from ros_anomaly_diffusion.config import variant_settings
     from ros_anomaly_diffusion.core.detector import Detector
 
-    monkeypatch.setattr(deploy, "ONNX_CACHE", tmp_path)
+    monkeypatch.setattr(backends, "ONNX_CACHE", tmp_path)
     ck = str(tiny_checkpoint if family == "pixel" else family_checkpoint(family))
     auto, eager = (Detector(ck, variant_settings(variant, checkpoint=ck, segments="none", **extra))
                    for extra in ({}, {"backend": "torch"}))

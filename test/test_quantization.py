@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core.networks import quantization as Q
-from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, unet_config
+from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser, load_denoiser, runtime_denoiser, unet_config
+from ros_anomaly_diffusion.engine.quantize import quantize_checkpoint
 
 SIZE = (32, 40)
 
@@ -35,7 +36,7 @@ def small(tmp_path_factory):
     out = {"fp32": src}
     for precision in Q.PRECISIONS:
         for layers in Q.LAYERS:
-            out[f"{precision}-{layers}"] = Q.quantize_checkpoint(src, root / f"{precision}-{layers}", precision, layers)
+            out[f"{precision}-{layers}"] = quantize_checkpoint(src, root / f"{precision}-{layers}", precision, layers)
     return out
 
 
@@ -44,7 +45,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_tiny")
     src = pixel_checkpoint(root / "fp32", preset="tiny", image_size=SIZE)
     ckpt.update_config(src, calibration={"ddim": {"mask_threshold": 0.3, "frame_threshold": 0.5}})
-    return src, Q.quantize_checkpoint(src, root / "int8", "int8", "selected")
+    return src, quantize_checkpoint(src, root / "int8", "int8", "selected")
 
 
 # --------------------------------------------------------------------------- selection
@@ -164,7 +165,7 @@ def test_reference_preset_int8_selected_file_is_at_most_35_percent(tmp_path, cap
     """The size target on the reference-sized UNet, whose weights sit mostly in ResNet convs
     and attention (the small preset keeps 13 % in fp32 up/down-sampling and time layers)."""
     src = pixel_checkpoint(tmp_path / "fp32", preset="reference", image_size=SIZE)
-    ratios = {f"{p}-selected": _file_bytes(Q.quantize_checkpoint(src, tmp_path / p, p, "selected")) / _file_bytes(src)
+    ratios = {f"{p}-selected": _file_bytes(quantize_checkpoint(src, tmp_path / p, p, "selected")) / _file_bytes(src)
               for p in Q.PRECISIONS}
     with capsys.disabled():
         print("\nreference preset, denoiser.safetensors vs fp32:", {k: round(v, 3) for k, v in ratios.items()})
@@ -173,13 +174,13 @@ def test_reference_preset_int8_selected_file_is_at_most_35_percent(tmp_path, cap
 
 def test_quantized_denoisers_stay_close_to_fp32(small):
     config = ckpt.load_config(small["fp32"])
-    ref_net = Q.load_denoiser(small["fp32"], config, "cpu", None)
+    ref_net = load_denoiser(small["fp32"], config)
     torch.manual_seed(3)
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         ref = ref_net(x, 400)
         for key, tol in (("int8-selected", 0.03), ("int8-all", 0.04), ("fp16-selected", 2e-3), ("fp16-all", 2e-3)):
-            net = Q.load_denoiser(small[key], ckpt.load_config(small[key]), "cpu", None)
+            net = load_denoiser(small[key], ckpt.load_config(small[key]))
             kinds = _layer_kinds(net)
             assert kinds and all(k.startswith("Quantized" if key.startswith("int8") else "Fp16") for k in kinds)
             assert net.net.dtype == torch.float32  # diffusers' dtype: time embedding stays fp32
@@ -202,7 +203,7 @@ def test_detector_loads_quantized_checkpoint_and_matches_on_the_fly(tiny):
     live = Detector(src, Settings(checkpoint=str(src), quantization="int8", **common))
     a, b = stored.scorer.net, live.scorer.net
     assert _layer_kinds(a) == _layer_kinds(b) != {}
-    assert not _layer_kinds(Q.load_denoiser(src, ckpt.load_config(src), "cpu", Settings(**common)))
+    assert not _layer_kinds(runtime_denoiser(src, ckpt.load_config(src), "cpu", Settings(**common)))
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert va.dtype == vb.dtype and torch.equal(va, vb), k
     x = torch.randn(1, 3, *SIZE)
@@ -233,16 +234,16 @@ def test_tampered_quantization_config_is_refused(small, tmp_path):
             config["quantization"] = entry
         (bad / ckpt.CONFIG).write_text(json.dumps(config))
         with pytest.raises(ckpt.CheckpointError, match="denoiser.safetensors"):
-            Q.load_denoiser(bad, ckpt.load_config(bad), "cpu", None)
+            load_denoiser(bad, ckpt.load_config(bad))
     with pytest.raises(ckpt.CheckpointError, match="denoiser.safetensors"):
         Detector(bad, Settings(checkpoint=str(bad), variant="ddim", segments="none"))
     (bad / ckpt.CONFIG).write_text(json.dumps({**config, "quantization": {"precision": "int4", "layers": "all"}}))
     with pytest.raises(ckpt.CheckpointError, match="config.json"):
-        Q.load_denoiser(bad, ckpt.load_config(bad), "cpu", None)
+        load_denoiser(bad, ckpt.load_config(bad))
     with pytest.raises(ckpt.CheckpointError, match="already quantized"):
-        Q.quantize_checkpoint(small["int8-all"], tmp_path / "twice", "int8", "all")
+        quantize_checkpoint(small["int8-all"], tmp_path / "twice", "int8", "all")
     with pytest.raises(ValueError):
-        Q.quantize_checkpoint(small["fp32"], tmp_path / "x", "int4", "selected")
+        quantize_checkpoint(small["fp32"], tmp_path / "x", "int4", "selected")
 
 
 def test_quantize_cli(small, tmp_path, capsys):
@@ -383,7 +384,7 @@ def test_a_rule_that_selects_nothing_is_refused_naming_the_family(family_checkpo
     with pytest.raises(ValueError, match="'latent' family.*selects no layer"):
         Detector(src, _family_settings("latent", src, quantization="int8"))
     with pytest.raises(ValueError, match="'latent' family.*selects no layer"):
-        Q.quantize_checkpoint(src, tmp_path / "none", "fp16")
+        quantize_checkpoint(src, tmp_path / "none", "fp16")
 
 
 def test_knn_has_no_denoiser_and_refuses_quantization(family_checkpoint, tmp_path):
@@ -398,4 +399,4 @@ def test_knn_has_no_denoiser_and_refuses_quantization(family_checkpoint, tmp_pat
         with pytest.raises(ValueError, match="'knn' has no denoiser"):
             Detector(src, Settings(checkpoint=str(src), variant="knn", segments="none", quantization=precision))
     with pytest.raises(ckpt.CheckpointError, match="'knn' checkpoint, with no denoiser"):
-        Q.quantize_checkpoint(src, tmp_path / "q", "int8")
+        quantize_checkpoint(src, tmp_path / "q", "int8")

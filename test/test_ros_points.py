@@ -71,13 +71,12 @@ def test_a_known_blob_lands_where_the_geometry_says(ros, probe, tiny_checkpoint,
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         node.runtime.detector.process_batch = lambda frames: [blob_result(f) for f in frames]
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        assert node.camera_info_topic == f"/pts_{mode}_cam/camera_info"  # beside the image
         executor.add_node(node)
         spinner.start()
         clouds = probe.collect(PointCloud2, f"{ns}/anomaly/points")
         diag = probe.collect(DiagnosticArray, "/diagnostics")
         pub = probe.publisher(Image, topic)
-        info_pub = probe.publisher(CameraInfo, node.camera_info_topic)
+        info_pub = probe.publisher(CameraInfo, f"/pts_{mode}_cam/camera_info")  # beside the image topic
         depth_pub = probe.publisher(Image, params.get("depth_topic", "/unused"))
         probe.wait_for_subscriber(pub)
         probe.wait_for_subscriber(info_pub)

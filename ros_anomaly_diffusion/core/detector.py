@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from .analysis import frame_score
 from .segments import aggregate, build_segmenter
 from .settings import LIVE, Settings
-from .networks.deploy import auto_backend
+from .networks.backends import auto_backend
 from .variants import get_variant, resolve_variant
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def validate_frame(rgb: np.ndarray) -> None:
 class Detector:
     """`settings` as requested stay in `settings`; what they left open is decided once here:
     `variant` (empty: the one the checkpoint was trained for) and `backend` ("auto": the
-    fastest this machine and the family have, deploy.auto_backend)."""
+    fastest this machine and the family have, backends.auto_backend)."""
 
     def __init__(self, checkpoint_dir: str | Path, settings: Settings | None = None):
         settings = settings or Settings(checkpoint=str(checkpoint_dir))

@@ -52,6 +52,8 @@ SETTING_NAMES = tuple(f.name for f in fields(Settings))
 # model, the networks, post-processing (segments, upsampling, frame score), the caller's
 # on_result (publishing the outputs).
 STAGES = ("decode", "resize", "network", "post", "publish")
+# BadInput kinds: the message's encoding, its size, its data, a compressed payload, the frame itself
+BAD_INPUT_KINDS = ("encoding", "size", "data", "compressed", "frame")
 
 
 class BadInput(Exception):
@@ -183,6 +185,25 @@ class Window:
         values = self.stages_ms.get(stage, ())
         return float(np.nanmedian(values)) if values else None
 
+    def values(self) -> dict[str, str]:
+        """The window's figures as text (the /diagnostics key-value pairs)."""
+        s = self.stats
+        return {
+            "input_rate_hz": f"{self.input_rate_hz:.2f}",
+            "processed_rate_hz": f"{self.processed_rate_hz:.2f}",
+            "latency_p50_ms": milliseconds(self.latency_p50_ms),
+            "latency_max_ms": milliseconds(self.latency_max_ms),
+            "model_p50_ms": milliseconds(self.model_p50_ms),
+            **{f"stage_{k}_p50_ms": milliseconds(self.stage_p50_ms(k)) for k in STAGES},
+            "frames_received": str(s.received),
+            "frames_processed": str(s.processed),
+            "frames_dropped": str(s.dropped),
+            "inference_errors": str(s.inference_errors),
+            **{f"bad_input_{k}": str(s.bad_input.get(k, 0)) for k in BAD_INPUT_KINDS},
+            "model_loaded": str(s.model_loaded).lower(),
+            "frames_downscaled": str(s.downscaled),
+        }
+
     def health(self) -> Health:
         s = self.stats
         if not s.model_loaded:
@@ -194,6 +215,10 @@ class Window:
         if sum(s.bad_input.values()) and not self.latency_s:
             return Health("warn", "only bad input frames")
         return Health("ok", "running")
+
+
+def milliseconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 class Throttle:
@@ -505,6 +530,20 @@ class Runtime:
         return Stats(received=self._received, processed=self._processed, dropped=self._mailbox.replaced,
                      inference_errors=self._inference_errors, downscaled=self._downscaled,
                      bad_input=dict(self._bad), model_loaded=self._detector is not None, last_input=self._last_input)
+
+    def model_values(self) -> dict[str, str]:
+        """What runs (or would run: the desired settings while no model is loaded), as text."""
+        det, desired = self._detector, self.settings
+        return {
+            "variant": det.variant.name if det else desired.variant,
+            "backend": det.backend if det else desired.backend,
+            "device": str(det.device) if det else "n/a",
+            "nfe": str(det.nfe) if det else "n/a",
+            "mask_threshold": f"{det.mask_threshold:.4f}" if det else "n/a",
+            "frame_threshold": f"{det.frame_threshold:.4f}" if det else "n/a",
+            "checkpoint": det.settings.checkpoint if det else desired.checkpoint,
+            "input_topic": self.source,
+        }
 
     def window(self) -> Window:
         """Close the current statistics window (and start the next): what happened since the

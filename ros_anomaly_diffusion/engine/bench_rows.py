@@ -51,7 +51,7 @@ def checkpoint_for(root: Path, variant: str, overrides: dict) -> tuple[Path, dic
     layers = overrides.get("quantize_layers", "selected")
     out = root / f"{base.name}-{precision}-{layers}"
     if not (out / "config.json").is_file():
-        from ..core.networks.quantization import quantize_checkpoint
+        from .quantize import quantize_checkpoint
 
         quantize_checkpoint(base, out, precision, layers)
     return out, settings

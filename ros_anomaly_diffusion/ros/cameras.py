@@ -4,6 +4,19 @@ robot/left, /image_raw -> image_raw. Plain Python: launch files import it."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Camera:
+    """One camera the detector node serves: its image topic, where its outputs go, its
+    CameraInfo topic, and (while configured) its output publishers and AnomalyPoints."""
+    topic: str  # resolved image topic
+    prefix: str  # outputs are <prefix>/<name>: "anomaly" (single camera) or /<camera namespace>/anomaly
+    info_topic: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    points: Any = None
 
 
 def camera_namespaces(cameras: str) -> list[tuple[str, str]]:
@@ -28,3 +41,23 @@ def camera_namespaces(cameras: str) -> list[tuple[str, str]]:
                                'different camera namespaces' % (seen[namespace], topic, namespace))
         seen[namespace] = topic
     return pairs
+
+
+def info_beside(image_topic: str) -> str:
+    """The CameraInfo topic beside an image topic (image_pipeline's rule): /cam/image_raw -> /cam/camera_info."""
+    return image_topic.rsplit('/', 1)[0] + '/camera_info'
+
+
+def node_cameras(params: dict, resolve) -> list[tuple[str, str, str]]:
+    """The detector node's cameras, [(image topic, output prefix, CameraInfo topic)], from its
+    parameters `cameras`, `camera_info_topic` and `depth_topic` (`resolve`: the node's
+    resolve_topic_name): its `image` input with outputs under `anomaly`, or one camera per
+    `cameras` topic with outputs under /<camera namespace>/anomaly. ValueError for a
+    single-camera option given with several cameras."""
+    if not params['cameras']:
+        topic, info = resolve('image'), params['camera_info_topic']
+        return [(topic, 'anomaly', resolve(info) if info else info_beside(topic))]
+    if params['camera_info_topic'] or params['depth_topic']:
+        raise ValueError('camera_info_topic and depth_topic are for a single camera; with cameras, each '
+                         "camera's CameraInfo is read beside its image topic and points use the ground plane")
+    return [(topic, f'/{ns}/anomaly', info_beside(topic)) for topic, ns in camera_namespaces(params['cameras'])]

@@ -126,6 +126,46 @@ def variant_defaults(variant: str, checkpoint: str) -> Settings | None:
         return None
 
 
+def declare_node_parameters(node) -> tuple[dict[str, ParamSpec], dict[str, Any], Settings]:
+    """Declare every parameter of the detector node on `node` -> (specs by name, node-only
+    values, Settings). `variant` and `checkpoint` come first: the other Settings parameters
+    default to that variant's parameter file (variant_defaults). ValueError: what is invalid."""
+    model = {n: settings_parameters()[n] for n in MODEL_PARAMETERS}
+    declare_parameters(node, model.values())
+    chosen = {n: node.get_parameter(n).value for n in MODEL_PARAMETERS}
+    specs = {**settings_parameters(variant_defaults(**chosen)), **NODE_PARAMETERS}
+    declare_parameters(node, [p for n, p in specs.items() if n not in MODEL_PARAMETERS])
+    values = {n: node.get_parameter(n).value for n in specs}
+    for name in NODE_PARAMETERS:
+        reason = NODE_PARAMETERS[name].check(values[name])
+        if reason:
+            raise ValueError(f"invalid parameter: {reason}")
+    try:
+        settings = Settings.from_dict({f.name: values[f.name] for f in fields(Settings)})  # core.settings.check
+    except ValueError as err:
+        raise ValueError(f"invalid parameter: {err}") from None
+    return specs, {n: values[n] for n in NODE_PARAMETERS}, settings
+
+
+def split_changes(params, specs: dict[str, ParamSpec]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """A parameter update -> (Settings changes, node-parameter changes, why it is refused or
+    None). Node parameters are checked here, Settings by the runtime (Runtime.change);
+    parameters not in `specs` (rclpy's own, e.g. use_sim_time) are left out."""
+    settings, node = {}, {}
+    for prm in params:
+        if prm.name not in specs:
+            continue
+        value = as_declared_type(specs[prm.name].default, prm.value)
+        if prm.name in NODE_PARAMETERS:
+            reason = NODE_PARAMETERS[prm.name].check(value)
+            if reason:
+                return {}, {}, reason
+            node[prm.name] = value
+        else:
+            settings[prm.name] = value
+    return settings, node, None
+
+
 def as_declared_type(default: Any, value: Any) -> Any:
     """The one int -> float rule: an integer (not a bool) given for a double parameter is that
     double (`-p guidance_scale:=1`, `steps: 3000` in YAML, `ros2 param set ... 1`)."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core import geometry
+from ..core.runtime import milliseconds
 from .pointcloud import camera_model, depth_image_to_metres, points_to_cloud
 
 POSE_SOURCES = ("auto", "tf", "static")
@@ -38,6 +39,40 @@ class PointsConfig:
     depth_tolerance: float = 0.05
     camera_xyz: tuple[float, float, float] = (0.0, 0.0, 1.0)
     camera_rpy: tuple[float, float, float] = (-np.pi / 2, 0.0, -np.pi / 2)  # level, looking along +x
+
+
+# the node parameters that make a PointsConfig (target_frame read-only, the others live: a change
+# applies from the next frame)
+CONFIG_PARAMETERS = ("target_frame", "max_range", "point_stride", "ground_z", "depth_tolerance", "camera_xyz",
+                     "camera_rpy")
+SKIP_REASONS = ("no_camera_info", "camera", "transform", "no_depth", "depth")
+
+
+def points_config(node_params: dict) -> PointsConfig:
+    """The PointsConfig of the node's parameter values."""
+    return PointsConfig(**{k: tuple(node_params[k]) if k.startswith("camera_") else node_params[k]
+                           for k in CONFIG_PARAMETERS})
+
+
+def points_values(points: list["AnomalyPoints"]) -> dict[str, str]:
+    """/diagnostics figures of the cameras' projections since the last call: pose source,
+    projection time p50 and frames without points per reason."""
+    times = [t for p in points for t in p.take_times()]
+    return {"points_pose_source": points[0].pose_source,
+            "points_p50_ms": milliseconds(float(np.median(times)) if times else None),
+            **{f"points_skipped_{k}": str(sum(p.skipped.get(k, 0) for p in points)) for k in SKIP_REASONS}}
+
+
+def make_points(node, node_params: dict, cameras: int) -> list["AnomalyPoints"]:
+    """One AnomalyPoints per camera of `node`, sharing one tf2 listener (pose_source auto or tf
+    where tf2_ros imports); ValueError for pose_source tf without tf2_ros."""
+    source = node_params["pose_source"]
+    if source == "tf" and not tf_available():
+        raise ValueError("pose_source is 'tf' but tf2_ros cannot be imported (source your ROS 2 setup); "
+                         "use pose_source:=static with camera_xyz / camera_rpy")
+    tf = TfPoses(node, node_params["target_frame"]) if source != "static" and tf_available() else None
+    return [AnomalyPoints(points_config(node_params), tf, depth=bool(node_params["depth_topic"]))
+            for _ in range(cameras)]
 
 
 def stamp_seconds(stamp) -> float:

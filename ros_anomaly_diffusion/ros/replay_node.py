@@ -31,7 +31,6 @@ from pathlib import Path
 
 import rclpy
 from rclpy.duration import Duration
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -40,9 +39,10 @@ from rosbags.rosbag2 import ReaderError
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from . import image_codec, transport
+from . import image_codec
 from .params import ParamSpec, declare_parameters
 from .sources import FrameSource
+from .spin import run_node
 
 NODE_NAME = "image_replay"
 # How long the end of a replay waits for reliable subscribers to acknowledge the last frames.
@@ -150,32 +150,19 @@ class ReplayNode(Node):
             self._finish(f"reached count {self.count}")
 
 
-def run(args: list[str] | None = None, parameter_overrides: list[Parameter] | None = None) -> int:
-    dds = transport.apply_large_frame_defaults()
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = ReplayNode(parameter_overrides=parameter_overrides or [])
-        node.get_logger().info(transport.describe(dds))
-        while rclpy.ok() and not node.done:
-            rclpy.spin_once(node, timeout_sec=0.1)
-        code = 1 if node.failed else 0
-        # Reliable subscribers get the last frames only while the writer exists; one whose side of
-        # discovery finished late (a loaded machine) fetches them only now, so wait for its acks.
-        end = time.monotonic() + ACK_TIMEOUT_S
-        while rclpy.ok() and time.monotonic() < end and not node.pub.wait_for_all_acked(Duration(seconds=0.1)):
-            pass
-    except (FileNotFoundError, ValueError, OSError, ReaderError) as err:
-        (node.get_logger() if node else rclpy.logging.get_logger(NODE_NAME)).fatal(str(err))
-        code = 1
-    except (KeyboardInterrupt, ExternalShutdownException):
+def _finish(node: ReplayNode) -> int:
+    """Reliable subscribers get the last frames only while the writer exists; one whose side of
+    discovery finished late (a loaded machine) fetches them only now, so wait for its acks."""
+    end = time.monotonic() + ACK_TIMEOUT_S
+    while rclpy.ok() and time.monotonic() < end and not node.pub.wait_for_all_acked(Duration(seconds=0.1)):
         pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return code
+    return 1 if node.failed else 0
+
+
+def run(args: list[str] | None = None, parameter_overrides: list[Parameter] | None = None) -> int:
+    return run_node(NODE_NAME, lambda: ReplayNode(parameter_overrides=parameter_overrides or []),
+                    lambda node: node.done, fatal=(FileNotFoundError, ValueError, OSError, ReaderError),
+                    finish=_finish, args=args)
 
 
 def main(args: list[str] | None = None) -> int:

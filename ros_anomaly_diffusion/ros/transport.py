@@ -69,3 +69,21 @@ def large_frame_launch_actions(config_dir: str | Path) -> list:
     from launch.actions import SetEnvironmentVariable
 
     return [SetEnvironmentVariable(k, v) for k, v in large_frame_env(os.environ, config_dir).items()]
+
+
+def image_qos(reliability: str, depth: int):
+    """The image subscriptions' QoS: keep last `depth`, volatile, best_effort (the sensor-data
+    profile, which matches reliable and best-effort publishers alike) or reliable."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), durability=DurabilityPolicy.VOLATILE,
+                      reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort"
+                      else ReliabilityPolicy.RELIABLE)
+
+
+def output_qos():
+    """The detector's outputs: reliable, volatile, keep last 5 (what RViz and rosbag expect)."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)

@@ -38,8 +38,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..data import Frame
 from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
-from ..networks.denoisers import build_denoiser, local_config, unet_config
-from ..networks.quantization import load_denoiser
+from ..networks.denoisers import build_denoiser, local_config, runtime_denoiser, unet_config
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig, draw_noise, inversion_timesteps
 from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
@@ -130,7 +129,7 @@ class InversionGraph(nn.Module):
 
     @property
     def signature(self) -> str:
-        """The constants baked into the graph besides the buffers (deploy.OrtModule's cache key)."""
+        """The constants baked into the graph besides the buffers (backends.OnnxModule's cache key)."""
         return f"inversion:{self.timesteps}:{self.size}:{sorted(self.stats.items())}"
 
     def latents(self, batch01: torch.Tensor) -> torch.Tensor:
@@ -210,7 +209,7 @@ class FeatureEditGraph(nn.Module):
 
     @property
     def signature(self) -> str:
-        """The constants baked into the graph besides the buffers (deploy.OrtModule's cache key)."""
+        """The constants baked into the graph besides the buffers (backends.OnnxModule's cache key)."""
         return f"feature_edit:{self.sampler}:{self.size}:{sorted(self.stats.items())}"
 
     def forward(self, batch01: torch.Tensor) -> torch.Tensor:
@@ -277,7 +276,7 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     parts = parts_settings(settings)  # one graph per frame: the parts stay torch modules
     features = checkpoint_features(directory, config, device, parts.backend, parts.precision)
     mean, std = load_feature_stats(directory, config)
-    net = load_denoiser(directory, config, device, parts)  # quantized as stored or as settings ask
+    net = runtime_denoiser(directory, config, device, parts)  # quantized as stored or as settings ask
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
     if mode == "edit":
         return FeatureEditScorer(net, schedule, mean, std, config["edit_scores"], settings, device, features,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..networks.backbone import FEATURE_BLOCKS, FEATURE_STRIDES, GRID_STRIDE, StackedFeatures, shared_features
-from ..networks.deploy import ONNX_BACKENDS, with_backend
+from ..networks.backends import ONNX_BACKENDS, with_backend
 from ..settings import Settings
 from .fitting import FrameStream, frame_passes, mean_std, shard, summed
 

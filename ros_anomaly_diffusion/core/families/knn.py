@@ -82,7 +82,7 @@ class KnnGraph(nn.Module):
 
     @property
     def signature(self) -> str:
-        """The constants baked into the graph besides the buffers (deploy.OnnxModule's cache key)."""
+        """The constants baked into the graph besides the buffers (backends.OnnxModule's cache key)."""
         return f"knn:{self.size}:{sorted(self.stats.items())}"
 
     def distances(self, batch01: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,7 @@ from ..networks.autoencoder import (LatentCodec, autoencoder_config, autoencoder
 from ..networks.taef2 import SOURCE as TAEF2_SOURCE
 from ..networks.taef2 import load_taef2
 from ..networks.backbone import FeatureExtractor
-from ..networks.denoisers import build_denoiser, dit_config, local_config, pad_to
-from ..networks.quantization import load_denoiser
+from ..networks.denoisers import build_denoiser, dit_config, local_config, pad_to, runtime_denoiser
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
@@ -152,7 +151,7 @@ def load_latent_models(directory: Path, config: dict, device: torch.device, sett
     ae = autoencoder_from_entry(ae_cfg)
     ckpt.load_into(ae, directory, "autoencoder")
     codec = LatentCodec(ae.to(device).eval(), ae_cfg["latent_shift"], ae_cfg["latent_scale"])
-    net = load_denoiser(directory, config, device, settings)
+    net = runtime_denoiser(directory, config, device, settings)
     return codec, net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
 
 

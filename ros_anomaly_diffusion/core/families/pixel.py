@@ -21,8 +21,7 @@ from accelerate import Accelerator
 from ..analysis import FeatureDistance
 from ..data import Frame
 from ..networks.backbone import FeatureExtractor
-from ..networks.denoisers import build_denoiser, local_config, unet_config
-from ..networks.quantization import load_denoiser
+from ..networks.denoisers import build_denoiser, local_config, runtime_denoiser, unet_config
 from ..samplers import Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
@@ -110,7 +109,7 @@ class EditingScorer:
 
 def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
     """(denoiser, schedule); quantized as the checkpoint was written or as settings.quantization asks."""
-    net = load_denoiser(directory, config, device, settings)
+    net = runtime_denoiser(directory, config, device, settings)
     return net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
 
 

@@ -180,8 +180,8 @@ def shared_features(blocks: tuple[int, ...] = FEATURE_BLOCKS, grid_stride: int =
                     ) -> StackedFeatures:
     """One StackedFeatures per (tapped blocks, grid, device, backend, precision) in a process: it
     is read-only, so every scorer shares it and a model reload does not rebuild the backbone.
-    backend, precision: Settings' (deploy.with_backend; "tensorrt" runs the backbone eager)."""
-    from .deploy import with_backend
+    backend, precision: Settings' (backends.with_backend; "tensorrt" runs the backbone eager)."""
+    from .backends import with_backend
 
     key = (tuple(sorted(int(b) for b in blocks)), int(grid_stride), str(torch.device(device)), backend, precision)
     if key not in _SHARED:

@@ -1,7 +1,9 @@
 """Denoising networks behind one call signature: net(x_t, t).
 
 Two designs, each with size presets; `build_denoiser` turns a checkpoint's {"kind", "config"}
-into any of them, so the one loader (quantization.load_denoiser) needs no family module.
+into any of them and `load_denoiser` loads a checkpoint's weights into it, so no loader needs a
+family module. `runtime_denoiser` is what a scorer runs: the loaded network, quantized as the
+settings ask (quantization.py) on the settings' backend (backends.py).
 
 * Bounded receptive field (`LocalDenoiser`, kinds "cell" and "local"): residual blocks of
   1x1 ("cell": an MLP per location) or 3x3 ("local") convolutions with a timestep
@@ -15,13 +17,21 @@ into any of them, so the one loader (quantization.load_denoiser) needs no family
 """
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import Transformer2DModel, UNet2DModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
+
+from .. import checkpoint as ckpt
+from . import quantization as Q
+from .backends import with_backend
+
+log = logging.getLogger(__name__)
 
 # UNet width presets by the space the UNet denoises. Pixels: "reference" is the original
 # work's network (about 36M parameters), "small" fits a CPU, "tiny" is for tests.
@@ -215,6 +225,8 @@ class ChannelNorm(nn.Module):
 class ResidualBlock(nn.Module):
     """x + conv2(silu(norm(conv1(silu(norm(x))) + time))): two k x k convolutions."""
 
+    QUANTIZABLE = ("conv1", "conv2")  # the layers weight-only quantization's "selected" rule takes
+
     def __init__(self, width: int, time_dim: int, kernel_size: int):
         super().__init__()
         pad = kernel_size // 2
@@ -274,3 +286,42 @@ def build_denoiser(kind: str, config: dict) -> nn.Module:
     if kind not in KINDS:
         raise ValueError(f"unknown denoiser kind {kind!r} (expected one of {sorted(KINDS)})")
     return KINDS[kind](config)
+
+
+def load_denoiser(directory: str | Path, config: dict, name: str = "denoiser") -> nn.Module:
+    """The network of config["denoiser"] with `<name>.safetensors` loaded, as it was written: a
+    checkpoint written quantized (`ros-anomaly-diffusion quantize`) gets its quantized layers
+    first, and tensors of another dtype than the network expects are refused. On the CPU, eval."""
+    net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"])
+    q = Q.stored_quantization(directory, config, name)
+    if q is not None:
+        Q.prepare_for_quantized_state(net, q["precision"], q["layers"])
+    try:
+        ckpt.load_into(net, directory, name)
+    except ckpt.CheckpointError as err:
+        hint = Q.quantization_hint(directory, name, Q.checkpoint_quantization(directory, config))
+        raise ckpt.CheckpointError(f"{err}; {hint}") from err
+    Q.check_dtypes(net, directory, name)
+    return net.eval()
+
+
+def tensorrt_shape(config: dict) -> tuple[int, ...] | None:
+    """The one input shape TensorRT compiles a checkpoint's denoiser for: the UNet's sample size,
+    a pixel model's frame size; None for the others (exported as ONNX for trtexec instead)."""
+    cfg, kind = config["denoiser"]["config"], config["denoiser"]["kind"]
+    size = cfg.get("sample_size") if kind == "unet" else (config.get("image_size") if config.get("family") == "pixel"
+                                                          else None)
+    return (1, cfg["in_channels"], *size) if size else None
+
+
+def runtime_denoiser(directory: str | Path, config: dict, device: torch.device | str, settings=None,
+                     name: str = "denoiser") -> nn.Module:
+    """A checkpoint's denoiser as a scorer runs it: `load_denoiser`, quantized as settings ask
+    (quantization.quantize_as_asked), on `device` and settings.backend with settings.precision
+    (backends.with_backend; no settings: torch, fp32)."""
+    net = Q.quantize_as_asked(load_denoiser(directory, config, name), directory, config, settings, name)
+    backend = getattr(settings, "backend", "torch") if settings is not None else "torch"
+    precision = getattr(settings, "precision", "fp32") if settings is not None else "fp32"
+    net, how = with_backend(net.to(device), backend, device, shape=tensorrt_shape(config), precision=precision)
+    log.info("denoiser runs on %s", how)
+    return net

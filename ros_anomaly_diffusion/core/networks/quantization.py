@@ -13,8 +13,11 @@ family's DiT its attention projections and feed-forward layers, the feature_diff
 UNet (no attention in its down/up blocks) its ResNet convs and mid-block attention projections,
 the "cell" and "local" denoisers their residual blocks' convolutions.
 
-Every family with a denoiser loads it through `load_denoiser`, the one place that
-applies a stored or requested quantization.
+A block of the package's own networks names its selected layers in a class attribute
+`QUANTIZABLE` (networks/denoisers.py's ResidualBlock: conv1, conv2). A denoiser is loaded as
+stored by denoisers.load_denoiser (a quantized checkpoint's layers rebuilt first,
+`prepare_for_quantized_state`, and its dtypes checked, `check_dtypes`); `quantize_as_asked`
+then applies what the settings ask for. engine/quantize.py writes quantized checkpoints.
 
 int8 is real int8: per-output-channel symmetric scales (scale = max|w| / 127), the
 weight stored as a torch.int8 buffer in memory and in the safetensors file, and
@@ -44,8 +47,6 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from .. import checkpoint as ckpt
-from .denoisers import ResidualBlock, build_denoiser
-from .deploy import with_backend
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "ad
 RESNET_CONVS = ("conv1", "conv2", "conv_shortcut")
 
 
-def _check(precision: str, layers: str) -> None:
+def check_precision(precision: str, layers: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if layers not in LAYERS:
@@ -93,8 +94,8 @@ def selected_layer_names(net: nn.Module, layers: str = "selected") -> list[str]:
             out = getattr(m, "to_out", None)
             if isinstance(out, nn.ModuleList) and len(out) and _is_weight_layer(out[0]):
                 chosen.add(prefix + "to_out.0")
-        elif isinstance(m, (ResnetBlock2D, ResidualBlock)):
-            for attr in RESNET_CONVS:
+        elif isinstance(m, ResnetBlock2D) or hasattr(type(m), "QUANTIZABLE"):
+            for attr in RESNET_CONVS if isinstance(m, ResnetBlock2D) else type(m).QUANTIZABLE:
                 if _is_weight_layer(getattr(m, attr, None)):
                     chosen.add(prefix + attr)
         elif isinstance(m, FeedForward):
@@ -272,7 +273,7 @@ def _replacement(m: nn.Module, precision: str, with_weights: bool) -> nn.Module:
 
 
 def _swap(net: nn.Module, precision: str, layers: str, with_weights: bool) -> nn.Module:
-    _check(precision, layers)
+    check_precision(precision, layers)
     already = [n for n, m in net.named_modules() if isinstance(m, QUANTIZED_TYPES)]
     if already:
         raise ValueError(f"network is already quantized ({len(already)} layers, e.g. {already[0]})")
@@ -343,7 +344,7 @@ def checkpoint_quantization(directory: str | Path, config: dict) -> dict | None:
     return q
 
 
-def _quantization_hint(directory: str | Path, name: str, q: dict | None) -> str:
+def quantization_hint(directory: str | Path, name: str, q: dict | None) -> str:
     if q is not None:
         return f"{ckpt.CONFIG} says it is quantized ({q['precision']}, {q['layers']} layers)"
     try:
@@ -354,85 +355,34 @@ def _quantization_hint(directory: str | Path, name: str, q: dict | None) -> str:
     return f"{ckpt.CONFIG} says it is not quantized{looks}"
 
 
-def _quantize_denoiser(net: nn.Module, config: dict, precision: str, layers: str) -> nn.Module:
+def quantize_denoiser(net: nn.Module, config: dict, precision: str, layers: str) -> nn.Module:
     """`quantize`, refusing a denoiser in which the rule finds nothing: that would run
     float while the settings, the bench row or the checkpoint say quantized."""
-    _check(precision, layers)
+    check_precision(precision, layers)
     if not selected_layer_names(net, layers):
         raise ValueError(f"{config.get('family')!r} family: quantize_layers={layers!r} selects no layer of its "
                          f"{config['denoiser']['kind']!r} denoiser, so quantization={precision!r} would do nothing")
     return quantize(net, precision, layers)
 
 
-def load_denoiser(directory: str | Path, config: dict, device: torch.device | str = "cpu",
-                  settings=None, name: str = "denoiser") -> nn.Module:
-    """Build the denoiser of `config["denoiser"]`, load `<name>.safetensors`, quantize.
-
-    The loader of every family with a denoiser (pixel UNet, latent DiT, features UNet).
-    A checkpoint written by `quantize_checkpoint` loads quantized as it was written;
-    otherwise `settings.quantization` ("none", "fp16", "int8") with
-    `settings.quantize_layers` quantizes the float weights on the fly. The result runs on
-    `settings.backend` with `settings.precision` (deploy.with_backend).
-    """
-    net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"])
+def stored_quantization(directory: str | Path, config: dict, name: str = "denoiser") -> dict | None:
+    """The checkpoint's quantization entry when file `name` was written quantized, else None."""
     q = checkpoint_quantization(directory, config)
-    stored = q is not None and name in q.get("files", list(QUANTIZED_FILES))
-    if stored:
-        prepare_for_quantized_state(net, q["precision"], q["layers"])
-    try:
-        ckpt.load_into(net, directory, name)
-    except ckpt.CheckpointError as err:
-        raise ckpt.CheckpointError(f"{err}; {_quantization_hint(directory, name, q)}") from err
-    check_dtypes(net, directory, name)
+    return q if q is not None and name in q.get("files", list(QUANTIZED_FILES)) else None
+
+
+def quantize_as_asked(net: nn.Module, directory: str | Path, config: dict, settings=None,
+                      name: str = "denoiser") -> nn.Module:
+    """A loaded denoiser quantized as `settings.quantization` ("none", "fp16", "int8") with
+    `settings.quantize_layers` asks; one written quantized (`quantize_checkpoint`) stays as it
+    was written, with a warning when the settings ask for something else."""
     wanted = getattr(settings, "quantization", "none") if settings is not None else "none"
-    if wanted != "none":
-        if stored:
-            if (wanted, settings.quantize_layers) != (q["precision"], q["layers"]):
-                log.warning("%s is already quantized (%s, %s layers): quantization=%s/%s ignored",
-                            Path(directory), q["precision"], q["layers"], wanted, settings.quantize_layers)
-        else:
-            _quantize_denoiser(net, config, wanted, settings.quantize_layers)
-    net = net.to(device).eval()
-    backend = getattr(settings, "backend", "torch") if settings is not None else "torch"
-    cfg = config["denoiser"]["config"]
-    # TensorRT compiles for one input shape: the UNet's sample size, a pixel model's frame size
-    size = cfg.get("sample_size") if config["denoiser"]["kind"] == "unet" else (
-        config.get("image_size") if config.get("family") == "pixel" else None)
-    shape = (1, cfg["in_channels"], *size) if size else None
-    precision = getattr(settings, "precision", "fp32") if settings is not None else "fp32"
-    net, how = with_backend(net, backend, device, shape=shape, precision=precision)
-    log.info("denoiser runs on %s", how)
+    if wanted == "none":
+        return net
+    q = stored_quantization(directory, config, name)
+    if q is None:
+        return quantize_denoiser(net, config, wanted, settings.quantize_layers)
+    if (wanted, settings.quantize_layers) != (q["precision"], q["layers"]):
+        log.warning("%s is already quantized (%s, %s layers): quantization=%s/%s ignored",
+                    Path(directory), q["precision"], q["layers"], wanted, settings.quantize_layers)
     return net
-
-
-def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, precision: str,
-                        layers: str = "selected") -> Path:
-    """Write a copy of checkpoint `src_dir` to `out_dir` with its denoiser file(s) quantized.
-
-    Every other file (autoencoder, ...) and the whole config (calibration included)
-    are copied unchanged; config["quantization"] records what was done.
-    """
-    _check(precision, layers)
-    src, out = Path(src_dir), Path(out_dir)
-    config = ckpt.load_config(src)
-    if out.resolve() == src.resolve():
-        raise ValueError(f"{out}: write the quantized checkpoint to a new folder, not over its source")
-    if config.get("quantization"):
-        raise ckpt.CheckpointError(f"{src / ckpt.CONFIG}: already quantized ({config['quantization']})")
-    names = [Path(f).stem for f in config.get("files", []) if f.endswith(".safetensors")]
-    todo = [n for n in names if n in QUANTIZED_FILES]
-    if not todo:
-        raise ckpt.CheckpointError(f"{src / ckpt.CONFIG}: a {config.get('family')!r} checkpoint, with no denoiser "
-                                   f"file to quantize (files: {names})")
-    if "denoiser" not in config:
-        raise ckpt.CheckpointError(f"{src / ckpt.CONFIG}: no 'denoiser' entry describing the network")
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for n in names:
-        if n in todo:
-            net = load_denoiser(src, config, "cpu", None, name=n)
-            tensors[n] = _quantize_denoiser(net, config, precision, layers).state_dict()
-        else:
-            tensors[n] = ckpt.load_tensors(src, n)
-    config = {k: v for k, v in config.items() if k not in ("format", "files")}
-    config["quantization"] = {"precision": precision, "layers": layers, "files": todo}
-    return ckpt.save(out, config, tensors)
