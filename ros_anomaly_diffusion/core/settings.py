@@ -28,7 +28,7 @@ def _f(default, description: str, lo=None, hi=None, choices=None):
 @dataclass
 class Settings:
     # Empty: the variant the checkpoint was trained for (the shipped model's is knn, the variant
-    # that measured best on frames it never saw: README, Results)
+    # that measured best on frames it never saw: docs/results.md)
     variant: str = _f("", "optimization variant, a name in the registry of core/variants.py; empty: the variant "
                           "the checkpoint was trained for (knn for the model shipped with the package)")
     checkpoint: str = _f("", "checkpoint folder (config.json + .safetensors files); empty: the model shipped with "

@@ -35,7 +35,7 @@ NS = "/demo"
 SHIPPED_VARIANT = "knn"  # the variant of ckpt.DEFAULT_MODEL (its config.json says so; a test checks)
 CAMERA = f"{NS}/camera/image_raw"
 # The demo's 40 synthetic training frames (no --data) are variations of one scene: the scene-level networks
-# (at 64x80) learn it in the minutes the demo allows, and the README's demo figures are theirs,
+# (at 64x80) learn it in the minutes the demo allows, and the demo figures of docs/results.md are theirs,
 # with the pixel edit compared with the model's own reconstruction in one draw (the parameters
 # below, given to calibration and the node). Real terrain with a dozen frames needs the patch
 # priors and the parameter files' settings, every family's default.

@@ -57,7 +57,7 @@ SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="linear", beta
 # setting outside this range uses the nearest one (the mapping to [0, 1] is then approximate).
 STAT_STEPS = tuple(range(2, 7))
 # The feature_edit variant's sampler whose ID statistics `fit` measures (config/feature_edit.yaml
-# runs it; chosen on fold 0 of `bench --folds 3 --seed 0` on the sample, README "Results").
+# runs it; chosen on fold 0 of `bench --folds 3 --seed 0` on the sample, docs/results.md).
 EDIT_SAMPLER = EditSampler(score="error", start_timestep=250, steps=5, guidance_scale=0.0,
                            reconstruction_guidance=1.0, seed=0, draws=4)
 # The denoiser a new checkpoint gets (TrainOptions.denoiser empty): a per-cell MLP, the ID

@@ -30,7 +30,7 @@ from .fitting import FrameStream, frame_passes, mean_std, shard, summed
 log = logging.getLogger(__name__)
 
 # Stride -> block of checkpoints whose config has no "blocks": their "stride 2" tap was block 1,
-# at stride 4. Kept so that those checkpoints (the README's results) run with their own features.
+# at stride 4. Kept so that those checkpoints (the figures of docs/results.md) run with their own features.
 LEGACY_BLOCKS = {2: 1, 4: 2, 8: 4, 16: 10}
 # Input size of the feature families (H, W) when TrainOptions.image_size is not set: 16x20 cells.
 FEATURE_INPUT_SIZE = (256, 320)

@@ -22,7 +22,7 @@ from ..analysis import FeatureDistance
 from ..data import Frame
 from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, local_config, runtime_denoiser, unet_config
-from ..samplers import Editor, NoiseSchedule, ScheduleConfig
+from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
 from .fitting import (DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
@@ -72,32 +72,32 @@ class EditingScorer:
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
-        """Take new live settings (sampler parameters) for the next frame."""
-        self.settings = s
+        """Take new live settings (the edit's sampler, DDPM's guidance) for the next frame."""
+        self.edit, self.ddpm_guidance = EditSampler.from_settings(s), s.ddpm_guidance_scale
 
     @property
     def nfe(self) -> int:
-        s = self.settings
-        reconstruction = s.reconstruction_guidance > 0
+        e = self.edit
+        reconstruction = e.reconstruction_guidance > 0
         if self.sampler == "ddim":
-            return self.editor.ddim_nfe(s.start_timestep, s.steps, s.draws, reconstruction)
-        ddpm = s.draws * self.editor.schedule.T  # all T steps a draw, plus the DDIM reconstruction
-        return ddpm + (self.editor.ddim_nfe(s.start_timestep, s.steps, s.draws) if reconstruction else 0)
+            return self.editor.ddim_nfe(e.start_timestep, e.steps, e.draws, reconstruction)
+        ddpm = e.draws * self.editor.schedule.T  # all T steps a draw, plus the DDIM reconstruction
+        return ddpm + (self.editor.ddim_nfe(e.start_timestep, e.steps, e.draws) if reconstruction else 0)
 
     def export_target(self, size: tuple[int, int]) -> ExportTarget:
         return ExportTarget("denoiser", self.net, (3, *size))
 
     def edits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(edits, reconstructions or None), each (K, B, 3, h, w) in [-1, 1], of x in [-1, 1]."""
-        s = self.settings
-        ddim = dict(start_timestep=s.start_timestep, steps=s.steps, seed=s.seed, draws=s.draws)
+        e = self.edit
+        ddim = dict(start_timestep=e.start_timestep, steps=e.steps, seed=e.seed, draws=e.draws)
         if self.sampler == "ddim":
-            return self.editor.ddim(x, guidance=s.guidance_scale, reconstruction_guidance=s.reconstruction_guidance,
+            return self.editor.ddim(x, guidance=e.guidance_scale, reconstruction_guidance=e.reconstruction_guidance,
                                     **ddim)
-        edits = self.editor.ddpm(x, guidance=s.ddpm_guidance_scale, seed=s.seed, draws=s.draws)
-        if s.reconstruction_guidance <= 0:
+        edits = self.editor.ddpm(x, guidance=self.ddpm_guidance, seed=e.seed, draws=e.draws)
+        if e.reconstruction_guidance <= 0:
             return edits, None
-        return edits, self.editor.ddim(x, guidance=s.reconstruction_guidance, **ddim)[0]
+        return edits, self.editor.ddim(x, guidance=e.reconstruction_guidance, **ddim)[0]
 
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         edits, refs = self.edits(batch01 * 2 - 1)

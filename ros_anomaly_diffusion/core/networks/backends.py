@@ -237,7 +237,7 @@ def _writable(folder: Path) -> bool:
 def auto_backend(device: torch.device | str, tensorrt: bool = False) -> str:
     """The backend `auto` (Settings.backend's default) picks: tensorrt on CUDA where
     torch_tensorrt imports and the family runs on it (`tensorrt`), onnxruntime on a CPU (a
-    dependency of the package; faster than torch eager, README "Backends") where its export
+    dependency of the package; faster than torch eager, docs/variants.md "Backends") where its export
     cache can be written, torch otherwise (CUDA without torch_tensorrt, onnxruntime missing,
     a read-only cache folder)."""
     device = torch.device(device)
