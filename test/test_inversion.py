@@ -198,7 +198,7 @@ def test_scores_in_unit_interval_with_the_right_shapes(tiny):
     # the Detector reports the variant's own frame score, not the top-k mean of the map
     frame = random_frame(48, 64, seed=2)
     r = det.process(frame)
-    own = det.scorer(det._to_model([frame])).frame_scores[0]
+    own = det.scorer(det.to_model([frame])).frame_scores[0]
     assert r.score.shape == (48, 64) and r.frame_score == pytest.approx(float(own), abs=1e-6)
     assert 0.0 <= r.score.min() and r.score.max() <= 1.0
     # inversion_steps is a live setting: more steps, more network calls

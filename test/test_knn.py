@@ -81,7 +81,7 @@ def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(ru
     det = Detector(out, variant_settings("knn", checkpoint=str(out), backend="torch"))
     origin = ckpt.load_tensors(out, "bank")["origin"]
     rgb = frames[0].rgb()
-    d = _distances(det, det._to_model([rgb]))[0]
+    d = _distances(det, det.to_model([rgb]))[0]
     sampled = origin[(origin[:, 0] == 0) & (origin[:, 1] == 0)]
     assert len(sampled) > 10
     assert bool((d[sampled[:, 2], sampled[:, 3]] == 0).all())  # exactly: the same bits as in the bank
@@ -90,7 +90,7 @@ def test_training_frame_scores_zero_at_bank_cells_and_high_on_a_foreign_patch(ru
     ood = ood_frame.label() == OOD
     pasted = rgb.copy()
     pasted[ood] = ood_frame.rgb()[ood]
-    d2 = _distances(det, det._to_model([pasted]))[0]
+    d2 = _distances(det, det.to_model([pasted]))[0]
     cells = torch.from_numpy(cell_weights(ood_frame.label(), d2.shape)[0, 0].numpy() == 0)
     full = torch.from_numpy(cell_weights((~ood).astype(np.uint8) * OOD, d2.shape)[0, 0].numpy() == 1)
     assert bool(full.any())  # cells entirely covered by the pasted objects
@@ -160,7 +160,7 @@ def test_the_bank_sample_is_the_same_however_the_frames_are_split_or_ordered(mon
     assert not torch.equal(knn.sample_bank(batches, 50, seed=4)["origin"], one["origin"])  # the seed matters
 
     other = knn.sample_bank(batches[1::2], 50, seed=3)  # what process 1 holds before the gather
-    theirs = iter([(knn._cell_keys(other["origin"], 3), other["vectors"], other["origin"]), other["candidates"]])
+    theirs = iter([(knn.cell_keys(other["origin"], 3), other["vectors"], other["origin"]), other["candidates"]])
     monkeypatch.setattr(knn, "gather_object", lambda mine: mine + [next(theirs)])
     two = knn.sample_bank(batches[0::2], 50, seed=3, acc=type("Acc", (), {"num_processes": 2})())
     assert torch.equal(two["vectors"], one["vectors"]) and torch.equal(two["origin"], one["origin"])

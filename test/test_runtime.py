@@ -77,9 +77,10 @@ class Harness:
     """A Runtime whose results and reverts are recorded; build() makes `kind`
     detectors (StubDetector or the real Detector) and fails while `failing` is set."""
 
-    def __init__(self, settings: Settings, kind=StubDetector, **kwargs):
+    def __init__(self, settings: Settings, kind=StubDetector, on_result=None, **kwargs):
         self.kind, self.failing, self.builds = kind, False, 0
         self.results: list = []
+        self.also = on_result  # a test's own look at each (token, rgb, result, det)
         self.reverts: list = []
         self.served = threading.Event()
         self.log = Log()
@@ -94,6 +95,8 @@ class Harness:
 
     def on_result(self, token, rgb, result, det):
         self.results.append((token, rgb.shape[:2]))
+        if self.also is not None:
+            self.also(token, rgb, result, det)
         self.served.set()
 
 
@@ -300,8 +303,8 @@ def frame_number(i: int) -> np.ndarray:
 def test_the_stream_gets_the_filtered_flag_and_the_smoothed_mask():
     flags, smoothed = [], []
     h = Harness(Settings(variant="ddim", flag_window=3, flag_raise_count=2, flag_clear_count=2, score_ema_alpha=0.5),
-                kind=ScriptedDetector)
-    h.rt._on_result = lambda token, rgb, r, det: (flags.append(r.ood_filtered), smoothed.append(r.mask_smoothed))
+                kind=ScriptedDetector,
+                on_result=lambda token, rgb, r, det: (flags.append(r.ood_filtered), smoothed.append(r.mask_smoothed)))
     h.rt.load()
     for i in range(len(ScriptedDetector.script)):
         h.rt.submit(frame_number(i), i)
@@ -339,10 +342,10 @@ def test_one_family_rule_for_the_detector_and_the_runtime(tiny_checkpoint):
 
 
 def test_the_newest_frame_of_each_source_goes_through_the_model_in_one_batch():
-    h = Harness(Settings(variant="ddim", flag_window=2, flag_raise_count=2, flag_clear_count=1, flag_hysteresis=0.0),
-                kind=ScriptedDetector)
     seen = []
-    h.rt._on_result = lambda token, rgb, r, det: seen.append((token, r.frame_score, r.ood_filtered))
+    h = Harness(Settings(variant="ddim", flag_window=2, flag_raise_count=2, flag_clear_count=1, flag_hysteresis=0.0),
+                kind=ScriptedDetector, on_result=lambda token, rgb, r, det: seen.append((token, r.frame_score,
+                                                                                          r.ood_filtered)))
     h.rt.load()
     h.rt.submit(frame_number(0), "front old", source="front")
     h.rt.submit(frame_number(1), "front", source="front")  # replaces front's older frame only

@@ -121,7 +121,7 @@ class Detector:
             self.scorer.apply(self._resolved(new))
         return reload
 
-    def _to_model(self, frames: list[np.ndarray]) -> torch.Tensor:
+    def to_model(self, frames: list[np.ndarray]) -> torch.Tensor:
         h, w = self.model_size
         small = [cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]
         batch = torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float() / 255.0
@@ -132,7 +132,7 @@ class Detector:
         for f in frames:
             validate_frame(f)
         t0 = time.perf_counter()
-        batch = self._to_model(frames)
+        batch = self.to_model(frames)
         t_resized = time.perf_counter()
         out = self.scorer(batch)
         maps = out.maps.float().cpu().numpy()

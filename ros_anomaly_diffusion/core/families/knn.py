@@ -138,7 +138,7 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     return KnnScorer(bank.float(), mean, std, config["scores"]["pixel"], settings, device, features)
 
 
-def _cell_keys(rows: torch.Tensor, seed: int) -> torch.Tensor:
+def cell_keys(rows: torch.Tensor, seed: int) -> torch.Tensor:
     """A pseudo-random key in [0, 1) per cell, a function of its origin row (frame, flipped, y,
     x) and the seed only (splitmix64 over the fields): the bank is the cells with the smallest
     keys, the same subset however the frames are split between processes or ordered."""
@@ -169,7 +169,7 @@ def sample_bank(batches, max_size: int, seed: int, acc=None) -> dict:
     """Bank vectors: a seeded sample of at most max_size ID cells of every batch (standardised
     features, weights, origin rows (frame, flipped)), without replacement, with their origin
     rows (frame, flipped, y, x) and how many ID cells there were. Streaming and distributed:
-    each process keeps the cells with the smallest `_cell_keys` of its batches, then the
+    each process keeps the cells with the smallest `cell_keys` of its batches, then the
     processes' candidates are merged the same way, so the bank holds the same cells in the same
     order as one process's (equal `origin` rows: the choice reads keys and weights, never
     feature values). Its vectors are those cells' features as this run computed them (see `fit`
@@ -178,7 +178,7 @@ def sample_bank(batches, max_size: int, seed: int, acc=None) -> dict:
     for z, weights, origin in batches:
         v, r = _cells(z, weights, origin)
         candidates += len(v)
-        new = (_cell_keys(r, seed), v, r)
+        new = (cell_keys(r, seed), v, r)
         kept = new if kept is None else tuple(torch.cat(pair) for pair in zip(kept, new))
         kept = _smallest(*kept, max_size)
     if acc is not None and acc.num_processes > 1:  # a process may hold no ID cell: it adds none
