@@ -118,14 +118,14 @@ def test_soak_and_camsoak_start_the_node_with_the_checkpoints_variant_file(ddim_
 
 def test_the_node_given_only_a_checkpoint_runs_its_variant_with_its_parameter_file(ddim_checkpoint, spawn, probe):
     """`detector_node -p checkpoint:=X`: variant empty, the other parameters default to the
-    checkpoint variant's config/ddim.yaml (5 steps from t = 600: NFE 10 with the reconstruction)."""
+    checkpoint variant's config/ddim.yaml (5 steps from t = 600 in 4 draws: NFE 20)."""
     from diagnostic_msgs.msg import DiagnosticArray
     from rcl_interfaces.srv import GetParameters
 
     node = spawn("detector_node", *detector_args(ddim_checkpoint, "-r", "__ns:=/ckvariant", "-p", "segments:=none",
                                                  "-p", "diagnostics_period:=0.5", variant=None))
     node.wait_for_output("listening on", timeout=180)
-    assert "variant ddim (NFE 10)" in node.output, node.output[-3000:]
+    assert "variant ddim (NFE 20)" in node.output, node.output[-3000:]
     client = probe.node.create_client(GetParameters, "/ckvariant/anomaly_detector/get_parameters")
     assert client.wait_for_service(timeout_sec=60)
     future = client.call_async(GetParameters.Request(names=["variant", "steps", "start_timestep", "backend"]))

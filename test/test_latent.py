@@ -14,7 +14,7 @@ from ros_anomaly_diffusion.config import variant_settings
 from ros_anomaly_diffusion.core import checkpoint as ckpt
 from ros_anomaly_diffusion.core.families import latent as L
 from ros_anomaly_diffusion.core.data import open_dataset
-from ros_anomaly_diffusion.core.networks.denoisers import build_denoiser
+from ros_anomaly_diffusion.core.networks.denoisers import DiTDenoiser, build_denoiser
 from ros_anomaly_diffusion.core.detector import Detector
 from ros_anomaly_diffusion.core.families.fitting import STATE, DenoiserTrainer, TrainOptions
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
@@ -39,7 +39,7 @@ def test_dcae_is_registered_in_the_latent_family():
 def test_dit_forward_shapes_and_determinism():
     cfg = L.dit_config("tiny", latent_channels=8, grid=(4, 5))
     net = build_denoiser("dit", cfg).eval()
-    assert isinstance(net, L.DiTDenoiser) and net.kind == "dit"
+    assert isinstance(net, DiTDenoiser) and net.kind == "dit"
     z = torch.randn(2, 8, 4, 5, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = net(z, 500)
@@ -50,7 +50,7 @@ def test_dit_forward_shapes_and_determinism():
         assert not torch.allclose(out, net(z, 10))  # the timestep is used
         # non-square grids of any size, also with patches that do not tile the grid
         assert net(torch.randn(1, 8, 7, 3), 3).shape == (1, 8, 7, 3)
-        p2 = L.DiTDenoiser(L.dit_config("tiny", 8, (5, 7), patch_size=2)).eval()
+        p2 = DiTDenoiser(L.dit_config("tiny", 8, (5, 7), patch_size=2)).eval()
         assert p2(torch.randn(3, 8, 5, 7), 999).shape == (3, 8, 5, 7)
 
 

@@ -290,9 +290,9 @@ def test_every_variant_has_a_valid_parameter_file(variant):
 
 def test_variant_specific_values():
     ddim, ddpm = _load_params(CONFIG / "ddim.yaml"), _load_params(CONFIG / "ddpm.yaml")
-    assert (ddim["steps"], ddim["start_timestep"], ddim["guidance_scale"], ddim["reconstruction_guidance"]) == (
-        5, 600, 0.0, 1.0)
-    assert ddpm["ddpm_guidance_scale"] == 3000.0
+    assert (ddim["steps"], ddim["start_timestep"], ddim["guidance_scale"], ddim["reconstruction_guidance"],
+            ddim["draws"]) == (5, 600, 0.0, 0.0, 4)
+    assert (ddpm["ddpm_guidance_scale"], ddpm["reconstruction_guidance"], ddpm["draws"]) == (3000.0, 0.0, 1)
     for p in (ddim, ddpm):
         assert p["device"] == "cpu" and p["segments"] == "auto"
 
@@ -380,7 +380,7 @@ def test_detector_starts_with_each_parameter_file(variant, overrides, spawn, pro
     for n in names:
         assert got[n] == file_params[n], (n, got[n], file_params[n])
     if variant == "ddpm":
-        assert "NFE 55" in node.output  # 50 DDPM steps + the 5-step DDIM reconstruction
+        assert "NFE 50" in node.output  # 50 DDPM steps, compared with the frame (ddpm.yaml)
 
 
 def _launched_nodes(name: str, monkeypatch, **arguments: str) -> list[dict]:

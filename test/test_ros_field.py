@@ -306,8 +306,8 @@ def test_cuda_fallback_runs_on_the_cpu_with_one_warning(spawn, probe, tiny_check
     node = spawn("detector_node", *detector_args(tiny_checkpoint, "-p", "device:=cuda", "-p", "cuda_fallback:=true",
                                                  "-p", "steps:=2", "-p", "segments:=none",
                                                  "-r", "image:=/fb_cam/image", "-r", "__ns:=/fb"), env=NO_CUDA)
-    # ddim.yaml's defaults: 2 steps of the edit and 2 of the reconstruction it is compared with
-    node.wait_for_output(r"model loaded in [0-9.]+ s: variant ddim \(NFE 4\) on cpu", timeout=120)
+    # ddim.yaml's defaults: 4 draws of the 2-step edit, each compared with the frame
+    node.wait_for_output(r"model loaded in [0-9.]+ s: variant ddim \(NFE 8\) on cpu", timeout=120)
     node.wait_for_output("listening on /fb_cam/image", timeout=30)
     masks = probe.collect(Image, "/fb/anomaly/mask")
     pub = probe.publisher(Image, "/fb_cam/image", depth=1)
