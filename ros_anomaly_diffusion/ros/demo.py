@@ -36,13 +36,13 @@ SHIPPED_VARIANT = "knn"  # the variant of ckpt.DEFAULT_MODEL (its config.json sa
 CAMERA = f"{NS}/camera/image_raw"
 # The demo's 40 synthetic training frames (no --data) are variations of one scene: the scene-level networks
 # (at 64x80) learn it in the minutes the demo allows, and the demo figures of docs/results.md are theirs,
-# with the pixel edit compared with the model's own reconstruction in one draw (the parameters
-# below, given to calibration and the node). Real terrain with a dozen frames needs the patch
+# with the pixel edit compared with the model's own reconstruction in one draw at the default
+# analysis size (the parameters below, given to calibration and the node). Real terrain with a dozen frames needs the patch
 # priors and the parameter files' settings, every family's default.
 SCENE_LEVEL = {"ddim": "unet", "ddpm": "unet", "dcae": "dit"}
 SCENE_LEVEL_SIZE = (64, 80)
-SCENE_LEVEL_PARAMETERS = {"ddim": {"reconstruction_guidance": 1.0, "draws": 1},
-                          "ddpm": {"reconstruction_guidance": 1.0, "draws": 1}}
+_SCENE_LEVEL_EDIT = {"reconstruction_guidance": 1.0, "draws": 1, "analysis_height": 176, "analysis_width": 216}
+SCENE_LEVEL_PARAMETERS = {"ddim": _SCENE_LEVEL_EDIT, "ddpm": _SCENE_LEVEL_EDIT}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
