@@ -79,9 +79,9 @@ def test_onnx_backends_give_the_same_maps_on_real_frames(backend, precision, tol
         print(f"{variant}: max |score difference| torch vs {backend} {precision} {diff:.2e}")
         assert diff < tolerance, variant
         # one graph per frame (backbone, model and scores), exported once (the batch of 3 reuses it)
-        graph = onnx_det.scorer.graph
+        graph = onnx_det.scorer.export_target(onnx_det.model_size).module
         assert isinstance(graph, OnnxModule) and len(graph.exported) == 1, variant
-        assert not isinstance(onnx_det.scorer.features, OnnxModule)
+        assert not any(isinstance(m, OnnxModule) for m in graph.net.modules())  # no part exported apart
 
 
 def test_engine_cache_key_follows_weights_shape_and_precision():
@@ -149,7 +149,7 @@ def test_export_writes_a_valid_onnx_denoiser(options, batch, dtype, tmp_path, ca
     if batch == "batch":  # the optimisation profile a free batch needs: 1 to 4 (the default MAX)
         trtexec += " --minShapes=x:1x3x32x40,t:1 --optShapes=x:4x3x32x40,t:4 --maxShapes=x:4x3x32x40,t:4"
     assert printed.splitlines()[-1].strip() == trtexec
-    net = Detector(str(ckpt), variant_settings("ddim", checkpoint=str(ckpt))).scorer.net
+    net = Detector(str(ckpt), variant_settings("ddim", checkpoint=str(ckpt))).scorer.networks()["denoiser"]
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     for n in ((1, 3) if batch == "batch" else (batch,)):
         x, t = torch.randn(n, 3, 32, 40), torch.tensor([10, 500, 999][:n] if n > 1 else [500])
@@ -199,7 +199,7 @@ def test_export_writes_the_frame_graph_that_onnxruntime_runs_as_torch(variant, o
     x = torch.from_numpy(cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[None].float() / 255
     x = torch.cat([x, x.flip(-1), x.flip(-2)])
     with torch.no_grad():
-        want = det.scorer.graph(x)
+        want = det.scorer.export_target((h, w)).module(x)
     want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     for n in ((1, 3) if batch == "batch" else (batch,)):

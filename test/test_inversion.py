@@ -65,12 +65,14 @@ def test_folded_features_match_the_feature_extractor(blocks):
 def test_checkpoints_record_their_taps_and_old_ones_load_with_theirs(tiny, tmp_path, monkeypatch):
     assert ckpt.load_config(tiny)["features"] == {"blocks": [0, 2, 4, 10], "strides": [2, 4, 8, 16],
                                                   "channels": 192, "grid": [4, 6], "grid_stride": 16}
-    assert Detector(tiny, variant_settings("inversion", checkpoint=str(tiny))).scorer.features.taps == [0, 2, 4, 10]
+    new = Detector(tiny, variant_settings("inversion", checkpoint=str(tiny)))
+    assert new.scorer.export_target(new.model_size).module.features.taps == [0, 2, 4, 10]
     old = make_legacy_feature_checkpoint(tmp_path / "old", "feature_diffusion", monkeypatch)
     assert ckpt.load_config(old)["features"] == {"channels": 200, "grid": [4, 6], "grid_stride": 16,
                                                  "strides": [2, 4, 8, 16]}
     det = Detector(old, variant_settings("inversion", checkpoint=str(old)))
-    assert det.scorer.features.taps == [1, 2, 4, 10] and det.scorer.mean.shape[1] == 200
+    graph = det.scorer.export_target(det.model_size).module
+    assert graph.features.taps == [1, 2, 4, 10] and graph.mean.shape[1] == 200
     out = det.scorer(torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1)))
     assert bool(torch.isfinite(out.maps).all()) and bool(torch.isfinite(out.frame_scores).all())
 
@@ -219,9 +221,12 @@ def test_feature_edit_scores_the_change_the_edit_makes(tiny):
     det.update(edit_score="edit", draws=1, start_timestep=250)
     assert det.nfe == 10
     assert not torch.allclose(scorer(x).maps, out.maps)
-    z = (scorer.features(x) - scorer.mean) / scorer.std
+    config = ckpt.load_config(tiny)
+    mean, std = fs.load_feature_stats(tiny, config)
+    z = fs.standardise(fs.checkpoint_features(tiny, config, "cpu")(x), mean, std)
     run = dict(start_timestep=250, steps=5)
-    editor = scorer.editor
+    schedule = NoiseSchedule(samplers.ScheduleConfig(**config["schedule"]))
+    editor = samplers.Editor(scorer.networks()["denoiser"], schedule, clip=None)
     seeded = [editor.ddim(z, guidance=0.0, seed=seed, **run)[0] for seed in (0, 1)]
     assert not torch.equal(*seeded)
     # very strong guidance returns the input: compared with the features themselves, nothing changed

@@ -62,7 +62,8 @@ def test_a_checkpoint_from_before_the_recorded_taps_loads_with_its_own(tmp_path,
     old = make_legacy_feature_checkpoint(tmp_path / "old", "knn", monkeypatch)
     assert "blocks" not in ckpt.load_config(old)["features"]
     det = Detector(old, variant_settings("knn", checkpoint=str(old), backend="torch"))
-    assert det.scorer.features.taps == [1, 2, 4, 10] and det.scorer.bank.shape[1] == 200
+    graph = det.scorer.export_target(det.model_size).module
+    assert graph.features.taps == [1, 2, 4, 10] and graph.bank.shape[1] == 200
     assert float(_distances(det, torch.rand(1, 3, 64, 96)).min()) >= 0
 
 

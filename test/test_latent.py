@@ -16,6 +16,7 @@ from ros_anomaly_diffusion.core.families import latent as L
 from ros_anomaly_diffusion.core.data import open_dataset
 from ros_anomaly_diffusion.core.networks.denoisers import DiTDenoiser, build_denoiser
 from ros_anomaly_diffusion.core.detector import Detector
+from ros_anomaly_diffusion.core.samplers import Editor
 from ros_anomaly_diffusion.core.families.fitting import STATE, DenoiserTrainer, TrainOptions
 from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
 from ros_anomaly_diffusion.core.variants import get_variant
@@ -187,12 +188,14 @@ def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
     settings = variant_settings("dcae", checkpoint=str(untrained), steps=4, reconstruction_guidance=0.0, draws=1,
                                 guidance_scale=1e6)
     scorer = L.build(untrained, config, settings, torch.device("cpu"))
+    codec, net, schedule = L.load_latent_models(untrained, config, torch.device("cpu"))
     x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        z = scorer.codec.encode(x)
-        edits, _ = scorer.editor.ddim(z, start_timestep=settings.start_timestep, steps=4, guidance=1e6)
+        z = codec.encode(x)
+        edits, _ = Editor(net, schedule, clip=None).ddim(z, start_timestep=settings.start_timestep, steps=4,
+                                                        guidance=1e6)
         assert torch.allclose(edits[0], z, atol=1e-4)  # in latent space
-        reconstruction = scorer.codec.decode(z, (32, 40))
+        reconstruction = codec.decode(z, (32, 40))
         out = scorer(x)
         np.testing.assert_allclose(out.edited01.numpy(), reconstruction.numpy(), atol=1e-4)
     assert out.maps.shape == (2, settings.analysis_height, settings.analysis_width)

@@ -201,8 +201,13 @@ def test_detector_loads_quantized_checkpoint_and_matches_on_the_fly(tiny):
     common = dict(variant="ddim", steps=2, start_timestep=300, segments="none")
     stored = Detector(quantized, Settings(checkpoint=str(quantized), **common))
     live = Detector(src, Settings(checkpoint=str(src), quantization="int8", **common))
-    a, b = stored.scorer.net, live.scorer.net
+    a, b = stored.scorer.networks()["denoiser"], live.scorer.networks()["denoiser"]
     assert _layer_kinds(a) == _layer_kinds(b) != {}
+    # what /diagnostics says of it: int8 and float32 (biases, the layers not selected) weights,
+    # less than half the fp32 network's size
+    fp32 = Q.weight_summary(load_denoiser(src, ckpt.load_config(src)))
+    assert set(Q.weight_summary(a).split()[2].split("+")) == {"int8", "float32"} and fp32.endswith(" MB float32")
+    assert float(Q.weight_summary(a).split()[0]) < 0.5 * float(fp32.split()[0])
     assert not _layer_kinds(runtime_denoiser(src, ckpt.load_config(src), "cpu", Settings(**common)))
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert va.dtype == vb.dtype and torch.equal(va, vb), k
@@ -319,8 +324,8 @@ def test_every_family_with_a_denoiser_loads_quantized(family, precision, family_
 
     src = family_checkpoint(family)
     config = ckpt.load_config(src)
-    ref = Detector(src, _family_settings(family, src)).scorer.net
-    net = Detector(src, _family_settings(family, src, quantization=precision)).scorer.net
+    ref = Detector(src, _family_settings(family, src)).scorer.networks()["denoiser"]
+    net = Detector(src, _family_settings(family, src, quantization=precision)).scorer.networks()["denoiser"]
     predicted = _predicted_layers(config)
     assert not _quantized_layers(ref)
     assert predicted and _quantized_layers(net) == predicted, family
@@ -349,7 +354,7 @@ def test_quantize_cli_checkpoint_of_every_family_loads_and_matches(family, famil
         assert {f.get_slice(f"{n}.weight_int8").get_dtype() for n in predicted} == {"I8"}
     stored = Detector(out, _family_settings(family, out))
     live = Detector(src, _family_settings(family, src, quantization="int8"))
-    a, b = stored.scorer.net, live.scorer.net
+    a, b = stored.scorer.networks()["denoiser"], live.scorer.networks()["denoiser"]
     assert _quantized_layers(a) == predicted
     assert a.get_submodule(predicted[0]).weight_int8.dtype == torch.int8  # int8 in memory too
     sa, sb = a.state_dict(), b.state_dict()
@@ -373,7 +378,7 @@ def test_bench_quantization_row_runs_quantized(family, family_checkpoint, tmp_pa
     assert settings == {}
     assert path == tmp_path / f"{family}-fp16-selected"
     det = Detector(path, variant_settings(variant, checkpoint=str(path), segments="none", backend="torch"))
-    assert _quantized_layers(det.scorer.net) == _predicted_layers(ckpt.load_config(path))
+    assert _quantized_layers(det.scorer.networks()["denoiser"]) == _predicted_layers(ckpt.load_config(path))
 
 
 def test_a_rule_that_selects_nothing_is_refused_naming_the_family(family_checkpoint, monkeypatch, tmp_path):

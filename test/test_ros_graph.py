@@ -2,6 +2,7 @@
 script), the test talks to it through topics and services of its own ROS domain."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,7 +109,7 @@ def test_bad_input_is_logged_counted_and_survived(shared):
     for msg, pattern in cases:
         shared.pub.publish(msg)
         end = time.monotonic() + 60
-        while time.monotonic() < end and not __import__("re").search(pattern, node.output):
+        while time.monotonic() < end and not re.search(pattern, node.output):
             p.spin_for(0.1)
         node.wait_for_output(pattern, timeout=1)
         assert node.alive()
@@ -124,6 +125,8 @@ def test_bad_input_is_logged_counted_and_survived(shared):
         return False
 
     p.spin_until(counted, 60, "/diagnostics counting one bad input of each kind")
+    weights = {kv.key: kv.value for kv in shared.diag[-1][1].status[0].values}["weights"]
+    assert re.fullmatch(r"denoiser \d+\.\d\d MB float32", weights), weights  # the tiny checkpoint's fp32 UNet
 
 
 def set_params(probe, **values):

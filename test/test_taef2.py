@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import latent_checkpoint
+from diffusers import AutoencoderDC
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -136,16 +137,16 @@ def test_train_with_the_default_taef2_writes_a_checkpoint_a_detector_runs(tmp_pa
     assert len(stored) == sum(len(load_file(str(p))) for p in FILES.values())
 
     det = Detector(out, variant_settings("dcae", checkpoint=str(out), steps=2, segments="none"))
-    assert det.scorer.codec.kind == "taef2"
-    assert all(p.dtype == torch.float32 for p in det.scorer.codec.ae.parameters())
+    ae = det.scorer.networks()["autoencoder"]
+    assert isinstance(ae, T.TAEF2) and all(p.dtype == torch.float32 for p in ae.parameters())
     frame = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     r = det.process(frame)
     assert r.score.shape == (50, 70) and r.mask.shape == (50, 70) and r.edited is None  # scored in latent space
     np.testing.assert_array_equal(r.score, det.process(frame).score)
     # quantization touches the DiT only: the autoencoder stays as loaded
     q = Detector(out, variant_settings("dcae", checkpoint=str(out), steps=2, segments="none", quantization="int8"))
-    for k, v in q.scorer.codec.ae.state_dict().items():
-        assert torch.equal(v, det.scorer.codec.ae.state_dict()[k]), k
+    for k, v in q.scorer.networks()["autoencoder"].state_dict().items():
+        assert torch.equal(v, ae.state_dict()[k]), k
     assert q.process(frame).score.shape == (50, 70)
 
     # resuming that run with another autoencoder is refused (its DiT learnt TAEF2 latents)
@@ -160,7 +161,7 @@ def test_checkpoints_written_before_taef2_load_as_dcae(tmp_path):
     assert config["autoencoder"].pop("kind") == "dcae"  # as written before: no "kind"
     ckpt.update_config(out, autoencoder=config["autoencoder"])
     det = Detector(out, variant_settings("dcae", checkpoint=str(out), steps=2, segments="none"))
-    assert det.scorer.codec.kind == "dcae"
+    assert isinstance(det.scorer.networks()["autoencoder"], AutoencoderDC)
     assert det.process(np.zeros((32, 40, 3), np.uint8)).score.shape == (32, 40)
 
     ckpt.update_config(out, autoencoder={**config["autoencoder"], "kind": "vqgan"})

@@ -43,6 +43,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .detector import Detector, validate_frame
+from .networks.quantization import weight_summary
 from .settings import Settings
 from .temporal import FlagFilter, ScoreMapEMA
 from .variants import family_mismatch
@@ -539,6 +540,8 @@ class Runtime:
             "backend": det.backend if det else desired.backend,
             "device": str(det.device) if det else "n/a",
             "nfe": str(det.nfe) if det else "n/a",
+            "weights": "; ".join(f"{role} {weight_summary(net)}" for role, net in det.scorer.networks().items())
+                       or "none (no trained network)" if det else "n/a",
             "mask_threshold": f"{det.mask_threshold:.4f}" if det else "n/a",
             "frame_threshold": f"{det.frame_threshold:.4f}" if det else "n/a",
             "checkpoint": det.settings.checkpoint if det else desired.checkpoint,

@@ -44,6 +44,10 @@ class Scorer(Protocol):
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
         """(B, 3, h, w) in [0, 1] at the model's size -> anomaly maps (and edits, frame scores)."""
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The checkpoint's trained networks it runs, by role ("denoiser", "autoencoder"), as they
+        run (quantized as stored or asked, on their backend): what /diagnostics describes."""
+
     def export_target(self, size: tuple[int, int]) -> ExportTarget:
         """The module `export` writes for frames of `size` (h, w), as the current settings run it
         (built on backend torch)."""

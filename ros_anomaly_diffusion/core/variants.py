@@ -48,9 +48,9 @@ VARIANTS: dict[str, Variant] = {
         Variant("ddpm", pixel, "guided DDPM, all T ancestral steps (baseline)", {"sampler": "ddpm"}),
         Variant("ddim", pixel, "guided DDIM (timestep matching), few steps", {"sampler": "ddim"}),
         Variant("inversion", feature_diffusion, "DDIM inversion of backbone features, reconstruction-free (few steps)",
-                {"mode": "inversion"}),
+                {"reading": feature_diffusion.INVERSION}),
         Variant("feature_edit", feature_diffusion, "guided DDIM edit of backbone features, no decoder (few steps)",
-                {"mode": "edit"}),
+                {"reading": feature_diffusion.EDIT}),
         Variant("knn", knn, "nearest-neighbour distance to ID backbone features (baseline)"),
         Variant("dcae", latent, "guided DDIM on DC-AE latents with a DiT denoiser (low memory)"),
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -43,15 +43,15 @@ class PointsConfig:
 
 # the node parameters that make a PointsConfig (target_frame read-only, the others live: a change
 # applies from the next frame)
-CONFIG_PARAMETERS = ("target_frame", "max_range", "point_stride", "ground_z", "depth_tolerance", "camera_xyz",
-                     "camera_rpy")
+CONFIG_PARAMETERS = tuple(f.name for f in fields(PointsConfig))
 SKIP_REASONS = ("no_camera_info", "camera", "transform", "no_depth", "depth")
 
 
 def points_config(node_params: dict) -> PointsConfig:
     """The PointsConfig of the node's parameter values."""
-    return PointsConfig(**{k: tuple(node_params[k]) if k.startswith("camera_") else node_params[k]
-                           for k in CONFIG_PARAMETERS})
+    defaults = PointsConfig()
+    return PointsConfig(**{k: tuple(node_params[k]) if isinstance(getattr(defaults, k), tuple) else node_params[k]
+                           for k in CONFIG_PARAMETERS})  # ROS arrays arrive as lists
 
 
 def points_values(points: list["AnomalyPoints"]) -> dict[str, str]:

@@ -6,7 +6,7 @@ taps at strides 2/4/8/16, resized to the stride-16 grid and stacked), standardis
 channel with the ID training statistics, are the data of a small diffusion model (a per-cell
 MLP by default, the ID prior of one cell's features; `train --denoiser unet` for the scene-level
 UNet; linear betas, T = 1000, eps-prediction) trained on ID cells only. Its `feature_edit`
-variant scores each cell under that prior (FeatureEditScorer). At test time z is
+variant scores each cell under that prior (the EDIT reading of FeatureDiffusionScorer). At test time z is
 *inverted* with deterministic DDIM (eta = 0, samplers.Editor.invert) to t = 999 in a few
 steps; for ID features the final latent should look like N(0, I) noise, so its size is
 the anomaly score:
@@ -30,7 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -114,76 +116,6 @@ def score_statistics(net, schedule: NoiseSchedule, batches, steps: tuple[int, ..
     return out
 
 
-class InversionGraph(nn.Module):
-    """The inversion scorer's whole computation for one analysis size, one S and its ID
-    statistics: frames (B, 3, h, w) in [0, 1] -> (pixel maps (B, H, W), frame scores (B,)),
-    both in [0, 1] (feature_space.FrameGraphs runs it on the backend)."""
-
-    def __init__(self, features: StackedFeatures, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor,
-                 std: torch.Tensor, timesteps: list[int], size: tuple[int, int], stats: dict):
-        super().__init__()
-        self.features, self.net, self.schedule = features, net, schedule
-        self.register_buffer("mean", mean.reshape(1, -1, 1, 1))
-        self.register_buffer("std", std.reshape(1, -1, 1, 1))
-        self.timesteps, self.size, self.stats = list(timesteps), tuple(size), stats
-
-    @property
-    def signature(self) -> str:
-        """The constants baked into the graph besides the buffers (backends.OnnxModule's cache key)."""
-        return f"inversion:{self.timesteps}:{self.size}:{sorted(self.stats.items())}"
-
-    def latents(self, batch01: torch.Tensor) -> torch.Tensor:
-        z = (self.features(batch01) - self.mean) / self.std
-        return Editor(self.net, self.schedule, None).invert(z, self.timesteps)
-
-    def forward(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        st = self.stats
-        norm, rng, nll = latent_scores(self.latents(batch01))
-        maps = unit_map(norm, self.size, st["pixel"])
-        total = (rng - st["range"]["mean"]) / st["range"]["std"] + (nll - st["nll"]["mean"]) / st["nll"]["std"]
-        return maps, to_unit((total - st["frame"]["mean"]) / st["frame"]["std"])
-
-
-class InversionScorer:
-    """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(pixel maps, None, frame scores), all in [0, 1].
-
-    Runs an InversionGraph on settings.backend (feature_space.FrameGraphs)."""
-
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
-                 stats: dict, settings: Settings, device: torch.device, features: StackedFeatures | None = None):
-        self.net, self.schedule, self.stats = net, schedule, stats
-        self.features = features or shared_features(device=device)
-        self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
-        self._graphs = FrameGraphs(device, outputs=("maps", "frames"))
-        self.apply(settings)
-
-    def apply(self, s: Settings) -> None:
-        """Live settings: inversion_steps (S) picks the timesteps and the ID statistics."""
-        self.timesteps = inversion_timesteps(s.inversion_steps, self.schedule.T)
-        self.size = (s.analysis_height, s.analysis_width)
-        key = str(max(2, s.inversion_steps))
-        if key not in self.stats:
-            near = min(self.stats, key=lambda k: abs(int(k) - int(key)))
-            log.warning("no ID score statistics for inversion_steps=%s in the checkpoint; using those of %s "
-                        "(scores in [0, 1] are then only roughly comparable to the thresholds)", key, near)
-            key = near
-        self.graph = self._graphs.get((tuple(self.timesteps), self.size, key), s, lambda: InversionGraph(
-            self.features, self.net, self.schedule, self.mean, self.std, self.timesteps, self.size, self.stats[key]))
-        self.settings = s
-
-    @property
-    def nfe(self) -> int:
-        return len(self.timesteps) - 1
-
-    def export_target(self, size: tuple[int, int]) -> ExportTarget:
-        return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
-
-    @torch.inference_mode()
-    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        maps, frames = self.graph(batch01)
-        return ScoreOutput(maps, None, frames)
-
-
 @torch.inference_mode()
 def edit_statistics(net, schedule: NoiseSchedule, batches, sampler: EditSampler = EDIT_SAMPLER, acc=None) -> dict:
     """ID mean/std of the edit's score (Editor.score) over the ID cells of batches (z, weights),
@@ -193,19 +125,65 @@ def edit_statistics(net, schedule: NoiseSchedule, batches, sampler: EditSampler 
     return {"sampler": sampler.to_dict(), "pixel": _moments(gathered(d, acc))}
 
 
-class FeatureEditGraph(nn.Module):
-    """The feature_edit scorer's whole computation for one analysis size and one sampler: frames
-    (B, 3, h, w) in [0, 1] -> maps (B, H, W) in [0, 1]. The sampler's seeded noise is computed
-    once and held as a constant, so the graph exports to ONNX whole (feature_space.FrameGraphs)."""
+@dataclass(frozen=True)
+class FeatureParts:
+    """What every reading of a checkpoint shares: the backbone taps, the ID channel statistics,
+    the denoiser as it runs, its noise schedule and the feature grid (h, w) at the model's size."""
+    features: StackedFeatures
+    net: nn.Module
+    schedule: NoiseSchedule
+    mean: torch.Tensor  # (C,)
+    std: torch.Tensor
+    grid: tuple[int, int]
 
-    def __init__(self, features: StackedFeatures, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor,
-                 std: torch.Tensor, sampler: EditSampler, grid: tuple[int, int], size: tuple[int, int], stats: dict):
+
+class _FeatureGraph(nn.Module):
+    """Backbone features of frames in [0, 1] standardised with the ID statistics, then read by
+    a subclass's forward."""
+
+    def __init__(self, parts: FeatureParts, size: tuple[int, int]):
         super().__init__()
-        self.features, self.net, self.schedule = features, net, schedule
-        self.sampler, self.size, self.stats = sampler, tuple(size), stats
-        self.register_buffer("mean", mean.reshape(1, -1, 1, 1))
-        self.register_buffer("std", std.reshape(1, -1, 1, 1))
-        self.register_buffer("noise", draw_noise(mean.new_zeros(1, mean.numel(), *grid), sampler.seed, sampler.draws))
+        self.features, self.net, self.schedule, self.size = parts.features, parts.net, parts.schedule, tuple(size)
+        self.register_buffer("mean", parts.mean.reshape(1, -1, 1, 1))
+        self.register_buffer("std", parts.std.reshape(1, -1, 1, 1))
+
+    def standardised(self, batch01: torch.Tensor) -> torch.Tensor:
+        return (self.features(batch01) - self.mean) / self.std
+
+
+class InversionGraph(_FeatureGraph):
+    """The inversion reading's whole computation for one analysis size, one S and its ID
+    statistics: frames (B, 3, h, w) in [0, 1] -> (pixel maps (B, H, W), frame scores (B,)),
+    both in [0, 1]."""
+
+    def __init__(self, parts: FeatureParts, timesteps: list[int], size: tuple[int, int], stats: dict):
+        super().__init__(parts, size)
+        self.timesteps, self.stats = list(timesteps), stats
+
+    @property
+    def signature(self) -> str:
+        """The constants baked into the graph besides the buffers (backends.OnnxModule's cache key)."""
+        return f"inversion:{self.timesteps}:{self.size}:{sorted(self.stats.items())}"
+
+    def forward(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.stats
+        latent = Editor(self.net, self.schedule, None).invert(self.standardised(batch01), self.timesteps)
+        norm, rng, nll = latent_scores(latent)
+        maps = unit_map(norm, self.size, st["pixel"])
+        total = (rng - st["range"]["mean"]) / st["range"]["std"] + (nll - st["nll"]["mean"]) / st["nll"]["std"]
+        return maps, to_unit((total - st["frame"]["mean"]) / st["frame"]["std"])
+
+
+class FeatureEditGraph(_FeatureGraph):
+    """The edit reading's whole computation for one analysis size and one sampler: frames
+    (B, 3, h, w) in [0, 1] -> maps (B, H, W) in [0, 1]. The sampler's seeded noise is computed
+    once and held as a constant, so the graph exports to ONNX whole."""
+
+    def __init__(self, parts: FeatureParts, sampler: EditSampler, size: tuple[int, int], stats: dict):
+        super().__init__(parts, size)
+        self.sampler, self.stats = sampler, stats
+        self.register_buffer("noise", draw_noise(parts.mean.new_zeros(1, parts.mean.numel(), *parts.grid),
+                                                 sampler.seed, sampler.draws))
 
     @property
     def signature(self) -> str:
@@ -213,75 +191,101 @@ class FeatureEditGraph(nn.Module):
         return f"feature_edit:{self.sampler}:{self.size}:{sorted(self.stats.items())}"
 
     def forward(self, batch01: torch.Tensor) -> torch.Tensor:
-        z = (self.features(batch01) - self.mean) / self.std
         # the Editor of self.net as it is now (an export may have wrapped it); no clamp: standardised
         # features exceed [-1, 1]
-        d = Editor(self.net, self.schedule, clip=None).score(z, self.sampler, noise=self.noise)
+        d = Editor(self.net, self.schedule, clip=None).score(self.standardised(batch01), self.sampler,
+                                                             noise=self.noise)
         return unit_map(d, self.size, self.stats["pixel"])
 
 
-class FeatureEditScorer:
-    """Analysis by synthesis without a decoder, where the prior lives: the frame's standardised
-    backbone features are scored cell by cell by the ID feature model (samplers.Editor.score:
-    the guided DDIM edit's distance from the reconstruction, or the denoising error), averaged
-    over seeded draws and mapped into [0, 1] with the ID statistics of the sampler the
-    checkpoint measured (`edit_statistics`). Seeded, so a frame always gets the same map. Runs a
-    FeatureEditGraph per (sampler, analysis size) on settings.backend (FrameGraphs)."""
+def _inversion_graph(parts: FeatureParts, stats: dict, s: Settings, size: tuple[int, int]):
+    """inversion_steps (S) picks the timesteps and the ID statistics measured for them."""
+    timesteps = inversion_timesteps(s.inversion_steps, parts.schedule.T)
+    key = str(max(2, s.inversion_steps))
+    if key not in stats:
+        near = min(stats, key=lambda k: abs(int(k) - int(key)))
+        log.warning("no ID score statistics for inversion_steps=%s in the checkpoint; using those of %s "
+                    "(scores in [0, 1] are then only roughly comparable to the thresholds)", key, near)
+        key = near
+    return ((tuple(timesteps), size, key), lambda: InversionGraph(parts, timesteps, size, stats[key]),
+            len(timesteps) - 1)
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor,
-                 stats: dict, settings: Settings, device: torch.device, features: StackedFeatures,
-                 grid: tuple[int, int]):
-        self.net, self.schedule, self.stats, self.features, self.grid = net, schedule, stats, features, grid
-        self.editor = Editor(net, schedule, clip=None)
-        self.mean, self.std = mean.to(device).reshape(1, -1, 1, 1), std.to(device).reshape(1, -1, 1, 1)
-        self._graphs = FrameGraphs(device, outputs=("maps",))
+
+def _edit_graph(parts: FeatureParts, stats: dict, s: Settings, size: tuple[int, int]):
+    """The live sampler settings (score, steps, start timestep, guidances, seed, draws)."""
+    sampler = EditSampler.from_settings(s)
+    measured = EditSampler.from_dict(stats["sampler"])
+    if sampler != measured:
+        log.warning("feature_edit runs %s but the checkpoint's ID statistics were measured with %s: scores in "
+                    "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", sampler, measured)
+    return ((sampler, size), lambda: FeatureEditGraph(parts, sampler, size, stats),
+            Editor(parts.net, parts.schedule, clip=None).score_nfe(sampler))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a variant of the family reads the frame's features with the ID prior: the checkpoint
+    entry of its ID statistics, its graph's outputs, and `graph(parts, stats, settings, size)`
+    -> (key of everything the graph bakes in, its builder, network evaluations per frame)."""
+    name: str
+    stats_entry: str
+    outputs: tuple[str, ...]
+    graph: Callable[[FeatureParts, dict, Settings, tuple[int, int]], tuple[tuple, Callable[[], nn.Module], int]]
+
+
+# The family's two variants: one scorer, configured with how it reads the features.
+INVERSION = Reading("inversion", "scores", ("maps", "frames"), _inversion_graph)
+EDIT = Reading("edit", "edit_scores", ("maps",), _edit_graph)
+
+
+class FeatureDiffusionScorer:
+    """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(pixel maps in [0, 1], no edit, and with the
+    INVERSION reading the frame scores in [0, 1]).
+
+    INVERSION: the features are DDIM-inverted to t = 999 and the latent's size is the score,
+    reconstruction-free. EDIT: analysis by synthesis without a decoder, where the prior lives --
+    each cell scored by the ID feature model (samplers.Editor.score: the guided DDIM edit's
+    distance from the reconstruction, or the denoising error), averaged over seeded draws, so a
+    frame always gets the same map. Both map into [0, 1] with the ID statistics the checkpoint
+    measured for them. One graph per key of live settings, on settings.backend (FrameGraphs)."""
+
+    def __init__(self, reading: Reading, parts: FeatureParts, stats: dict, settings: Settings,
+                 device: torch.device):
+        self.reading, self.parts, self.stats = reading, parts, stats
+        self._graphs = FrameGraphs(device, outputs=reading.outputs)
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
-        """Live settings: the score, the edit's steps, start timestep, guidances, seed and draws."""
-        self.sampler = EditSampler.from_settings(s)
-        self.size = (s.analysis_height, s.analysis_width)
-        measured = EditSampler.from_dict(self.stats["sampler"])
-        if self.sampler != measured:
-            log.warning("feature_edit runs %s but the checkpoint's ID statistics were measured with %s: scores in "
-                        "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", self.sampler,
-                        measured)
-        self.graph = self._graphs.get((self.sampler, self.size), s, lambda: FeatureEditGraph(
-            self.features, self.net, self.schedule, self.mean, self.std, self.sampler, self.grid, self.size,
-            self.stats))
+        """Live settings: the reading's (inversion_steps, or the edit's sampler) and the analysis size."""
+        key, build, self.nfe = self.reading.graph(self.parts, self.stats, s, (s.analysis_height, s.analysis_width))
+        self.graph = self._graphs.get(key, s, build)
 
-    @property
-    def nfe(self) -> int:
-        return self.editor.score_nfe(self.sampler)
+    def networks(self) -> dict[str, nn.Module]:
+        return {"denoiser": self.parts.net}
 
     def export_target(self, size: tuple[int, int]) -> ExportTarget:
         return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
 
     @torch.inference_mode()
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
-        return ScoreOutput(self.graph(batch01), None)
-
-
-MODES = ("inversion", "edit")
+        out = self.graph(batch01)
+        maps, frames = out if self.reading.outputs == ("maps", "frames") else (out, None)
+        return ScoreOutput(maps, None, frames)
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device,
-          mode: str = "inversion") -> InversionScorer | FeatureEditScorer:
-    """The scorer of the variant that reads the feature model by DDIM inversion or by editing."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "edit" and "edit_scores" not in config:
-        raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the feature edit "
-                                   "(a checkpoint trained before the feature_edit variant): train it again")
+          reading: Reading = INVERSION) -> FeatureDiffusionScorer:
+    """The scorer of a variant of the family: the checkpoint's feature model read as `reading` says."""
+    if reading.stats_entry not in config:
+        raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the {reading.name} "
+                                   "reading (a checkpoint trained before its variant): train it again")
     parts = parts_settings(settings)  # one graph per frame: the parts stay torch modules
-    features = checkpoint_features(directory, config, device, parts.backend, parts.precision)
     mean, std = load_feature_stats(directory, config)
     net = runtime_denoiser(directory, config, device, parts)  # quantized as stored or as settings ask
-    schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
-    if mode == "edit":
-        return FeatureEditScorer(net, schedule, mean, std, config["edit_scores"], settings, device, features,
-                                 tuple(config["features"]["grid"]))
-    return InversionScorer(net, schedule, mean, std, config["scores"], settings, device, features)
+    return FeatureDiffusionScorer(reading, FeatureParts(
+        checkpoint_features(directory, config, device, parts.backend, parts.precision), net,
+        NoiseSchedule(ScheduleConfig(**config["schedule"])), mean.to(device), std.to(device),
+        tuple(config["features"]["grid"])), config[reading.stats_entry], settings, device)
 
 
 def denoiser_entry(kind: str, preset: str, channels: int, grid: tuple[int, int]) -> dict:

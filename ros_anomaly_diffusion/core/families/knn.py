@@ -119,6 +119,9 @@ class KnnScorer:
         self.graph = self._graphs.get((self.size,), s, lambda: self._graph(self.size))
         self.settings = s
 
+    def networks(self) -> dict[str, nn.Module]:
+        return {}  # the ImageNet backbone only; the checkpoint holds a feature bank
+
     def export_target(self, size: tuple[int, int]) -> ExportTarget:
         return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
 

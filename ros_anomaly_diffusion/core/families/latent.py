@@ -121,6 +121,9 @@ class LatentEditingScorer:
         edit = dataclasses.replace(self.sampler, score="edit")
         return self.editor.score_nfe(edit)
 
+    def networks(self) -> dict[str, nn.Module]:
+        return {"denoiser": self.net, "autoencoder": self.codec.ae}
+
     @torch.no_grad()
     def export_target(self, size: tuple[int, int]) -> ExportTarget:
         device = next(self.net.parameters()).device

@@ -84,6 +84,9 @@ class EditingScorer:
         ddpm = e.draws * self.editor.schedule.T  # all T steps a draw, plus the DDIM reconstruction
         return ddpm + (self.editor.ddim_nfe(e.start_timestep, e.steps, e.draws) if reconstruction else 0)
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"denoiser": self.net}
+
     def export_target(self, size: tuple[int, int]) -> ExportTarget:
         return ExportTarget("denoiser", self.net, (3, *size))
 

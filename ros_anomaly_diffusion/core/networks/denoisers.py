@@ -293,13 +293,14 @@ def load_denoiser(directory: str | Path, config: dict, name: str = "denoiser") -
     checkpoint written quantized (`ros-anomaly-diffusion quantize`) gets its quantized layers
     first, and tensors of another dtype than the network expects are refused. On the CPU, eval."""
     net = build_denoiser(config["denoiser"]["kind"], config["denoiser"]["config"])
-    q = Q.stored_quantization(directory, config, name)
+    entry = Q.checkpoint_quantization(directory, config)
+    q = Q.of_file(entry, name)
     if q is not None:
         Q.prepare_for_quantized_state(net, q["precision"], q["layers"])
     try:
         ckpt.load_into(net, directory, name)
     except ckpt.CheckpointError as err:
-        hint = Q.quantization_hint(directory, name, Q.checkpoint_quantization(directory, config))
+        hint = Q.quantization_hint(directory, name, entry)
         raise ckpt.CheckpointError(f"{err}; {hint}") from err
     Q.check_dtypes(net, directory, name)
     return net.eval()

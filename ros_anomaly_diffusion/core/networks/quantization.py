@@ -367,8 +367,12 @@ def quantize_denoiser(net: nn.Module, config: dict, precision: str, layers: str)
 
 def stored_quantization(directory: str | Path, config: dict, name: str = "denoiser") -> dict | None:
     """The checkpoint's quantization entry when file `name` was written quantized, else None."""
-    q = checkpoint_quantization(directory, config)
-    return q if q is not None and name in q.get("files", list(QUANTIZED_FILES)) else None
+    return of_file(checkpoint_quantization(directory, config), name)
+
+
+def of_file(entry: dict | None, name: str) -> dict | None:
+    """A validated quantization entry if it covers file `name`, else None."""
+    return entry if entry is not None and name in entry.get("files", list(QUANTIZED_FILES)) else None
 
 
 def quantize_as_asked(net: nn.Module, directory: str | Path, config: dict, settings=None,
@@ -386,3 +390,14 @@ def quantize_as_asked(net: nn.Module, directory: str | Path, config: dict, setti
         log.warning("%s is already quantized (%s, %s layers): quantization=%s/%s ignored",
                     Path(directory), q["precision"], q["layers"], wanted, settings.quantize_layers)
     return net
+
+
+def weight_summary(module: nn.Module) -> str:
+    """Size and storage types of a module's weights (parameters and buffers, largest share
+    first), e.g. '0.41 MB int8+float32': what /diagnostics says of each network, so a robot's
+    log shows whether quantization took."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel() * t.element_size()
+    kinds = "+".join(str(d).removeprefix("torch.") for d, _ in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
+    return f"{sum(by_dtype.values()) / 2**20:.2f} MB {kinds}".rstrip()
