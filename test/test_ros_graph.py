@@ -195,9 +195,10 @@ def test_no_backlog_when_the_model_is_slower_than_the_camera(spawn, probe, tiny_
     send_until_result(probe, pub, masks, random_frame(seed=1), 1)  # warm-up
     masks.clear()
     rgb = random_frame(seed=2)
-    sent, period, t_end = [], 1 / 30, time.time() + 3.0
-    next_t = time.time()
-    while time.time() < t_end:
+    sent, period, t_start = [], 1 / 30, time.time()
+    next_t = t_start
+    # 30 Hz for 3 s, and on while fewer than 4 results are through (a loaded machine infers slowly)
+    while time.time() < t_start + 3.0 or (len(masks) < 4 and time.time() < t_start + 60):
         now = time.time()
         if now >= next_t:
             sec, nsec = int(now), int((now % 1) * 1e9)

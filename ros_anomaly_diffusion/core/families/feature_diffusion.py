@@ -280,11 +280,11 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
         raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the {reading.name} "
                                    "reading (a checkpoint trained before its variant): train it again")
     parts = parts_settings(settings)  # one graph per frame: the parts stay torch modules
+    features = checkpoint_features(directory, config, device, parts.backend, parts.precision)  # taps checked first
     mean, std = load_feature_stats(directory, config)
     net = runtime_denoiser(directory, config, device, parts)  # quantized as stored or as settings ask
     return FeatureDiffusionScorer(reading, FeatureParts(
-        checkpoint_features(directory, config, device, parts.backend, parts.precision), net,
-        NoiseSchedule(ScheduleConfig(**config["schedule"])), mean.to(device), std.to(device),
+        features, net, NoiseSchedule(ScheduleConfig(**config["schedule"])), mean.to(device), std.to(device),
         tuple(config["features"]["grid"])), config[reading.stats_entry], settings, device)
 
 
