@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .core.settings import VARIANT_NAMES, Settings
+from .core.settings import NAMES, VARIANT_NAMES, Settings
 
 PACKAGE = "ros_anomaly_diffusion"
 
@@ -62,8 +61,7 @@ def variant_settings(variant: str, **overrides: Any) -> Settings:
     variant = variant or checkpoint_variant(overrides.get("checkpoint") or "")
     doc = yaml.safe_load(variant_params_file(variant).read_text()) or {}
     params = doc.get("/**", {}).get("ros__parameters", {})
-    known = {f.name for f in fields(Settings)}
-    values = {k: v for k, v in params.items() if k in known}
+    values = {k: v for k, v in params.items() if k in NAMES}
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["variant"] = variant
     return Settings.from_dict(values)

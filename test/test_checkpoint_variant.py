@@ -34,9 +34,9 @@ def test_train_records_the_variant_and_calibrates_it(ddim_checkpoint):
 
 def test_a_variant_the_checkpoint_was_not_calibrated_for_is_named_in_a_warning(ddim_checkpoint, caplog):
     with caplog.at_level("WARNING", logger="ros_anomaly_diffusion.core.detector"):
-        Detector(ddim_checkpoint, Settings(checkpoint=str(ddim_checkpoint), variant="ddim", segments="none"))
+        Detector(ddim_checkpoint, Settings.of(checkpoint=str(ddim_checkpoint), variant="ddim", segments="none"))
         assert "not calibrated" not in caplog.text
-        det = Detector(ddim_checkpoint, Settings(checkpoint=str(ddim_checkpoint), variant="ddpm", segments="none"))
+        det = Detector(ddim_checkpoint, Settings.of(checkpoint=str(ddim_checkpoint), variant="ddpm", segments="none"))
     assert "not calibrated for variant ddpm" in caplog.text and "calibrate --variant ddpm" in caplog.text
     assert det.mask_threshold == det.frame_threshold == 0.5
 
@@ -86,12 +86,12 @@ def test_bench_without_variants_runs_each_checkpoint_as_its_variant(ddim_checkpo
 
 
 def test_an_explicit_variant_of_the_family_is_honoured_another_is_refused_naming_what_serves(ddim_checkpoint):
-    assert Detector(ddim_checkpoint, Settings(checkpoint=str(ddim_checkpoint))).variant.name == "ddim"
-    ddpm = Detector(ddim_checkpoint, Settings(checkpoint=str(ddim_checkpoint), variant="ddpm"))
+    assert Detector(ddim_checkpoint, Settings.of(checkpoint=str(ddim_checkpoint))).variant.name == "ddim"
+    ddpm = Detector(ddim_checkpoint, Settings.of(checkpoint=str(ddim_checkpoint), variant="ddpm"))
     assert ddpm.variant.name == "ddpm" and ddpm.settings.variant == "ddpm"
     with pytest.raises(ckpt.CheckpointError, match=r"holds a 'pixel' model, variant 'knn' needs a 'knn' one; "
                                                    r"this checkpoint serves ddpm, ddim"):
-        Detector(ddim_checkpoint, Settings(checkpoint=str(ddim_checkpoint), variant="knn"))
+        Detector(ddim_checkpoint, Settings.of(checkpoint=str(ddim_checkpoint), variant="knn"))
     assert cli(["-q", "eval", "--data", "/nonexistent", "--checkpoint", str(ddim_checkpoint), "--out", "/tmp/x",
                 "--variant", "inversion"]) == 1
 
@@ -99,11 +99,11 @@ def test_an_explicit_variant_of_the_family_is_honoured_another_is_refused_naming
 def test_a_checkpoint_that_records_no_variant_runs_as_its_familys_usual_one(tiny_checkpoint, family_checkpoint):
     """Checkpoints written before the variant was recorded (the conftest ones are such)."""
     assert "variant" not in ckpt.load_config(tiny_checkpoint)
-    assert Detector(tiny_checkpoint, Settings(checkpoint=str(tiny_checkpoint))).variant.name == "ddim"
+    assert Detector(tiny_checkpoint, Settings.of(checkpoint=str(tiny_checkpoint))).variant.name == "ddim"
     expected = {"latent": "dcae", "feature_diffusion": "inversion", "knn": "knn"}
     for family, variant in expected.items():
         path = family_checkpoint(family)
-        assert Detector(path, Settings(checkpoint=str(path), segments="none")).variant.name == variant, family
+        assert Detector(path, Settings.of(checkpoint=str(path), segments="none")).variant.name == variant, family
     assert Detector("", Settings()).variant.name == "knn"  # the shipped model records knn
 
 

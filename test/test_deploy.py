@@ -29,7 +29,7 @@ def test_backends_refuse_what_cannot_run_here_and_say_why(monkeypatch):
     with pytest.raises(ValueError, match="precision 'bf16' runs on backend 'openvino' only"):
         with_backend(net, "onnxruntime", "cpu", precision="bf16")
     with pytest.raises(ValueError, match="precision='bf16' runs on backend 'openvino' only"):
-        Settings(backend="torch", precision="bf16").validate()
+        Settings.of(backend="torch", precision="bf16").validate()
     for backend in ("onnxruntime", "openvino"):
         monkeypatch.setitem(sys.modules, backend, None)  # as if not installed
         with pytest.raises(ValueError, match=f"needs the {backend} package: pip install {backend}"):
@@ -182,7 +182,7 @@ def test_export_writes_the_frame_graph_that_onnxruntime_runs_as_torch(variant, o
                                    *options)
     det = Detector(ckpt, variant_settings(variant, checkpoint=ckpt))  # torch: the reference
     h, w = det.model_size
-    ah, aw = det.settings.analysis_height, det.settings.analysis_width
+    ah, aw = det.settings.geometry.size
     batch = {"--dynamic-batch": "batch", "--batch": 2}.get(next(iter(options), None), 1)
     dtype = "FLOAT16" if "fp16" in options else "FLOAT"
     outputs = {"maps": (dtype, [batch, ah, aw])} | ({"frames": (dtype, [batch])} if variant == "inversion" else {})
@@ -316,7 +316,7 @@ def test_auto_picks_onnxruntime_on_a_cpu_tensorrt_on_cuda_where_it_can_and_torch
     assert backends.auto_backend("cpu") == "onnxruntime"
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     assert backends.auto_backend("cpu") == "torch"
-    assert Settings().backend == "auto"
+    assert Settings().compute.backend == "auto"
 
 
 @pytest.mark.parametrize("family, variant", [("pixel", ""), ("latent", ""), ("feature_diffusion", ""),
@@ -334,7 +334,7 @@ def test_the_default_backend_runs_every_family_on_onnxruntime_with_torchs_maps(f
     ck = str(tiny_checkpoint if family == "pixel" else family_checkpoint(family))
     auto, eager = (Detector(ck, variant_settings(variant, checkpoint=ck, segments="none", **extra))
                    for extra in ({}, {"backend": "torch"}))
-    assert (auto.backend, auto.settings.backend, eager.backend) == ("onnxruntime", "auto", "torch")
+    assert (auto.backend, auto.settings.compute.backend, eager.backend) == ("onnxruntime", "auto", "torch")
     frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(2)]
     diff = max(float(np.abs(a.score - e.score).max())
                for a, e in zip(auto.process_batch(frames), eager.process_batch(frames)))

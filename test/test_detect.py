@@ -56,7 +56,7 @@ def test_detect_on_a_folder_writes_what_the_detector_says(plain_folder, tmp_path
     assert float(rows[0]["frame_score"]) == pytest.approx(r.frame_score, abs=1e-6)
     assert int(rows[0]["ood"]) == int(r.is_ood)
     # the filtered flag is the node's filter over the frames in order
-    flags = FlagFilter(det.settings.flag_filter())
+    flags = FlagFilter(det.settings.temporal.flag_filter())
     assert [int(r["ood_filtered"]) for r in rows] == [
         int(flags.update(float(r["frame_score"]), det.frame_threshold)) for r in rows]
 

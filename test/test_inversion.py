@@ -278,7 +278,7 @@ def test_training_and_eval_cli_write_a_loadable_checkpoint(tmp_path):
     assert stats["mean"].shape == stats["std"].shape == (config["features"]["channels"],)
     calib = config["calibration"]["inversion"]
     assert 0 <= calib["mask_threshold"] <= 1 and 0 <= calib["frame_threshold"] <= 1
-    det = Detector(out, Settings(variant="inversion", checkpoint=str(out), segments="none"))
+    det = Detector(out, Settings.of(variant="inversion", checkpoint=str(out), segments="none"))
     assert det.mask_threshold == calib["mask_threshold"]
     assert main(["-q", "eval", "--variant", "inversion", "--data", str(data), "--checkpoint", str(out),
                  "--out", str(tmp_path / "ev")]) == 0

@@ -125,7 +125,7 @@ def test_the_shipped_default_model_is_what_an_empty_checkpoint_means(rugd_sample
     from ros_anomaly_diffusion.core.runtime import checkpoint_problem
     from ros_anomaly_diffusion.core.settings import Settings
 
-    det = Detector("", Settings(segments="none"))
+    det = Detector("", Settings.of(segments="none"))
     assert det.directory == ckpt.DEFAULT_MODEL and det.variant.name == "knn" and Settings().variant == ""
     assert 0 < det.mask_threshold < 1 and 0 < det.frame_threshold < 1  # calibrated, not the 0.5 fallback
     assert det.mask_threshold != 0.5 and det.frame_threshold != 0.5
@@ -137,7 +137,7 @@ def test_the_shipped_default_model_is_what_an_empty_checkpoint_means(rugd_sample
     r = det.process(frame.rgb())
     assert r.score.shape == frame.label().shape
     assert checkpoint_problem(Settings()) is None
-    assert "variant 'ddim' needs a 'pixel' one" in checkpoint_problem(Settings(variant="ddim"))
+    assert "variant 'ddim' needs a 'pixel' one" in checkpoint_problem(Settings.of(variant="ddim"))
     setup = (ckpt.DEFAULT_MODEL.parents[2] / "setup.py").read_text()
     for name in sorted(p.name for p in ckpt.DEFAULT_MODEL.iterdir()):
         assert any(_re.fullmatch(g.replace(".", r"\.").replace("*", ".*"), f"models/default/{name}")

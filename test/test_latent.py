@@ -192,13 +192,13 @@ def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
     x = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         z = codec.encode(x)
-        edits, _ = Editor(net, schedule, clip=None).ddim(z, start_timestep=settings.start_timestep, steps=4,
+        edits, _ = Editor(net, schedule, clip=None).ddim(z, start_timestep=settings.sampler.start_timestep, steps=4,
                                                         guidance=1e6)
         assert torch.allclose(edits[0], z, atol=1e-4)  # in latent space
         reconstruction = codec.decode(z, (32, 40))
         out = scorer(x)
         np.testing.assert_allclose(out.edited01.numpy(), reconstruction.numpy(), atol=1e-4)
-    assert out.maps.shape == (2, settings.analysis_height, settings.analysis_width)
+    assert out.maps.shape == (2, *settings.geometry.size)
     assert out.edited01.shape == x.shape and scorer.nfe == 4
     # compared with the autoencoder's reconstruction instead of the input, nothing changed
     scorer.reference = "reconstruction"

@@ -9,7 +9,6 @@ import importlib
 import importlib.util
 import re
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from rcl_interfaces.srv import GetParameters
 from sensor_msgs.msg import Image
 
 from conftest import ROOT, detector_args, random_frame, stamp_of, stamped_image
-from ros_anomaly_diffusion.core.settings import Settings, check
+from ros_anomaly_diffusion.core.settings import NAMES, Settings, check, spec
 from ros_anomaly_diffusion.core.variants import VARIANTS
 from ros_anomaly_diffusion.ros.params import NODE_PARAMETERS
 
@@ -155,7 +154,7 @@ def test_detection_launch_arguments_and_variant_default():
     for name in ("multi_camera.launch.py", "anomaly_detection.launch.py"):  # backend:=..., precision:=...
         tree, src = _declared_arguments(_tree(name)), (LAUNCH / name).read_text()
         assert tree["backend"] == tree["precision"] == "" and "for key in ('backend', 'precision'):" in src, name
-        assert {"backend", "precision"} <= set(vars(Settings()))  # settings the node declares as parameters
+        assert {"backend", "precision"} <= set(NAMES)  # settings the node declares as parameters
     # the navigation wiring reaches the node's parameters, which exist
     src = (LAUNCH / "anomaly_detection.launch.py").read_text()
     for name in ("target_frame", "camera_info_topic", "depth_topic", "autostart"):
@@ -277,12 +276,12 @@ def test_every_variant_has_a_valid_parameter_file(variant):
     path = CONFIG / f"{variant}.yaml"
     assert path.is_file(), f"variant {variant!r} has no config/{variant}.yaml"
     params = _load_params(path)
-    settings = {f.name for f in fields(Settings)}
+    settings = set(NAMES)
     for name, value in params.items():
         assert name in settings or name in NODE_PARAMETERS, f"{path.name}: unknown parameter {name!r}"
         reason = check(name, value) if name in settings else NODE_PARAMETERS[name].check(value)
         assert reason is None, f"{path.name}: {reason}"
-        if name in settings and isinstance(Settings.__dataclass_fields__[name].default, float):
+        if name in settings and isinstance(spec(name)["default"], float):
             assert isinstance(value, float), f"{path.name}: write {name} as a float ({value}.0)"
     assert params["variant"] == variant
     Settings.from_dict({k: v for k, v in params.items() if k in settings})

@@ -199,8 +199,8 @@ def test_detector_loads_quantized_checkpoint_and_matches_on_the_fly(tiny):
     src, quantized = tiny
     frame = np.random.default_rng(0).integers(0, 255, (48, 60, 3), dtype=np.uint8)
     common = dict(variant="ddim", steps=2, start_timestep=300, segments="none")
-    stored = Detector(quantized, Settings(checkpoint=str(quantized), **common))
-    live = Detector(src, Settings(checkpoint=str(src), quantization="int8", **common))
+    stored = Detector(quantized, Settings.of(checkpoint=str(quantized), **common))
+    live = Detector(src, Settings.of(checkpoint=str(src), quantization="int8", **common))
     a, b = stored.scorer.networks()["denoiser"], live.scorer.networks()["denoiser"]
     assert _layer_kinds(a) == _layer_kinds(b) != {}
     # what /diagnostics says of it: int8 and float32 (biases, the layers not selected) weights,
@@ -208,7 +208,7 @@ def test_detector_loads_quantized_checkpoint_and_matches_on_the_fly(tiny):
     fp32 = Q.weight_summary(load_denoiser(src, ckpt.load_config(src)))
     assert set(Q.weight_summary(a).split()[2].split("+")) == {"int8", "float32"} and fp32.endswith(" MB float32")
     assert float(Q.weight_summary(a).split()[0]) < 0.5 * float(fp32.split()[0])
-    assert not _layer_kinds(runtime_denoiser(src, ckpt.load_config(src), "cpu", Settings(**common)))
+    assert not _layer_kinds(runtime_denoiser(src, ckpt.load_config(src), "cpu", Settings.of(**common).compute))
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert va.dtype == vb.dtype and torch.equal(va, vb), k
     x = torch.randn(1, 3, *SIZE)
@@ -241,7 +241,7 @@ def test_tampered_quantization_config_is_refused(small, tmp_path):
         with pytest.raises(ckpt.CheckpointError, match="denoiser.safetensors"):
             load_denoiser(bad, ckpt.load_config(bad))
     with pytest.raises(ckpt.CheckpointError, match="denoiser.safetensors"):
-        Detector(bad, Settings(checkpoint=str(bad), variant="ddim", segments="none"))
+        Detector(bad, Settings.of(checkpoint=str(bad), variant="ddim", segments="none"))
     (bad / ckpt.CONFIG).write_text(json.dumps({**config, "quantization": {"precision": "int4", "layers": "all"}}))
     with pytest.raises(ckpt.CheckpointError, match="config.json"):
         load_denoiser(bad, ckpt.load_config(bad))
@@ -275,7 +275,7 @@ def _family_settings(family: str, checkpoint, **changes):
     from ros_anomaly_diffusion.core.settings import Settings
 
     # backend torch: these tests look inside the torch modules that quantization produces
-    return Settings(checkpoint=str(checkpoint), variant=DENOISER_FAMILIES[family], segments="none", steps=2,
+    return Settings.of(checkpoint=str(checkpoint), variant=DENOISER_FAMILIES[family], segments="none", steps=2,
                     start_timestep=300, backend="torch", **changes)
 
 
@@ -402,6 +402,6 @@ def test_knn_has_no_denoiser_and_refuses_quantization(family_checkpoint, tmp_pat
         with pytest.raises(ValueError, match="'knn' has no denoiser"):
             variant_settings("knn", checkpoint=str(src), quantization=precision)
         with pytest.raises(ValueError, match="'knn' has no denoiser"):
-            Detector(src, Settings(checkpoint=str(src), variant="knn", segments="none", quantization=precision))
+            Detector(src, Settings.of(checkpoint=str(src), variant="knn", segments="none", quantization=precision))
     with pytest.raises(ckpt.CheckpointError, match="'knn' checkpoint, with no denoiser"):
         quantize_checkpoint(src, tmp_path / "q", "int8")

@@ -101,11 +101,11 @@ class Harness:
 
 
 def tiny_settings(checkpoint, **changes) -> Settings:
-    return Settings(checkpoint=str(checkpoint), variant="ddim", steps=2, segments="none", **changes)
+    return Settings.of(checkpoint=str(checkpoint), variant="ddim", steps=2, segments="none", **changes)
 
 
 def test_the_mailbox_keeps_only_the_newest_frame():
-    h = Harness(Settings(variant="ddim"))
+    h = Harness(Settings.of(variant="ddim"))
     h.rt.load()
     for i in range(5):
         h.rt.submit(random_frame(seed=i), i)
@@ -130,13 +130,13 @@ def test_live_change_rebuild_and_a_failed_rebuild_keeps_the_old_model(tiny_check
     assert h.rt.change(segments="superpixel") is None  # needs a new model
     h.rt.step()
     second = h.rt.detector
-    assert second is not first and second.settings.segments == "superpixel" and h.builds == 2
+    assert second is not first and second.settings.post.segments == "superpixel" and h.builds == 2
     assert h.log.count("model reloaded in") == 1
 
     h.failing = True
     assert h.rt.change(segments="none") is None
     h.rt.step()
-    assert h.rt.detector is second and h.rt.settings.segments == "superpixel"  # set back
+    assert h.rt.detector is second and h.rt.settings.post.segments == "superpixel"  # set back
     assert h.reverts == [(second.settings, ["segments"])]
     assert h.log.count("model reload failed, keeping the running model (ddim on cpu)") == 1
     h.rt.submit(random_frame(seed=1), "after")  # the old model still serves
@@ -151,7 +151,7 @@ def test_live_change_rebuild_and_a_failed_rebuild_keeps_the_old_model(tiny_check
 
 
 def test_release_frees_the_detector_and_load_brings_it_back():
-    h = Harness(Settings(variant="ddim"))
+    h = Harness(Settings.of(variant="ddim"))
     h.rt.load()
     h.rt.start()
     released = weakref.ref(h.rt.detector)
@@ -172,7 +172,7 @@ def test_release_frees_the_detector_and_load_brings_it_back():
 
 
 def test_the_worker_restarts_after_stop_and_a_frame_left_waiting_is_dropped():
-    h = Harness(Settings(variant="ddim"))
+    h = Harness(Settings.of(variant="ddim"))
     h.rt.load()
     h.rt.start()
     h.rt.stop()  # a deactivated node
@@ -187,7 +187,7 @@ def test_the_worker_restarts_after_stop_and_a_frame_left_waiting_is_dropped():
 
 
 def test_frames_above_max_input_pixels_are_downscaled_and_logged_once():
-    h = Harness(Settings(variant="ddim"), max_input_pixels=10_000, source="/cam/image")
+    h = Harness(Settings.of(variant="ddim"), max_input_pixels=10_000, source="/cam/image")
     h.rt.load()
     big = np.zeros((200, 300, 3), np.uint8)
     for i in range(2):
@@ -207,7 +207,7 @@ def test_frames_above_max_input_pixels_are_downscaled_and_logged_once():
 
 
 def test_statistics_add_up_and_the_window_rates_them():
-    h = Harness(Settings(variant="ddim"), source="cam", bad_input_log_period=0.0)
+    h = Harness(Settings.of(variant="ddim"), source="cam", bad_input_log_period=0.0)
     h.rt.load()
 
     def unreadable():
@@ -247,7 +247,7 @@ def test_statistics_add_up_and_the_window_rates_them():
 
 
 def test_health_rules():
-    h = Harness(Settings(variant="ddim"))
+    h = Harness(Settings.of(variant="ddim"))
     assert (h.rt.window().health().level, h.rt.window().health().message) == ("warn", "no model loaded")
     h.rt.load()
     verdict = h.rt.window().health()
@@ -271,7 +271,7 @@ def test_health_rules():
 
 
 def test_the_worker_thread_serves_frames_until_stopped():
-    h = Harness(Settings(variant="ddim"))
+    h = Harness(Settings.of(variant="ddim"))
     h.rt.load()
     h.rt.start()
     try:
@@ -302,7 +302,7 @@ def frame_number(i: int) -> np.ndarray:
 
 def test_the_stream_gets_the_filtered_flag_and_the_smoothed_mask():
     flags, smoothed = [], []
-    h = Harness(Settings(variant="ddim", flag_window=3, flag_raise_count=2, flag_clear_count=2, score_ema_alpha=0.5),
+    h = Harness(Settings.of(variant="ddim", flag_window=3, flag_raise_count=2, flag_clear_count=2, score_ema_alpha=0.5),
                 kind=ScriptedDetector,
                 on_result=lambda token, rgb, r, det: (flags.append(r.ood_filtered), smoothed.append(r.mask_smoothed)))
     h.rt.load()
@@ -332,18 +332,18 @@ def test_one_family_rule_for_the_detector_and_the_runtime(tiny_checkpoint):
     from ros_anomaly_diffusion.core.checkpoint import CheckpointError
     from ros_anomaly_diffusion.core.runtime import checkpoint_problem
 
-    knn = Settings(checkpoint=str(tiny_checkpoint), variant="knn")
+    knn = Settings.of(checkpoint=str(tiny_checkpoint), variant="knn")
     with pytest.raises(CheckpointError, match=r"config\.json holds a 'pixel' model, variant 'knn' needs a 'knn' one"):
         Detector(tiny_checkpoint, knn)
     assert checkpoint_problem(knn) == (f"checkpoint {tiny_checkpoint} holds a 'pixel' model, "
                                        f"variant 'knn' needs a 'knn' one; this checkpoint serves ddpm, ddim "
                                        f"(or leave the variant empty: the checkpoint's 'ddim')")
-    assert checkpoint_problem(Settings(checkpoint=str(tiny_checkpoint), variant="ddim")) is None
+    assert checkpoint_problem(Settings.of(checkpoint=str(tiny_checkpoint), variant="ddim")) is None
 
 
 def test_the_newest_frame_of_each_source_goes_through_the_model_in_one_batch():
     seen = []
-    h = Harness(Settings(variant="ddim", flag_window=2, flag_raise_count=2, flag_clear_count=1, flag_hysteresis=0.0),
+    h = Harness(Settings.of(variant="ddim", flag_window=2, flag_raise_count=2, flag_clear_count=1, flag_hysteresis=0.0),
                 kind=ScriptedDetector, on_result=lambda token, rgb, r, det: seen.append((token, r.frame_score,
                                                                                           r.ood_filtered)))
     h.rt.load()

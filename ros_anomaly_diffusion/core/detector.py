@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from .analysis import frame_score
 from .segments import aggregate, build_segmenter
-from .settings import LIVE, Settings
+from .settings import Settings, is_live
 from .networks.backends import auto_backend
 from .variants import get_variant, resolve_variant
 
@@ -66,18 +66,18 @@ class Detector:
     fastest this machine and the family have, backends.auto_backend)."""
 
     def __init__(self, checkpoint_dir: str | Path, settings: Settings | None = None):
-        settings = settings or Settings(checkpoint=str(checkpoint_dir))
+        settings = settings or Settings.of(checkpoint=str(checkpoint_dir))
         settings.validate()
         self.directory = ckpt.resolve(checkpoint_dir)
         self.config = ckpt.load_config(self.directory)
         self.variant = get_variant(resolve_variant(settings.variant, self.config, str(self.directory / ckpt.CONFIG)))
-        self.device = resolve_device(settings.device, settings.cuda_fallback)
-        self.backend = settings.backend
+        self.device = resolve_device(settings.compute.device, settings.compute.cuda_fallback)
+        self.backend = settings.compute.backend
         if self.backend == "auto":
             self.backend = auto_backend(self.device, tensorrt=self.variant.module.RUNS_ON_TENSORRT)
             log.info("backend auto: %s on %s", self.backend, self.device)
         self.model_size = tuple(self.config["image_size"])
-        if min(settings.mask_threshold, settings.frame_threshold) < 0 and \
+        if min(settings.post.mask_threshold, settings.post.frame_threshold) < 0 and \
                 self.variant.name not in self.config.get("calibration", {}):
             log.warning("%s is not calibrated for variant %s: thresholds left unset fall back to 0.5 "
                         "(`ros-anomaly-diffusion calibrate --variant %s` sets them from ID frames)",
@@ -85,13 +85,13 @@ class Detector:
         resolved = self._resolved(settings)
         resolved.validate()  # what the variant refuses (quantization of knn, say) once it is known
         self.scorer = self.variant.build(self.directory, self.config, resolved, self.device)
-        self.segmenter = build_segmenter(settings.segments, settings.sam_checkpoint, settings.sam_model_type,
+        self.segmenter = build_segmenter(settings.post.segments, settings.post.sam_checkpoint, settings.post.sam_model_type,
                                          str(self.device))
         self.settings = settings
 
     def _resolved(self, settings: Settings) -> Settings:
         """`settings` with the variant and backend this Detector runs (what the scorer sees)."""
-        return replace(settings, variant=self.variant.name, backend=self.backend)
+        return settings.updated(variant=self.variant.name, backend=self.backend)
 
     # Thresholds: the explicit setting, or the value calibrated for this variant on ID
     # frames (`calibrate`); 0.5 for a checkpoint that was never calibrated.
@@ -100,12 +100,12 @@ class Detector:
 
     @property
     def mask_threshold(self) -> float:
-        t = self.settings.mask_threshold
+        t = self.settings.post.mask_threshold
         return t if t >= 0 else self._calibrated("mask_threshold")
 
     @property
     def frame_threshold(self) -> float:
-        t = self.settings.frame_threshold
+        t = self.settings.post.frame_threshold
         return t if t >= 0 else self._calibrated("frame_threshold")
 
     @property
@@ -115,7 +115,7 @@ class Detector:
     def update(self, **changes) -> list[str]:
         """Apply live settings now; returns the names that need a model reload instead."""
         new = self.settings.updated(**changes)
-        reload = sorted(k for k, v in changes.items() if k not in LIVE and getattr(self.settings, k) != v)
+        reload = sorted(k for k in self.settings.differences(new) if not is_live(k))
         if not reload:
             self.settings = new
             self.scorer.apply(self._resolved(new))

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -48,7 +48,6 @@ from .settings import Settings
 from .temporal import FlagFilter, ScoreMapEMA
 from .variants import family_mismatch
 
-SETTING_NAMES = tuple(f.name for f in fields(Settings))
 # Where a processed frame's time goes: decoding (and downscaling) the message, resizing to the
 # model, the networks, post-processing (segments, upsampling, frame score), the caller's
 # on_result (publishing the outputs).
@@ -402,7 +401,7 @@ class Runtime:
         desired = self.settings
         if desired == det.settings:
             return
-        changes = {n: getattr(desired, n) for n in SETTING_NAMES if getattr(desired, n) != getattr(det.settings, n)}
+        changes = det.settings.differences(desired)
         try:
             reload = det.update(**changes)
         except ValueError as err:
@@ -490,16 +489,16 @@ class Runtime:
 
     def _over_stream(self, result, det, source: Any) -> None:
         s = det.settings
-        flag = self._flags.setdefault(source, FlagFilter(s.flag_filter()))
-        if flag.config != s.flag_filter():
-            flag.reconfigure(s.flag_filter())
+        flag = self._flags.setdefault(source, FlagFilter(s.temporal.flag_filter()))
+        if flag.config != s.temporal.flag_filter():
+            flag.reconfigure(s.temporal.flag_filter())
         result.ood_filtered = flag.update(result.frame_score, det.frame_threshold)
-        if s.score_ema_alpha >= 1.0:
+        if s.temporal.score_ema_alpha >= 1.0:
             self._emas.pop(source, None)
             return
         ema = self._emas.get(source)
-        if ema is None or ema.alpha != s.score_ema_alpha:
-            ema = self._emas[source] = ScoreMapEMA(s.score_ema_alpha)
+        if ema is None or ema.alpha != s.temporal.score_ema_alpha:
+            ema = self._emas[source] = ScoreMapEMA(s.temporal.score_ema_alpha)
         result.mask_smoothed = ema.update(result.score) > det.mask_threshold
 
     def _bad_input(self, kind: str, err: Exception) -> None:
@@ -537,7 +536,7 @@ class Runtime:
         det, desired = self._detector, self.settings
         return {
             "variant": det.variant.name if det else desired.variant,
-            "backend": det.backend if det else desired.backend,
+            "backend": det.backend if det else desired.compute.backend,
             "device": str(det.device) if det else "n/a",
             "nfe": str(det.nfe) if det else "n/a",
             "weights": "; ".join(f"{role} {weight_summary(net)}" for role, net in det.scorer.networks().items())

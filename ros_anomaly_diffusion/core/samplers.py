@@ -157,6 +157,7 @@ class EditSampler:
 
     @classmethod
     def from_settings(cls, s) -> "EditSampler":
+        """From the sampler section of the settings (settings.SamplerSettings)."""
         return cls(s.edit_score, s.start_timestep, s.steps, float(s.guidance_scale), float(s.reconstruction_guidance),
                    s.seed, s.draws)
 

@@ -39,7 +39,7 @@ def detect(det: Detector, frames: Iterable[tuple[str, np.ndarray]], out_dir: str
     out = Path(out_dir)
     for sub in ("overlays", "masks", "scores"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    flags = FlagFilter(det.settings.flag_filter())
+    flags = FlagFilter(det.settings.temporal.flag_filter())
     rows, skipped = [], []
     with open(out / "frames.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -51,7 +51,7 @@ def detect(det: Detector, frames: Iterable[tuple[str, np.ndarray]], out_dir: str
                 skipped.append(f"{name}: {err}")
                 continue
             filtered = flags.update(r.frame_score, det.frame_threshold)
-            save_rgb(overlay(rgb, r.score, r.mask, det.settings.overlay_alpha), out / "overlays" / f"{name}.png")
+            save_rgb(overlay(rgb, r.score, r.mask, det.settings.post.overlay_alpha), out / "overlays" / f"{name}.png")
             cv2.imwrite(str(out / "masks" / f"{name}.png"), r.mask.astype(np.uint8) * 255)
             write_score_png(r.score, out / "scores" / f"{name}.png")
             row = {"name": name, "frame_score": f"{r.frame_score:.6f}", "ood": int(r.is_ood),

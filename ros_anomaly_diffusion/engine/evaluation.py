@@ -57,7 +57,7 @@ def evaluate(det: Detector, frames: list[Frame], out_dir: str | Path | None = No
         results.append(r)
         labels.append(label)
         if out is not None:
-            save_rgb(overlay(rgb, r.score, r.mask, det.settings.overlay_alpha), out / "overlays" / f"{f.name}.png")
+            save_rgb(overlay(rgb, r.score, r.mask, det.settings.post.overlay_alpha), out / "overlays" / f"{f.name}.png")
             if len(rows) < sheet_rows:
                 flag = "OOD" if r.is_ood else "ID"
                 rows.append(panel(rgb, r.score, r.mask, r.edited, label,

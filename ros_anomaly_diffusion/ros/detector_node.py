@@ -99,7 +99,8 @@ class DetectorNode(LifecycleNode):
 
     def _revert(self, running: Settings, names: list[str]) -> None:
         """The worker could not apply a change: the parameters show the running values again."""
-        self.set_parameters([Parameter(n, value=getattr(running, n)) for n in names])
+        values = running.flat()
+        self.set_parameters([Parameter(n, value=values[n]) for n in names])
 
     # ------------------------------------------------------------------ lifecycle (executor thread)
 
@@ -248,7 +249,7 @@ class DetectorNode(LifecycleNode):
         if self._node_params["publish_overlay"] and out["overlay"].get_subscription_count() > 0:
             from ..core.visualize import overlay
 
-            picture = overlay(rgb, result.score, result.mask, det.settings.overlay_alpha)
+            picture = overlay(rgb, result.score, result.mask, det.settings.post.overlay_alpha)
             out["overlay"].publish(image_codec.rgb_to_image(picture, header))
         if (self._node_params["publish_edited"] and result.edited is not None
                 and out["edited"].get_subscription_count() > 0):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
-from ..core.settings import Settings, check_value, spec
+from ..core.settings import NAMES, Settings, check_value, spec
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,14 @@ def settings_parameters(defaults: Settings | None = None) -> dict[str, ParamSpec
     """One ParamSpec per Settings field, from the field metadata; default values from
     `defaults` (a variant's parameter file, variant_defaults) or the field's own."""
     out = {}
-    for f in fields(Settings):
-        s = spec(f.name)
+    given = defaults.flat() if defaults is not None else {}
+    for name in NAMES:
+        s = spec(name)
         desc = s["description"]
         if s["choices"]:
             desc += f" (one of: {', '.join(s['choices'])})"
-        default = s["default"] if defaults is None or f.name in MODEL_PARAMETERS else getattr(defaults, f.name)
-        out[f.name] = ParamSpec(f.name, default, desc, s["lo"], s["hi"], s["choices"])
+        default = s["default"] if name in MODEL_PARAMETERS else given.get(name, s["default"])
+        out[name] = ParamSpec(name, default, desc, s["lo"], s["hi"], s["choices"])
     return out
 
 
@@ -141,7 +142,7 @@ def declare_node_parameters(node) -> tuple[dict[str, ParamSpec], dict[str, Any],
         if reason:
             raise ValueError(f"invalid parameter: {reason}")
     try:
-        settings = Settings.from_dict({f.name: values[f.name] for f in fields(Settings)})  # core.settings.check
+        settings = Settings.from_dict({n: values[n] for n in NAMES})  # core.settings.check
     except ValueError as err:
         raise ValueError(f"invalid parameter: {err}") from None
     return specs, {n: values[n] for n in NODE_PARAMETERS}, settings

@@ -43,9 +43,9 @@ from ..networks.backbone import GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.denoisers import build_denoiser, local_config, runtime_denoiser, unet_config
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig, draw_noise, inversion_timesteps
 from ..scorer import ExportTarget, ScoreOutput
-from ..settings import Settings
+from ..settings import SamplerSettings, Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
-                            input_size, load_feature_stats, parts_settings, standardise, to_unit, unit_map)
+                            input_size, load_feature_stats, parts_compute, standardise, to_unit, unit_map)
 from .fitting import DenoiserTrainer, gathered, make_accelerator, summed
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class FeatureEditGraph(_FeatureGraph):
         return unit_map(d, self.size, self.stats["pixel"])
 
 
-def _inversion_graph(parts: FeatureParts, stats: dict, s: Settings, size: tuple[int, int]):
+def _inversion_graph(parts: FeatureParts, stats: dict, s: SamplerSettings, size: tuple[int, int]):
     """inversion_steps (S) picks the timesteps and the ID statistics measured for them."""
     timesteps = inversion_timesteps(s.inversion_steps, parts.schedule.T)
     key = str(max(2, s.inversion_steps))
@@ -211,7 +211,7 @@ def _inversion_graph(parts: FeatureParts, stats: dict, s: Settings, size: tuple[
             len(timesteps) - 1)
 
 
-def _edit_graph(parts: FeatureParts, stats: dict, s: Settings, size: tuple[int, int]):
+def _edit_graph(parts: FeatureParts, stats: dict, s: SamplerSettings, size: tuple[int, int]):
     """The live sampler settings (score, steps, start timestep, guidances, seed, draws)."""
     sampler = EditSampler.from_settings(s)
     measured = EditSampler.from_dict(stats["sampler"])
@@ -225,12 +225,12 @@ def _edit_graph(parts: FeatureParts, stats: dict, s: Settings, size: tuple[int, 
 @dataclass(frozen=True)
 class Reading:
     """How a variant of the family reads the frame's features with the ID prior: the checkpoint
-    entry of its ID statistics, its graph's outputs, and `graph(parts, stats, settings, size)`
+    entry of its ID statistics, its graph's outputs, and `graph(parts, stats, sampler, size)`
     -> (key of everything the graph bakes in, its builder, network evaluations per frame)."""
     name: str
     stats_entry: str
     outputs: tuple[str, ...]
-    graph: Callable[[FeatureParts, dict, Settings, tuple[int, int]], tuple[tuple, Callable[[], nn.Module], int]]
+    graph: Callable[[FeatureParts, dict, SamplerSettings, tuple[int, int]], tuple[tuple, Callable[[], nn.Module], int]]
 
 
 # The family's two variants: one scorer, configured with how it reads the features.
@@ -247,7 +247,7 @@ class FeatureDiffusionScorer:
     each cell scored by the ID feature model (samplers.Editor.score: the guided DDIM edit's
     distance from the reconstruction, or the denoising error), averaged over seeded draws, so a
     frame always gets the same map. Both map into [0, 1] with the ID statistics the checkpoint
-    measured for them. One graph per key of live settings, on settings.backend (FrameGraphs)."""
+    measured for them. One graph per key of live settings, on settings.compute.backend (FrameGraphs)."""
 
     def __init__(self, reading: Reading, parts: FeatureParts, stats: dict, settings: Settings,
                  device: torch.device):
@@ -257,8 +257,8 @@ class FeatureDiffusionScorer:
 
     def apply(self, s: Settings) -> None:
         """Live settings: the reading's (inversion_steps, or the edit's sampler) and the analysis size."""
-        key, build, self.nfe = self.reading.graph(self.parts, self.stats, s, (s.analysis_height, s.analysis_width))
-        self.graph = self._graphs.get(key, s, build)
+        key, build, self.nfe = self.reading.graph(self.parts, self.stats, s.sampler, s.geometry.size)
+        self.graph = self._graphs.get(key, s.compute, build)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"denoiser": self.parts.net}
@@ -279,7 +279,7 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     if reading.stats_entry not in config:
         raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG}: no ID statistics of the {reading.name} "
                                    "reading (a checkpoint trained before its variant): train it again")
-    parts = parts_settings(settings)  # one graph per frame: the parts stay torch modules
+    parts = parts_compute(settings.compute)  # one graph per frame: the parts stay torch modules
     features = checkpoint_features(directory, config, device, parts.backend, parts.precision)  # taps checked first
     mean, std = load_feature_stats(directory, config)
     net = runtime_denoiser(directory, config, device, parts)  # quantized as stored or as settings ask

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..networks.backbone import FEATURE_BLOCKS, FEATURE_STRIDES, GRID_STRIDE, StackedFeatures, shared_features
 from ..networks.backends import ONNX_BACKENDS, with_backend
-from ..settings import Settings
+from ..settings import ComputeSettings
 from .fitting import FrameStream, frame_passes, mean_std, shard, summed
 
 log = logging.getLogger(__name__)
@@ -233,10 +233,10 @@ def load_feature_stats(directory: Path, config: dict) -> tuple:
     return stats["mean"], stats["std"]
 
 
-def parts_settings(settings: Settings) -> Settings:
-    """The settings a feature family builds its networks with: on an ONNX runtime the scorer
-    exports its whole frame graph (FrameGraphs), so the parts stay torch modules."""
-    return replace(settings, backend="torch", precision="fp32") if settings.backend in ONNX_BACKENDS else settings
+def parts_compute(compute: ComputeSettings) -> ComputeSettings:
+    """How a feature family builds its networks: on an ONNX runtime the scorer exports its
+    whole frame graph (FrameGraphs), so the parts stay torch modules."""
+    return replace(compute, backend="torch", precision="fp32") if compute.backend in ONNX_BACKENDS else compute
 
 
 class FrameGraphs:
@@ -251,15 +251,15 @@ class FrameGraphs:
         self.device, self.outputs = device, outputs
         self._graphs: dict[tuple, nn.Module] = {}
 
-    def get(self, key: tuple, settings: Settings, build: Callable[[], nn.Module]) -> nn.Module:
-        """The graph of `key` (everything `build` bakes in) on settings.backend/precision.
+    def get(self, key: tuple, compute: ComputeSettings, build: Callable[[], nn.Module]) -> nn.Module:
+        """The graph of `key` (everything `build` bakes in) on compute.backend/precision.
         `build()` returns a module whose `signature` names those baked-in constants."""
-        key = (*key, settings.backend, settings.precision)
+        key = (*key, compute.backend, compute.precision)
         if key not in self._graphs:
             graph = build().eval()
-            if settings.backend in ONNX_BACKENDS:
-                graph = with_backend(graph, settings.backend, self.device, inputs=("x",),
-                                     precision=settings.precision, outputs=self.outputs,
+            if compute.backend in ONNX_BACKENDS:
+                graph = with_backend(graph, compute.backend, self.device, inputs=("x",),
+                                     precision=compute.precision, outputs=self.outputs,
                                      signature=graph.signature)[0]
             self._graphs[key] = graph
         return self._graphs[key]

@@ -31,7 +31,7 @@ from ..networks.backbone import StackedFeatures, shared_features
 from ..scorer import ExportTarget, ScoreOutput
 from ..settings import Settings
 from .feature_space import (ChannelMoments, FeatureSource, FrameGraphs, checkpoint_features, features_config,
-                            input_size, load_feature_stats, parts_settings, standardise, unit_map)
+                            input_size, load_feature_stats, parts_compute, standardise, unit_map)
 from .fitting import make_accelerator, mean_std, summed
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class KnnGraph(nn.Module):
 
 class KnnScorer:
     """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(maps in [0, 1] at the analysis size, None).
-    Runs a KnnGraph on settings.backend (feature_space.FrameGraphs)."""
+    Runs a KnnGraph on settings.compute.backend (feature_space.FrameGraphs)."""
 
     nfe = 0  # no network evaluations beyond the backbone
 
@@ -115,8 +115,8 @@ class KnnScorer:
         return KnnGraph(self.features, self.bank, self.mean, self.std, size, self.stats)
 
     def apply(self, s: Settings) -> None:
-        self.size = (s.analysis_height, s.analysis_width)
-        self.graph = self._graphs.get((self.size,), s, lambda: self._graph(self.size))
+        self.size = s.geometry.size
+        self.graph = self._graphs.get((self.size,), s.compute, lambda: self._graph(self.size))
         self.settings = s
 
     def networks(self) -> dict[str, nn.Module]:
@@ -131,7 +131,7 @@ class KnnScorer:
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device) -> KnnScorer:
-    parts = parts_settings(settings)  # one graph per frame on an ONNX runtime
+    parts = parts_compute(settings.compute)  # one graph per frame on an ONNX runtime
     features = checkpoint_features(directory, config, device, parts.backend, parts.precision)
     mean, std = load_feature_stats(directory, config)
     bank = ckpt.load_tensors(directory, "bank").get("vectors")

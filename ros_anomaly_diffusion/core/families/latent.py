@@ -49,7 +49,7 @@ from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, dit_config, local_config, pad_to, runtime_denoiser
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ExportTarget, ScoreOutput
-from ..settings import Settings
+from ..settings import EAGER, ComputeSettings, Settings
 from .feature_space import unit_map
 from .fitting import (STATE, DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
                       mean_std, random_crop, summed)
@@ -102,13 +102,13 @@ class LatentEditingScorer:
         self.codec, self.net = codec, net  # the denoiser as loaded (quantized or not; `export` writes it)
         self.editor = Editor(net, schedule, clip=None)  # unit-variance latents exceed [-1, 1]
         self.distance = None if stats else FeatureDistance(FeatureExtractor().to(device),
-                                                           (settings.analysis_height, settings.analysis_width))
+                                                           settings.geometry.size)
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
         """Take new live settings (the sampler) for the next frame."""
-        self.settings, self.sampler = s, EditSampler.from_settings(s)
-        self.size = (s.analysis_height, s.analysis_width)
+        self.settings, self.sampler = s, EditSampler.from_settings(s.sampler)
+        self.size = s.geometry.size
         if self.stats and self.sampler != EditSampler.from_dict(self.stats["sampler"]):
             log.warning("dcae runs %s but the checkpoint's ID statistics were measured with %s: scores in [0, 1] "
                         "are then only roughly comparable to the thresholds (recalibrate)", self.sampler,
@@ -147,19 +147,19 @@ class LatentEditingScorer:
         return ScoreOutput(maps, decoded[0])
 
 
-def load_latent_models(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
-    """(codec, denoiser, schedule) of a latent-family checkpoint; the DiT quantized as the
-    checkpoint was written or as settings.quantization asks (the autoencoder stays fp32)."""
+def load_latent_models(directory: Path, config: dict, device: torch.device, compute: ComputeSettings = EAGER):
+    """(codec, denoiser, schedule) of a latent-family checkpoint; the denoiser quantized as the
+    checkpoint was written or as compute.quantization asks (the autoencoder stays fp32)."""
     ae_cfg = config["autoencoder"]
     ae = autoencoder_from_entry(ae_cfg)
     ckpt.load_into(ae, directory, "autoencoder")
     codec = LatentCodec(ae.to(device).eval(), ae_cfg["latent_shift"], ae_cfg["latent_scale"])
-    net = runtime_denoiser(directory, config, device, settings)
+    net = runtime_denoiser(directory, config, device, compute)
     return codec, net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device):
-    codec, net, schedule = load_latent_models(Path(directory), config, device, settings)
+    codec, net, schedule = load_latent_models(Path(directory), config, device, settings.compute)
     return LatentEditingScorer(codec, net, schedule, settings, device, config.get("analysis_reference", "input"),
                                config.get("latent_scores"))
 

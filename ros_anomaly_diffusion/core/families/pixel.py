@@ -24,7 +24,7 @@ from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, local_config, runtime_denoiser, unet_config
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ExportTarget, ScoreOutput
-from ..settings import Settings
+from ..settings import ComputeSettings, Settings
 from .fitting import (DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
                       random_crop)
 
@@ -68,12 +68,12 @@ class EditingScorer:
         self.editor = Editor(net, schedule, clip=1.0)
         self.sampler = sampler
         self.distance = FeatureDistance(FeatureExtractor(tuple(analysis_strides)).to(device),
-                                        (settings.analysis_height, settings.analysis_width))
+                                        settings.geometry.size)
         self.apply(settings)
 
     def apply(self, s: Settings) -> None:
         """Take new live settings (the edit's sampler, DDPM's guidance) for the next frame."""
-        self.edit, self.ddpm_guidance = EditSampler.from_settings(s), s.ddpm_guidance_scale
+        self.edit, self.ddpm_guidance = EditSampler.from_settings(s.sampler), s.sampler.ddpm_guidance_scale
 
     @property
     def nfe(self) -> int:
@@ -110,16 +110,16 @@ class EditingScorer:
         return ScoreOutput(maps, edits01[0])
 
 
-def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, settings: Settings | None = None):
-    """(denoiser, schedule); quantized as the checkpoint was written or as settings.quantization asks."""
-    net = runtime_denoiser(directory, config, device, settings)
+def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, compute: ComputeSettings):
+    """(denoiser, schedule); quantized as the checkpoint was written or as compute.quantization asks."""
+    net = runtime_denoiser(directory, config, device, compute)
     return net, NoiseSchedule(ScheduleConfig(**config["schedule"]))
 
 
 def build(directory: Path, config: dict, settings: Settings, device: torch.device,
           sampler: str = "ddim") -> EditingScorer:
     """The scorer of the variant that edits with `sampler` (ddpm or ddim)."""
-    net, schedule = load_pixel_denoiser(directory, config, device, settings)  # on settings.backend
+    net, schedule = load_pixel_denoiser(directory, config, device, settings.compute)  # on its backend
     strides = config.get("analysis_strides", UNET_ANALYSIS_STRIDES)  # checkpoints before the key: the UNet's
     return EditingScorer(net, schedule, settings, sampler, device, tuple(strides))
 

@@ -28,6 +28,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..settings import EAGER, ComputeSettings
 from . import quantization as Q
 from .backends import with_backend
 
@@ -315,14 +316,13 @@ def tensorrt_shape(config: dict) -> tuple[int, ...] | None:
     return (1, cfg["in_channels"], *size) if size else None
 
 
-def runtime_denoiser(directory: str | Path, config: dict, device: torch.device | str, settings=None,
-                     name: str = "denoiser") -> nn.Module:
-    """A checkpoint's denoiser as a scorer runs it: `load_denoiser`, quantized as settings ask
-    (quantization.quantize_as_asked), on `device` and settings.backend with settings.precision
-    (backends.with_backend; no settings: torch, fp32)."""
-    net = Q.quantize_as_asked(load_denoiser(directory, config, name), directory, config, settings, name)
-    backend = getattr(settings, "backend", "torch") if settings is not None else "torch"
-    precision = getattr(settings, "precision", "fp32") if settings is not None else "fp32"
-    net, how = with_backend(net.to(device), backend, device, shape=tensorrt_shape(config), precision=precision)
+def runtime_denoiser(directory: str | Path, config: dict, device: torch.device | str,
+                     compute: ComputeSettings = EAGER, name: str = "denoiser") -> nn.Module:
+    """A checkpoint's denoiser as a scorer runs it: `load_denoiser`, quantized as `compute` asks
+    (quantization.quantize_as_asked), on `device` and compute.backend with compute.precision
+    (backends.with_backend; by default unquantized, torch eager, fp32)."""
+    net = Q.quantize_as_asked(load_denoiser(directory, config, name), directory, config, compute, name)
+    net, how = with_backend(net.to(device), compute.backend, device, shape=tensorrt_shape(config),
+                            precision=compute.precision)
     log.info("denoiser runs on %s", how)
     return net

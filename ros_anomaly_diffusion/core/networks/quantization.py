@@ -47,6 +47,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..settings import ComputeSettings
 
 log = logging.getLogger(__name__)
 
@@ -375,20 +376,20 @@ def of_file(entry: dict | None, name: str) -> dict | None:
     return entry if entry is not None and name in entry.get("files", list(QUANTIZED_FILES)) else None
 
 
-def quantize_as_asked(net: nn.Module, directory: str | Path, config: dict, settings=None,
+def quantize_as_asked(net: nn.Module, directory: str | Path, config: dict, compute: ComputeSettings,
                       name: str = "denoiser") -> nn.Module:
-    """A loaded denoiser quantized as `settings.quantization` ("none", "fp16", "int8") with
-    `settings.quantize_layers` asks; one written quantized (`quantize_checkpoint`) stays as it
+    """A loaded denoiser quantized as `compute.quantization` ("none", "fp16", "int8") with
+    `compute.quantize_layers` asks; one written quantized (`quantize_checkpoint`) stays as it
     was written, with a warning when the settings ask for something else."""
-    wanted = getattr(settings, "quantization", "none") if settings is not None else "none"
+    wanted, layers = compute.quantization, compute.quantize_layers
     if wanted == "none":
         return net
     q = stored_quantization(directory, config, name)
     if q is None:
-        return quantize_denoiser(net, config, wanted, settings.quantize_layers)
-    if (wanted, settings.quantize_layers) != (q["precision"], q["layers"]):
+        return quantize_denoiser(net, config, wanted, layers)
+    if (wanted, layers) != (q["precision"], q["layers"]):
         log.warning("%s is already quantized (%s, %s layers): quantization=%s/%s ignored",
-                    Path(directory), q["precision"], q["layers"], wanted, settings.quantize_layers)
+                    Path(directory), q["precision"], q["layers"], wanted, layers)
     return net
 
 
