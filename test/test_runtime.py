@@ -14,7 +14,8 @@ import torch
 
 from conftest import random_frame
 from ros_anomaly_diffusion.core.detector import Detector, FrameResult, validate_frame
-from ros_anomaly_diffusion.core.runtime import STAGES, BadInput, Runtime, downscaled_size
+from ros_anomaly_diffusion.core.runtime import BadInput, Runtime, downscaled_size
+from ros_anomaly_diffusion.core.stream_stats import STAGES
 from ros_anomaly_diffusion.core.settings import Settings
 from ros_anomaly_diffusion.core.variants import get_variant
 

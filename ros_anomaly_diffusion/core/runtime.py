@@ -1,6 +1,6 @@
 """The detector at run time, without ROS: what a node (or any frame source) needs around a Detector.
 
-- **Mailbox**: one slot per source (camera). `submit()` drops a frame in and returns at once;
+- **Mailbox** (core/mailbox.py): one slot per source (camera). `submit()` drops a frame in and returns at once;
   a newer frame of the same source replaces an unprocessed one (counted as dropped), so a slow
   model never builds a backlog and results always describe the newest frame available when
   the model got free. The newest frame of every source goes through the model in one batch.
@@ -17,7 +17,7 @@
   both restart when the worker starts again.
 - **Downscaling**: frames above `max_input_pixels` are shrunk (INTER_AREA, aspect kept), which
   bounds memory and output size whatever the camera sends; the outputs keep that size.
-- **Statistics and health**: `stats()` (totals), `window()` (what happened since the previous
+- **Statistics and health** (core/stream_stats.py): `stats()` (totals), `window()` (what happened since the previous
   window: rates, latencies) and `Window.health()` (the verdict a diagnostics message carries).
 
 Frames are RGB uint8 arrays, or zero-argument callables returning one (decoded in the worker,
@@ -34,7 +34,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -43,17 +42,12 @@ import torch
 
 from . import checkpoint as ckpt
 from .detector import Detector, validate_frame
+from .mailbox import Mailbox
 from .networks.quantization import weight_summary
 from .settings import Settings
+from .stream_stats import STAGES, Stats, Throttle, Window
 from .temporal import FlagFilter, ScoreMapEMA
 from .variants import family_mismatch
-
-# Where a processed frame's time goes: decoding (and downscaling) the message, resizing to the
-# model, the networks, post-processing (segments, upsampling, frame score), the caller's
-# on_result (publishing the outputs).
-STAGES = ("decode", "resize", "network", "post", "publish")
-# BadInput kinds: the message's encoding, its size, its data, a compressed payload, the frame itself
-BAD_INPUT_KINDS = ("encoding", "size", "data", "compressed", "frame")
 
 
 class BadInput(Exception):
@@ -62,49 +56,6 @@ class BadInput(Exception):
     def __init__(self, kind: str, error: Exception | str):
         super().__init__(str(error))
         self.kind = kind
-
-
-class Mailbox:
-    """One slot per source (camera): put() replaces that source's unconsumed item (counted in
-    `replaced`); take() hands over every source's item at once."""
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._items: dict[Any, Any] = {}
-        self._closed = False
-        self._poked = False
-        self.replaced = 0
-
-    def put(self, item, source: Any = 0) -> None:
-        with self._cv:
-            if source in self._items:
-                self.replaced += 1
-            self._items[source] = item
-            self._cv.notify()
-
-    def poke(self) -> None:
-        """Wake the consumer without an item (e.g. to apply new settings)."""
-        with self._cv:
-            self._poked = True
-            self._cv.notify()
-
-    def take(self, timeout: float) -> dict[Any, Any]:
-        """{source: item} of every source with a waiting item (empty on timeout or a poke)."""
-        with self._cv:
-            self._cv.wait_for(lambda: self._items or self._closed or self._poked, timeout)
-            items, self._items, self._poked = self._items, {}, False
-            return items
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-
-    def reopen(self) -> None:
-        """Accept items again after close(); items left over count as replaced."""
-        with self._cv:
-            self.replaced += len(self._items)
-            self._items, self._closed, self._poked = {}, False, False
 
 
 def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int] | None:
@@ -126,114 +77,6 @@ def checkpoint_problem(settings: Settings) -> str | None:
     except ckpt.CheckpointError as err:
         return str(err)
     return family_mismatch(settings.variant, config, f"checkpoint {directory}")
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Totals since start. received = processed + dropped + bad input + inference errors
-    (+ the frame in the worker)."""
-    received: int
-    processed: int
-    dropped: int  # replaced in the mailbox by a newer frame
-    inference_errors: int
-    downscaled: int
-    bad_input: dict[str, int]
-    model_loaded: bool
-    last_input: float | None  # time.monotonic() of the last submit()
-
-
-@dataclass(frozen=True)
-class Health:
-    level: str  # "ok", "warn" or "error"
-    message: str
-
-
-@dataclass(frozen=True)
-class Window:
-    """What happened between two calls of Runtime.window()."""
-    stats: Stats  # totals at the end of the window
-    seconds: float
-    received: int
-    processed: int
-    inference_errors: int
-    latency_s: tuple[float, ...]  # submit() to result delivered, per processed frame
-    model_ms: tuple[float, ...]  # the Detector's own model time, per processed frame
-    stages_ms: dict[str, tuple[float, ...]]  # STAGES, per processed frame
-    end: float  # time.monotonic() at the end
-
-    @property
-    def input_rate_hz(self) -> float:
-        return self.received / self.seconds
-
-    @property
-    def processed_rate_hz(self) -> float:
-        return self.processed / self.seconds
-
-    @property
-    def latency_p50_ms(self) -> float | None:
-        return float(np.median(self.latency_s)) * 1000 if self.latency_s else None
-
-    @property
-    def latency_max_ms(self) -> float | None:
-        return max(self.latency_s) * 1000 if self.latency_s else None
-
-    @property
-    def model_p50_ms(self) -> float | None:
-        return float(np.nanmedian(self.model_ms)) if self.model_ms else None
-
-    def stage_p50_ms(self, stage: str) -> float | None:
-        values = self.stages_ms.get(stage, ())
-        return float(np.nanmedian(values)) if values else None
-
-    def values(self) -> dict[str, str]:
-        """The window's figures as text (the /diagnostics key-value pairs)."""
-        s = self.stats
-        return {
-            "input_rate_hz": f"{self.input_rate_hz:.2f}",
-            "processed_rate_hz": f"{self.processed_rate_hz:.2f}",
-            "latency_p50_ms": milliseconds(self.latency_p50_ms),
-            "latency_max_ms": milliseconds(self.latency_max_ms),
-            "model_p50_ms": milliseconds(self.model_p50_ms),
-            **{f"stage_{k}_p50_ms": milliseconds(self.stage_p50_ms(k)) for k in STAGES},
-            "frames_received": str(s.received),
-            "frames_processed": str(s.processed),
-            "frames_dropped": str(s.dropped),
-            "inference_errors": str(s.inference_errors),
-            **{f"bad_input_{k}": str(s.bad_input.get(k, 0)) for k in BAD_INPUT_KINDS},
-            "model_loaded": str(s.model_loaded).lower(),
-            "frames_downscaled": str(s.downscaled),
-        }
-
-    def health(self) -> Health:
-        s = self.stats
-        if not s.model_loaded:
-            return Health("warn", "no model loaded")
-        if self.inference_errors and not self.latency_s:
-            return Health("error", "inference failing")
-        if s.last_input is None or self.end - s.last_input > max(5.0, 3 * self.seconds):
-            return Health("warn", "no input frames")
-        if sum(s.bad_input.values()) and not self.latency_s:
-            return Health("warn", "only bad input frames")
-        return Health("ok", "running")
-
-
-def milliseconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
-
-
-class Throttle:
-    """At most one log line per key and period (the first one passes)."""
-
-    def __init__(self):
-        self._last: dict[str, float] = {}
-
-    def __call__(self, key: str, period: float) -> bool:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < period:
-            return False
-        self._last[key] = now
-        return True
 
 
 def _malloc_trim() -> None:

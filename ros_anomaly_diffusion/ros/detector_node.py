@@ -18,7 +18,8 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Bool, Float32
 
 from ..core import checkpoint as ckpt
-from ..core.runtime import BadInput, Runtime, Throttle
+from ..core.runtime import BadInput, Runtime
+from ..core.stream_stats import Throttle
 from ..core.settings import Settings
 from . import image_codec
 from .transport import image_qos, output_qos
@@ -99,8 +100,7 @@ class DetectorNode(LifecycleNode):
 
     def _revert(self, running: Settings, names: list[str]) -> None:
         """The worker could not apply a change: the parameters show the running values again."""
-        values = running.flat()
-        self.set_parameters([Parameter(n, value=values[n]) for n in names])
+        self.set_parameters([Parameter(n, value=running.flat()[n]) for n in names])
 
     # ------------------------------------------------------------------ lifecycle (executor thread)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..core import geometry
-from ..core.runtime import milliseconds
+from ..core.stream_stats import milliseconds
 from .pointcloud import camera_model, depth_image_to_metres, points_to_cloud
 
 POSE_SOURCES = ("auto", "tf", "static")

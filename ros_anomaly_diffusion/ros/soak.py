@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.procmem import rss_mb
-from ..core.runtime import STAGES
+from ..core.stream_stats import STAGES
 from .processes import spawn, stop
 
 
