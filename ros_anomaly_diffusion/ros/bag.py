@@ -191,23 +191,26 @@ def _fresh_lock() -> None:
 os.register_at_fork(after_in_child=_fresh_lock)
 
 
-def _bag_reader(bag: Path):
-    """This process's open Reader of `bag` (opened on first use); call with _READERS_LOCK held."""
+def bag_reader(bag: Path):
+    """This process's open Reader of `bag` (opened on first use, never one a parent process
+    opened before a fork). Hold _READERS_LOCK (reentrant) while reading from it: another
+    thread's call may close it when more than MAX_OPEN_BAGS are open."""
     from rosbags.rosbag2 import Reader
 
-    pid = os.getpid()
-    key = (pid, bag)
-    reader = _READERS.get(key)
-    if reader is not None:
-        _READERS.move_to_end(key)
+    with _READERS_LOCK:
+        pid = os.getpid()
+        key = (pid, bag)
+        reader = _READERS.get(key)
+        if reader is not None:
+            _READERS.move_to_end(key)
+            return reader
+        reader = Reader(bag)
+        reader.open()
+        _READERS[key] = reader
+        own = [k for k in _READERS if k[0] == pid]
+        for old in own[:-MAX_OPEN_BAGS]:
+            _READERS.pop(old).close()
         return reader
-    reader = Reader(bag)
-    reader.open()
-    _READERS[key] = reader
-    own = [k for k in _READERS if k[0] == pid]
-    for old in own[:-MAX_OPEN_BAGS]:
-        _READERS.pop(old).close()
-    return reader
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class BagFrame:
         decoded (or is no longer in the bag); errors of the bag itself (missing, unreadable) as
         rosbags raises them."""
         with _READERS_LOCK:
-            reader = _bag_reader(self.bag)
+            reader = bag_reader(self.bag)
             conns = [c for c in reader.connections if c.topic == self.topic and c.msgtype in IMAGE_TYPES]
             if not conns:  # (no connections would mean no filter at all to Reader.messages)
                 raise ValueError(f"bag {self.bag} has no Image/CompressedImage topic {self.topic!r}")
