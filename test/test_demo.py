@@ -44,9 +44,9 @@ def test_demo_on_real_frames_uses_the_shipped_model(rugd_sample, tmp_path):
 
 
 def test_the_synthetic_demo_calibrates_its_model_with_the_parameters_its_node_gets(tmp_path):
-    """Without --data the demo trains the scene-level UNet and runs it with SCENE_LEVEL_PARAMETERS;
-    its thresholds come from the same held-out frames scored with those parameters, not with
-    the parameter file's (which are the patch prior's)."""
+    """Without --data the demo trains the family's default network and runs it with
+    SYNTHETIC_PARAMETERS; its thresholds come from the same held-out frames scored with those
+    parameters, not with the parameter file's."""
     from ros_anomaly_diffusion.engine.training import calibrate
     from ros_anomaly_diffusion.ros import demo
 
@@ -54,7 +54,7 @@ def test_the_synthetic_demo_calibrates_its_model_with_the_parameters_its_node_ge
     train_dir, _ = demo.prepare(args)
     model = demo.ensure_model(args, train_dir)
     config = ckpt.load_config(model)
-    assert config["denoiser"]["kind"] == "unet" and config["image_size"] == list(demo.SCENE_LEVEL_SIZE)
+    assert config["denoiser"]["kind"] == "local" and demo.node_parameters(args) == {"reconstruction_guidance": 1.0}
     stored = config["calibration"]["ddim"]
     held = [f for f in open_dataset(train_dir) if f.name in set(stored["frames"])]
     assert held
