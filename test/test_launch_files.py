@@ -291,7 +291,7 @@ def test_variant_specific_values():
     ddim, ddpm = _load_params(CONFIG / "ddim.yaml"), _load_params(CONFIG / "ddpm.yaml")
     assert (ddim["steps"], ddim["start_timestep"], ddim["guidance_scale"], ddim["reconstruction_guidance"],
             ddim["draws"]) == (5, 600, 0.0, 0.0, 4)
-    assert (ddpm["ddpm_guidance_scale"], ddpm["reconstruction_guidance"], ddpm["draws"]) == (3000.0, 0.0, 1)
+    assert (ddpm["ddpm_guidance_scale"], ddpm["reconstruction_guidance"], ddpm["draws"]) == (1000.0, 0.0, 1)
     for p in (ddim, ddpm):
         assert p["device"] == "cpu" and p["segments"] == "auto"
 
