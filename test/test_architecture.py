@@ -153,7 +153,10 @@ def test_every_variant_builds_a_scorer_that_maps_frames_to_maps(variant, short_c
     config = ckpt.load_config(directory)
     settings = variant_settings(variant, checkpoint=str(directory), analysis_height=48, analysis_width=64)
     scorer = v.build(directory, config, settings, torch.device("cpu"))
-    assert isinstance(scorer, Scorer) and scorer.nfe >= 0
+    assert isinstance(scorer, Scorer) and isinstance(scorer, torch.nn.Module) and scorer.nfe >= 0
+    # the trained networks it runs are its submodules (one module per family, as anomalib's torch_model)
+    held = {id(m) for m in scorer.modules()}
+    assert all(id(net) in held for net in scorer.networks().values()), variant
     out = scorer(torch.rand(2, 3, *config["image_size"], generator=torch.Generator().manual_seed(0)))
     assert isinstance(out, ScoreOutput) and out.maps.shape == (2, 48, 64)
     assert float(out.maps.min()) >= 0 and float(out.maps.max()) <= 1

@@ -205,7 +205,7 @@ def test_strong_latent_guidance_returns_the_decoded_input_latents(untrained):
     with torch.no_grad():
         assert scorer(x).maps.max() < 1e-2 < out.maps.mean()
     # without guidance the untrained model's sample is something else entirely
-    scorer.apply(settings.updated(guidance_scale=0.0))
+    scorer.configure(settings.updated(guidance_scale=0.0))
     with torch.no_grad():
         assert (scorer(x).edited01 - reconstruction).abs().mean() > 1e-2
 

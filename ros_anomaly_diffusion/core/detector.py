@@ -118,7 +118,7 @@ class Detector:
         reload = sorted(k for k in self.settings.differences(new) if not is_live(k))
         if not reload:
             self.settings = new
-            self.scorer.apply(self._resolved(new))
+            self.scorer.configure(self._resolved(new))
         return reload
 
     def to_model(self, frames: list[np.ndarray]) -> torch.Tensor:

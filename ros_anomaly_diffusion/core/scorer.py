@@ -36,9 +36,11 @@ class ExportTarget:
 
 @runtime_checkable
 class Scorer(Protocol):
+    """A family's scorer: one torch.nn.Module (calling it runs its forward) that holds the
+    networks it runs; `configure` is named so as not to shadow nn.Module.apply."""
     nfe: int  # network evaluations per frame (backbone calls not counted)
 
-    def apply(self, settings: Settings) -> None:
+    def configure(self, settings: Settings) -> None:
         """Take new live settings (sampler parameters, analysis size) for the next frame."""
 
     def __call__(self, batch01: torch.Tensor) -> ScoreOutput:

@@ -238,7 +238,7 @@ INVERSION = Reading("inversion", "scores", ("maps", "frames"), _inversion_graph)
 EDIT = Reading("edit", "edit_scores", ("maps",), _edit_graph)
 
 
-class FeatureDiffusionScorer:
+class FeatureDiffusionScorer(nn.Module):
     """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(pixel maps in [0, 1], no edit, and with the
     INVERSION reading the frame scores in [0, 1]).
 
@@ -251,23 +251,25 @@ class FeatureDiffusionScorer:
 
     def __init__(self, reading: Reading, parts: FeatureParts, stats: dict, settings: Settings,
                  device: torch.device):
+        super().__init__()
         self.reading, self.parts, self.stats = reading, parts, stats
+        self.denoiser = parts.net  # a submodule whatever backend the frame graph runs on
         self._graphs = FrameGraphs(device, outputs=reading.outputs)
-        self.apply(settings)
+        self.configure(settings)
 
-    def apply(self, s: Settings) -> None:
+    def configure(self, s: Settings) -> None:
         """Live settings: the reading's (inversion_steps, or the edit's sampler) and the analysis size."""
         key, build, self.nfe = self.reading.graph(self.parts, self.stats, s.sampler, s.geometry.size)
         self.graph = self._graphs.get(key, s.compute, build)
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"denoiser": self.parts.net}
+        return {"denoiser": self.denoiser}
 
     def export_target(self, size: tuple[int, int]) -> ExportTarget:
         return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
 
     @torch.inference_mode()
-    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+    def forward(self, batch01: torch.Tensor) -> ScoreOutput:
         out = self.graph(batch01)
         maps, frames = out if self.reading.outputs == ("maps", "frames") else (out, None)
         return ScoreOutput(maps, None, frames)

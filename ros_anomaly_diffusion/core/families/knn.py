@@ -96,7 +96,7 @@ class KnnGraph(nn.Module):
         return unit_map(self.distances(batch01), self.size, self.stats)
 
 
-class KnnScorer:
+class KnnScorer(nn.Module):
     """Frames (B, 3, h, w) in [0, 1] -> ScoreOutput(maps in [0, 1] at the analysis size, None).
     Runs a KnnGraph on settings.compute.backend (feature_space.FrameGraphs)."""
 
@@ -104,17 +104,18 @@ class KnnScorer:
 
     def __init__(self, bank: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, stats: dict, settings: Settings,
                  device: torch.device, features: StackedFeatures | None = None):
+        super().__init__()
         self.features = features or shared_features(device=device)
         self.bank = bank.to(device).contiguous()
         self.mean, self.std = mean.to(device), std.to(device)
         self.stats = stats
         self._graphs = FrameGraphs(device, outputs=("maps",))
-        self.apply(settings)
+        self.configure(settings)
 
     def _graph(self, size: tuple[int, int]) -> KnnGraph:
         return KnnGraph(self.features, self.bank, self.mean, self.std, size, self.stats)
 
-    def apply(self, s: Settings) -> None:
+    def configure(self, s: Settings) -> None:
         self.size = s.geometry.size
         self.graph = self._graphs.get((self.size,), s.compute, lambda: self._graph(self.size))
         self.settings = s
@@ -126,7 +127,7 @@ class KnnScorer:
         return ExportTarget("frame", self.graph, (3, *size))  # the whole frame as one graph
 
     @torch.inference_mode()
-    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+    def forward(self, batch01: torch.Tensor) -> ScoreOutput:
         return ScoreOutput(self.graph(batch01), None)
 
 

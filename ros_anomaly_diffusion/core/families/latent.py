@@ -80,7 +80,7 @@ EDIT_SAMPLER = EditSampler(score="error", start_timestep=500, steps=5, guidance_
                            reconstruction_guidance=1.0, seed=0, draws=4)
 
 
-class LatentEditingScorer:
+class LatentEditingScorer(nn.Module):
     """encode -> score the latents under the ID prior (config "analysis"):
 
     * "latent" (a local denoiser's checkpoint): per latent cell, samplers.Editor.score (the
@@ -96,6 +96,7 @@ class LatentEditingScorer:
 
     def __init__(self, codec: LatentCodec, net: nn.Module, schedule: NoiseSchedule, settings: Settings,
                  device: torch.device, reference: str = "input", stats: dict | None = None):
+        super().__init__()
         if reference not in REFERENCES:
             raise ValueError(f"analysis_reference must be one of {list(REFERENCES)}, got {reference!r}")
         self.reference, self.stats = reference, stats
@@ -103,9 +104,9 @@ class LatentEditingScorer:
         self.editor = Editor(net, schedule, clip=None)  # unit-variance latents exceed [-1, 1]
         self.distance = None if stats else FeatureDistance(FeatureExtractor().to(device),
                                                            settings.geometry.size)
-        self.apply(settings)
+        self.configure(settings)
 
-    def apply(self, s: Settings) -> None:
+    def configure(self, s: Settings) -> None:
         """Take new live settings (the sampler) for the next frame."""
         self.settings, self.sampler = s, EditSampler.from_settings(s.sampler)
         self.size = s.geometry.size
@@ -131,7 +132,7 @@ class LatentEditingScorer:
         return ExportTarget("denoiser", self.net, tuple(latent.shape[1:]))
 
     @torch.no_grad()
-    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+    def forward(self, batch01: torch.Tensor) -> ScoreOutput:
         size, s = batch01.shape[-2:], self.sampler
         z = self.codec.encode(batch01)  # once, for the edit and the reference
         if self.stats:

@@ -49,7 +49,7 @@ LOCAL_ANALYSIS_STRIDES = (16, 32)
 UNET_ANALYSIS_STRIDES = (4, 8, 16)
 
 
-class EditingScorer:
+class EditingScorer(torch.nn.Module):
     """Analysis by synthesis: edit the frame towards the ID model, measure the change.
 
     The change is measured against the frame itself or, with reconstruction_guidance w_r > 0,
@@ -62,6 +62,7 @@ class EditingScorer:
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, settings: Settings, sampler: str,
                  device: torch.device, analysis_strides: tuple[int, ...] = UNET_ANALYSIS_STRIDES):
+        super().__init__()
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         self.net = net  # the denoiser as loaded (quantized or not; `export` writes it)
@@ -69,9 +70,9 @@ class EditingScorer:
         self.sampler = sampler
         self.distance = FeatureDistance(FeatureExtractor(tuple(analysis_strides)).to(device),
                                         settings.geometry.size)
-        self.apply(settings)
+        self.configure(settings)
 
-    def apply(self, s: Settings) -> None:
+    def configure(self, s: Settings) -> None:
         """Take new live settings (the edit's sampler, DDPM's guidance) for the next frame."""
         self.edit, self.ddpm_guidance = EditSampler.from_settings(s.sampler), s.sampler.ddpm_guidance_scale
 
@@ -102,7 +103,7 @@ class EditingScorer:
             return edits, None
         return edits, self.editor.ddim(x, guidance=e.reconstruction_guidance, **ddim)[0]
 
-    def __call__(self, batch01: torch.Tensor) -> ScoreOutput:
+    def forward(self, batch01: torch.Tensor) -> ScoreOutput:
         edits, refs = self.edits(batch01 * 2 - 1)
         edits01 = (edits + 1) / 2
         refs01 = batch01.expand_as(edits01) if refs is None else (refs + 1) / 2

@@ -168,11 +168,12 @@ def latent_weights(wgt: torch.Tensor, factor: int) -> torch.Tensor:
     return -F.max_pool2d(-pad_to(wgt, factor), factor, factor)
 
 
-class LatentCodec:
+class LatentCodec(torch.nn.Module):
     """Frames in [0, 1] <-> normalised latents; which autoencoder (TAEF2 on [0, 1], DC-AE on
     [-1, 1]), its padding to a multiple of its compression and the scaling are hidden."""
 
     def __init__(self, ae: TAEF2 | AutoencoderDC, shift: float = 0.0, scale: float = 1.0):
+        super().__init__()
         self.ae, self.shift, self.scale = ae, float(shift), float(scale)
         self.factor = compression(ae)
         self.kind = autoencoder_kind(ae)
