@@ -154,3 +154,14 @@ def test_the_edit_is_compared_with_the_models_own_reconstruction(variant, tiny_c
     out = scorer(x)
     assert torch.allclose(out.maps, scorer.distance(x, out.edited01))
     assert not torch.allclose(out.maps, with_reconstruction)
+
+
+def test_a_sampler_other_than_the_measured_one_is_logged(caplog):
+    """feature_edit and dcae map scores into [0, 1] with ID statistics of one sampler: running
+    another one is said (the thresholds then only roughly fit), running that one is not."""
+    measured = EditSampler(score="error", start_timestep=250, draws=4)
+    with caplog.at_level("WARNING", logger="ros_anomaly_diffusion.core.samplers"):
+        measured.warn_unless_measured("feature_edit", measured.to_dict())
+        assert not caplog.records
+        EditSampler(score="error", start_timestep=400, draws=4).warn_unless_measured("dcae", measured.to_dict())
+    assert len(caplog.records) == 1 and "dcae runs" in caplog.text and "recalibrate" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,7 @@ from .analysis import frame_score
 from .segments import aggregate, build_segmenter
 from .settings import Settings, is_live
 from .networks.backends import auto_backend
+from .networks.quantization import weight_summary
 from .variants import get_variant, resolve_variant
 
 log = logging.getLogger(__name__)
@@ -82,9 +84,8 @@ class Detector:
             log.warning("%s is not calibrated for variant %s: thresholds left unset fall back to 0.5 "
                         "(`ros-anomaly-diffusion calibrate --variant %s` sets them from ID frames)",
                         self.directory, self.variant.name, self.variant.name)
-        resolved = self._resolved(settings)
-        resolved.validate()  # what the variant refuses (quantization of knn, say) once it is known
-        self.scorer = self.variant.build(self.directory, self.config, resolved, self.device)
+        # _resolved validates: what the variant refuses (quantization of knn, say) once it is known
+        self.scorer = self.variant.build(self.directory, self.config, self._resolved(settings), self.device)
         self.segmenter = build_segmenter(settings.post.segments, settings.post.sam_checkpoint, settings.post.sam_model_type,
                                          str(self.device))
         self.settings = settings
@@ -111,6 +112,13 @@ class Detector:
     @property
     def nfe(self) -> int:
         return self.scorer.nfe
+
+    @cached_property
+    def weights(self) -> str:
+        """Size and storage types of each trained network it runs ('denoiser 0.41 MB int8+float32'):
+        fixed for the Detector's life (live settings do not touch the networks)."""
+        return "; ".join(f"{role} {weight_summary(net)}" for role, net in self.scorer.networks().items()) \
+            or "none (no trained network)"
 
     def update(self, **changes) -> list[str]:
         """Apply live settings now; returns the names that need a model reload instead."""

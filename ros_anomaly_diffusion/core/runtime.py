@@ -43,7 +43,6 @@ import torch
 from . import checkpoint as ckpt
 from .detector import Detector, validate_frame
 from .mailbox import Mailbox
-from .networks.quantization import weight_summary
 from .settings import Settings
 from .stream_stats import STAGES, Stats, Throttle, Window
 from .temporal import FlagFilter, ScoreMapEMA
@@ -332,9 +331,10 @@ class Runtime:
 
     def _over_stream(self, result, det, source: Any) -> None:
         s = det.settings
-        flag = self._flags.setdefault(source, FlagFilter(s.temporal.flag_filter()))
-        if flag.config != s.temporal.flag_filter():
-            flag.reconfigure(s.temporal.flag_filter())
+        config = s.temporal.flag_filter()
+        flag = self._flags.setdefault(source, FlagFilter(config))
+        if flag.config != config:
+            flag.reconfigure(config)
         result.ood_filtered = flag.update(result.frame_score, det.frame_threshold)
         if s.temporal.score_ema_alpha >= 1.0:
             self._emas.pop(source, None)
@@ -382,8 +382,7 @@ class Runtime:
             "backend": det.backend if det else desired.compute.backend,
             "device": str(det.device) if det else "n/a",
             "nfe": str(det.nfe) if det else "n/a",
-            "weights": "; ".join(f"{role} {weight_summary(net)}" for role, net in det.scorer.networks().items())
-                       or "none (no trained network)" if det else "n/a",
+            "weights": det.weights if det else "n/a",
             "mask_threshold": f"{det.mask_threshold:.4f}" if det else "n/a",
             "frame_threshold": f"{det.frame_threshold:.4f}" if det else "n/a",
             "checkpoint": det.settings.checkpoint if det else desired.checkpoint,

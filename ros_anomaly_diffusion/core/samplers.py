@@ -32,12 +32,15 @@ the current one, and the guidance has to act between the model call and the upda
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,16 @@ class EditSampler:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def warn_unless_measured(self, variant: str, measured: dict) -> None:
+        """Log when this is not the sampler a checkpoint's ID score statistics were measured with
+        (`measured`, as to_dict wrote it): the scores in [0, 1] then only roughly match the
+        calibrated thresholds."""
+        measured_with = EditSampler.from_dict(measured)
+        if self != measured_with:
+            log.warning("%s runs %s but the checkpoint's ID statistics were measured with %s: scores in [0, 1] "
+                        "are then only roughly comparable to the thresholds (recalibrate)", variant, self,
+                        measured_with)
 
 
 class Editor:

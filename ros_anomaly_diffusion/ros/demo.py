@@ -35,9 +35,8 @@ NS = "/demo"
 SHIPPED_VARIANT = "knn"  # the variant of ckpt.DEFAULT_MODEL (its config.json says so; a test checks)
 CAMERA = f"{NS}/camera/image_raw"
 # On the synthetic sequence (no --data) every variant trains its family's default network (the
-# patch priors). Its smooth, saturated objects differ from grass and trail in colour more than in
-# deep features, so the pixel edit is compared with the model's own reconstruction of the frame
-# rather than with the frame itself, and ddpm keeps the paper's guidance s = 3000 (both chosen
+# patch priors). There the pixel edit is compared with the model's own reconstruction of the
+# frame rather than with the frame itself, and ddpm keeps the paper's guidance s = 3000 (both chosen
 # on a third sequence, `synth --seed 2`, never trained on or reported; docs/results.md). These
 # parameters go to calibration and to the node.
 SYNTHETIC_PARAMETERS = {"ddim": {"reconstruction_guidance": 1.0},

@@ -100,7 +100,7 @@ class DetectorNode(LifecycleNode):
 
     def _revert(self, running: Settings, names: list[str]) -> None:
         """The worker could not apply a change: the parameters show the running values again."""
-        self.set_parameters([Parameter(n, value=running.flat()[n]) for n in names])
+        self.set_parameters([Parameter(n, value=v) for n, v in running.flat().items() if n in names])
 
     # ------------------------------------------------------------------ lifecycle (executor thread)
 

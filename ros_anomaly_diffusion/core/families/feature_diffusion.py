@@ -214,10 +214,7 @@ def _inversion_graph(parts: FeatureParts, stats: dict, s: SamplerSettings, size:
 def _edit_graph(parts: FeatureParts, stats: dict, s: SamplerSettings, size: tuple[int, int]):
     """The live sampler settings (score, steps, start timestep, guidances, seed, draws)."""
     sampler = EditSampler.from_settings(s)
-    measured = EditSampler.from_dict(stats["sampler"])
-    if sampler != measured:
-        log.warning("feature_edit runs %s but the checkpoint's ID statistics were measured with %s: scores in "
-                    "[0, 1] are then only roughly comparable to the thresholds (recalibrate)", sampler, measured)
+    sampler.warn_unless_measured("feature_edit", stats["sampler"])
     return ((sampler, size), lambda: FeatureEditGraph(parts, sampler, size, stats),
             Editor(parts.net, parts.schedule, clip=None).score_nfe(sampler))
 

@@ -110,10 +110,8 @@ class LatentEditingScorer(nn.Module):
         """Take new live settings (the sampler) for the next frame."""
         self.settings, self.sampler = s, EditSampler.from_settings(s.sampler)
         self.size = s.geometry.size
-        if self.stats and self.sampler != EditSampler.from_dict(self.stats["sampler"]):
-            log.warning("dcae runs %s but the checkpoint's ID statistics were measured with %s: scores in [0, 1] "
-                        "are then only roughly comparable to the thresholds (recalibrate)", self.sampler,
-                        self.stats["sampler"])
+        if self.stats:
+            self.sampler.warn_unless_measured("dcae", self.stats["sampler"])
 
     @property
     def nfe(self) -> int:
