@@ -152,8 +152,47 @@ def test_the_edit_is_compared_with_the_models_own_reconstruction(variant, tiny_c
     det.update(reconstruction_guidance=0.0, guidance_scale=0.0)
     assert det.nfe == 3
     out = scorer(x)
-    assert torch.allclose(out.maps, scorer.distance(x, out.edited01))
+    assert torch.allclose(out.maps, scorer.distance(x, out.edited01).clamp(0, 1))  # not calibrated: clamped
     assert not torch.allclose(out.maps, with_reconstruction)
+
+
+def test_calibration_scales_the_pixel_map_with_its_id_moments(tmp_path, rugd_sample):
+    """The pixel family's feature distance has no fixed ID scale: calibration measures its
+    moments on the ID pixels of real frames, stores them, and from then on the map is their
+    z-score through to_unit (ID mean -> 0.08, never saturating at 1) and the thresholds are
+    set on that map."""
+    import cv2
+    import numpy as np
+
+    from ros_anomaly_diffusion.config import variant_settings
+    from ros_anomaly_diffusion.core import checkpoint as ckpt
+    from ros_anomaly_diffusion.core.data import open_dataset
+    from ros_anomaly_diffusion.core.detector import Detector
+    from ros_anomaly_diffusion.core.families.feature_space import to_unit
+    from ros_anomaly_diffusion.engine.training import calibrate
+    from conftest import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "pixel")
+    frames = [f for f in open_dataset(rugd_sample) if f.is_ood() is False][:2]
+    quick = dict(segments="none", steps=2, draws=1)
+    result = calibrate(model, frames, "ddim", progress=False, **quick)
+    stored = ckpt.load_config(model)["calibration"]["ddim"]["score_moments"]
+    det = Detector(model, variant_settings("ddim", checkpoint=str(model), **quick))
+    assert det.scorer.moments == stored == result["score_moments"]
+    raws, mapped = [], []
+    for f in frames:
+        batch = det.to_model([f.rgb()])
+        raw = det.scorer.raw_maps(batch)[0][0].numpy()
+        keep = cv2.resize(f.label(), raw.shape[::-1], interpolation=cv2.INTER_NEAREST) == 0
+        raws.append(raw[keep])
+        mapped.append(det.scorer(batch).maps[0].numpy()[keep])
+    raw, mapped = np.concatenate(raws), np.concatenate(mapped)
+    assert stored["mean"] == pytest.approx(raw.mean(), rel=1e-3) and stored["std"] == pytest.approx(raw.std(), rel=1e-3)
+    assert np.allclose(mapped, to_unit(torch.from_numpy((raw - raw.mean()) / raw.std())).numpy(), atol=1e-4)
+    assert float(to_unit(torch.tensor(0.0))) == pytest.approx(0.08, abs=0.01)
+    assert np.median(mapped) < 0.2 and mapped.max() < 1.0
+    # the mask threshold is the ID pixels' 99th percentile of the scaled map (mask_fpr 0.01)
+    assert result["mask_threshold"] == pytest.approx(np.quantile(mapped, 0.99), abs=0.05)
 
 
 def test_a_sampler_other_than_the_measured_one_is_logged(caplog):

@@ -20,7 +20,9 @@ class FeatureDistance:
 
     @torch.no_grad()
     def __call__(self, input01: torch.Tensor, edited01: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) pair in [0, 1] -> (B, H, W) map in [0, 1] at the analysis size."""
+        """(B, 3, h, w) pair in [0, 1] -> (B, H, W) map in [0, 2] at the analysis size (0: the
+        same features; 1: orthogonal ones). Unclamped, so its ID statistics can be measured
+        (the pixel family maps it with them); callers without those clamp to [0, 1]."""
         both = torch.cat([input01, edited01]).float()
         both = F.interpolate(both, size=self.size, mode="bilinear", align_corners=False)
         maps = self.features(both)
@@ -29,9 +31,7 @@ class FeatureDistance:
         for f in maps.values():
             d = 1 - F.cosine_similarity(f[:b], f[b:], dim=1, eps=1e-6)
             total += F.interpolate(d.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False)
-        # Opposite feature directions (cos < 0) are as anomalous as it gets: cap at 1 so
-        # the map lives in [0, 1] like the thresholds.
-        return (total / len(maps)).squeeze(1).clamp(0, 1)
+        return (total / len(maps)).squeeze(1).clamp(min=0)  # rounding puts identical features a hair below 0
 
 
 def frame_score(score: np.ndarray, top_fraction: float = 0.005, min_pixels: int = 100) -> float:

@@ -55,6 +55,18 @@ class Scorer(Protocol):
         (built on backend torch)."""
 
 
+@runtime_checkable
+class MomentScaled(Protocol):
+    """A scorer whose raw score has no fixed ID scale (the pixel family's feature distance):
+    calibration measures the `moments` ({"mean", "std"}) of its raw maps on ID pixels, and it
+    maps its scores to [0, 1] with them from then on. The other families measure their ID
+    statistics while they fit."""
+    moments: dict | None
+
+    def raw_maps(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, h, w) in [0, 1] -> (unscaled maps (B, H, W) at the analysis size, edits or None)."""
+
+
 class Family(Protocol):
     """A family module: one checkpoint layout, its scorer and its training.
 

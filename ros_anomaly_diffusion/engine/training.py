@@ -16,6 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from accelerate.utils import gather_object
@@ -27,6 +28,7 @@ from ..core.data import Frame, open_dataset
 from ..core.detector import Detector
 from ..core.families.fitting import TrainOptions, jsonable, make_accelerator, shard
 from ..core.metrics import calibrate_threshold
+from ..core.scorer import MomentScaled
 from ..core.splits import select
 from ..core.variants import family_variants, get_variant
 
@@ -91,16 +93,38 @@ def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, 
     return out
 
 
+@torch.no_grad()
+def score_moments(det: Detector, frames: list[Frame], progress: bool = True) -> dict[str, float]:
+    """Mean and standard deviation of a MomentScaled scorer's raw map over the ID pixels of
+    `frames` (all pixels of an unlabelled frame), at the analysis size."""
+    values = []
+    for f in tqdm(frames, desc="ID score moments", disable=not progress):
+        raw = det.scorer.raw_maps(det.to_model([f.rgb()]))[0][0].float().cpu().numpy()
+        label = f.label()
+        keep = np.ones(raw.shape, bool) if label is None else \
+            cv2.resize(label, raw.shape[::-1], interpolation=cv2.INTER_NEAREST) == 0
+        values.append(raw[keep].astype(np.float64))
+    v = np.concatenate(values)
+    if v.size < 2:
+        raise ValueError("no ID pixel in the calibration frames to measure the score's ID moments on")
+    return {"mean": float(v.mean()), "std": max(float(v.std()), 1e-6)}
+
+
 def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = "", mask_fpr: float = 0.01,
               frame_fpr: float = 0.05, device: str = "cpu", progress: bool = True, **overrides) -> dict:
     """Set the mask and flag thresholds from ID frames; stored in the checkpoint per variant
     (empty: the one the checkpoint was trained for). The frames are scored with the variant's
-    parameter file and `overrides` (Settings fields), which should be what the node will run."""
+    parameter file and `overrides` (Settings fields), which should be what the node will run.
+    A MomentScaled scorer's (the pixel family's) ID score moments are measured on the same
+    frames first and stored with the thresholds ("score_moments")."""
     # explicit thresholds: only the scores count here, and the uncalibrated warning is for users
     settings = variant_settings(variant, **dict(dict(checkpoint=str(checkpoint_dir), device=device,
                                                      mask_threshold=0.5, frame_threshold=0.5), **overrides))
     det = Detector(checkpoint_dir, settings)
     variant = det.variant.name
+    moments = None
+    if isinstance(det.scorer, MomentScaled):  # first its scale, then the thresholds on the scaled maps
+        moments = det.scorer.moments = score_moments(det, frames, progress)
     pixel_scores, frame_scores = [], []
     for f in tqdm(frames, desc=f"calibrating {variant}", disable=not progress):
         r = det.process(f.rgb())
@@ -111,6 +135,8 @@ def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = ""
     result = {"mask_threshold": calibrate_threshold(np.concatenate(pixel_scores), mask_fpr),
               "frame_threshold": calibrate_threshold(np.array(frame_scores), frame_fpr),
               "frames": [f.name for f in frames], "mask_fpr": mask_fpr, "frame_fpr": frame_fpr}
+    if moments is not None:
+        result["score_moments"] = moments
     calibration = dict(det.config.get("calibration", {}), **{variant: result})
     ckpt.update_config(checkpoint_dir, calibration=calibration)
     return result

@@ -142,7 +142,8 @@ class LatentEditingScorer(nn.Module):
             references = [self.codec.decode(r, size) for r in refs]
         else:
             references = [batch01 if self.reference == "input" else self.codec.decode(z, size)] * len(decoded)
-        maps = torch.stack([self.distance(r, e) for r, e in zip(references, decoded)]).mean(0)
+        # opposite feature directions (cos < 0) are as anomalous as it gets: capped at 1
+        maps = torch.stack([self.distance(r, e) for r, e in zip(references, decoded)]).mean(0).clamp(0, 1)
         return ScoreOutput(maps, decoded[0])
 
 

@@ -8,7 +8,10 @@ terrain where the shallow ones see the difference in texture. `train --denoiser 
 the scene-level UNet and the analysis taps it was measured with (strides 4, 8, 16).
 
 Checkpoint: config.json {"family": "pixel", "image_size", "denoiser": {"kind", "config"},
-"schedule", "analysis_strides"} and denoiser.safetensors.
+"schedule", "analysis_strides"} and denoiser.safetensors. Calibration (`calibrate`) adds, per
+variant, the ID moments of the raw map ("score_moments"): the feature distance has no fixed ID
+scale (its ID median is near 0.7 in the deep taps, so clamped at 1 the top of a map saturated),
+so it is z-scored with them and mapped to [0, 1] as the other families' scores are.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, local_config, runtime_denoiser, unet_config
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ExportTarget, ScoreOutput
+from .feature_space import to_unit
 from ..settings import ComputeSettings, Settings
 from .fitting import (DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
                       random_crop)
@@ -58,16 +62,21 @@ class EditingScorer(torch.nn.Module):
     but renders it as the model does. Whatever the model cannot reproduce (texture, blur of
     a small CPU model) then differs in neither and only what the weak-guidance edit painted
     over remains. With `draws` K > 1 the maps of K seeded edits are averaged (one batched
-    network call per step)."""
+    network call per step).
+
+    `moments` ({"mean", "std"} of the raw map on ID pixels, measured by calibration with this
+    variant's settings) map the distance to [0, 1] like a z-score (`to_unit`); without them
+    (a checkpoint not calibrated for the variant) the distance is clamped to [0, 1]."""
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, settings: Settings, sampler: str,
-                 device: torch.device, analysis_strides: tuple[int, ...] = UNET_ANALYSIS_STRIDES):
+                 device: torch.device, analysis_strides: tuple[int, ...] = UNET_ANALYSIS_STRIDES,
+                 moments: dict | None = None):
         super().__init__()
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         self.net = net  # the denoiser as loaded (quantized or not; `export` writes it)
         self.editor = Editor(net, schedule, clip=1.0)
-        self.sampler = sampler
+        self.sampler, self.moments = sampler, moments
         self.distance = FeatureDistance(FeatureExtractor(tuple(analysis_strides)).to(device),
                                         settings.geometry.size)
         self.configure(settings)
@@ -103,12 +112,19 @@ class EditingScorer(torch.nn.Module):
             return edits, None
         return edits, self.editor.ddim(x, guidance=e.reconstruction_guidance, **ddim)[0]
 
-    def forward(self, batch01: torch.Tensor) -> ScoreOutput:
+    def raw_maps(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the feature distance (B, H, W) averaged over the draws, unscaled; the first draw's
+        edits (B, 3, h, w) in [0, 1])."""
         edits, refs = self.edits(batch01 * 2 - 1)
         edits01 = (edits + 1) / 2
         refs01 = batch01.expand_as(edits01) if refs is None else (refs + 1) / 2
-        maps = torch.stack([self.distance(r, e) for r, e in zip(refs01, edits01)]).mean(0)
-        return ScoreOutput(maps, edits01[0])
+        return torch.stack([self.distance(r, e) for r, e in zip(refs01, edits01)]).mean(0), edits01[0]
+
+    def forward(self, batch01: torch.Tensor) -> ScoreOutput:
+        raw, edited01 = self.raw_maps(batch01)
+        if self.moments is None:
+            return ScoreOutput(raw.clamp(0, 1), edited01)
+        return ScoreOutput(to_unit((raw - self.moments["mean"]) / self.moments["std"]), edited01)
 
 
 def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, compute: ComputeSettings):
@@ -122,7 +138,8 @@ def build(directory: Path, config: dict, settings: Settings, device: torch.devic
     """The scorer of the variant that edits with `sampler` (ddpm or ddim)."""
     net, schedule = load_pixel_denoiser(directory, config, device, settings.compute)  # on its backend
     strides = config.get("analysis_strides", UNET_ANALYSIS_STRIDES)  # checkpoints before the key: the UNet's
-    return EditingScorer(net, schedule, settings, sampler, device, tuple(strides))
+    moments = config.get("calibration", {}).get(settings.variant, {}).get("score_moments")
+    return EditingScorer(net, schedule, settings, sampler, device, tuple(strides), moments)
 
 
 def image_size(opts: TrainOptions) -> tuple[int, int]:
