@@ -27,8 +27,8 @@ from ..networks.backbone import FeatureExtractor
 from ..networks.denoisers import build_denoiser, local_config, runtime_denoiser, unet_config
 from ..samplers import EditSampler, Editor, NoiseSchedule, ScheduleConfig
 from ..scorer import ExportTarget, ScoreOutput
-from .feature_space import to_unit
 from ..settings import ComputeSettings, Settings
+from .feature_space import to_unit
 from .fitting import (DenoiserTrainer, FrameStream, TrainOptions, augment, frame_passes, make_accelerator,
                       random_crop)
 
