@@ -156,11 +156,11 @@ def test_the_edit_is_compared_with_the_models_own_reconstruction(variant, tiny_c
     assert not torch.allclose(out.maps, with_reconstruction)
 
 
-def test_calibration_scales_the_pixel_map_with_its_id_moments(tmp_path, rugd_sample):
+def test_calibration_scales_the_pixel_map_with_its_id_moments(tmp_path, rugd_sample, monkeypatch):
     """The pixel family's feature distance has no fixed ID scale: calibration measures its
     moments on the ID pixels of real frames, stores them, and from then on the map is their
     z-score through to_unit (ID mean -> 0.08, never saturating at 1) and the thresholds are
-    set on that map."""
+    set on that map. Calibration edits each frame once (ddpm's 1000 steps a frame)."""
     import cv2
     import numpy as np
 
@@ -169,13 +169,18 @@ def test_calibration_scales_the_pixel_map_with_its_id_moments(tmp_path, rugd_sam
     from ros_anomaly_diffusion.core.data import open_dataset
     from ros_anomaly_diffusion.core.detector import Detector
     from ros_anomaly_diffusion.core.families.feature_space import to_unit
+    from ros_anomaly_diffusion.core.families.pixel import EditingScorer
     from ros_anomaly_diffusion.engine.training import calibrate
     from conftest import make_checkpoint
 
     model = make_checkpoint(tmp_path / "pixel")
     frames = [f for f in open_dataset(rugd_sample) if f.is_ood() is False][:2]
     quick = dict(segments="none", steps=2, draws=1)
+    edited, raw_maps = [], EditingScorer.raw_maps
+    monkeypatch.setattr(EditingScorer, "raw_maps", lambda self, b: edited.append(len(b)) or raw_maps(self, b))
     result = calibrate(model, frames, "ddim", progress=False, **quick)
+    assert edited == [1] * len(frames)
+    monkeypatch.undo()
     stored = ckpt.load_config(model)["calibration"]["ddim"]["score_moments"]
     det = Detector(model, variant_settings("ddim", checkpoint=str(model), **quick))
     assert det.scorer.moments == stored == result["score_moments"]

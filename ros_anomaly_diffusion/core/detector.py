@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .analysis import frame_score
+from .scorer import ScoreOutput
 from .segments import aggregate, build_segmenter
 from .settings import Settings, is_live
 from .networks.backends import auto_backend
@@ -143,9 +144,21 @@ class Detector:
         batch = self.to_model(frames)
         t_resized = time.perf_counter()
         out = self.scorer(batch)
+        out.maps = out.maps.float().cpu()  # waits for the device: the network's time ends here
+        t1 = time.perf_counter()
+        results = self.post_process(frames, out)
+        t2 = time.perf_counter()
+        per = 1000.0 / len(frames)
+        for r in results:
+            r.timings_ms = {"resize": (t_resized - t0) * per, "network": (t1 - t_resized) * per,
+                            "model": (t1 - t0) * per, "post": (t2 - t1) * per, "total": (t2 - t0) * per}
+        return results
+
+    def post_process(self, frames: list[np.ndarray], out: ScoreOutput) -> list[FrameResult]:
+        """The scorer's output for `frames` -> their results (no timings): segments, the map at
+        each frame's resolution, the mask, the frame score and the flag."""
         maps = out.maps.float().cpu().numpy()
         own = None if out.frame_scores is None else out.frame_scores.float().cpu().numpy()  # variant's frame score
-        t1 = time.perf_counter()
         results = []
         ah, aw = maps.shape[1:]
         for i, frame in enumerate(frames):
@@ -162,11 +175,6 @@ class Detector:
                 edited = cv2.resize(e, (w, h), interpolation=cv2.INTER_LINEAR)
             results.append(FrameResult(score.astype(np.float32), score > self.mask_threshold, fs,
                                        fs > self.frame_threshold, edited))
-        t2 = time.perf_counter()
-        per = 1000.0 / len(frames)
-        for r in results:
-            r.timings_ms = {"resize": (t_resized - t0) * per, "network": (t1 - t_resized) * per,
-                            "model": (t1 - t0) * per, "post": (t2 - t1) * per, "total": (t2 - t0) * per}
         return results
 
     def process(self, rgb: np.ndarray) -> FrameResult:

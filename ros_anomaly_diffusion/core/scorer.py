@@ -66,6 +66,9 @@ class MomentScaled(Protocol):
     def raw_maps(self, batch01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, h, w) in [0, 1] -> (unscaled maps (B, H, W) at the analysis size, edits or None)."""
 
+    def scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        """Unscaled maps -> the maps in [0, 1] that calling the scorer returns, with `moments`."""
+
 
 class Family(Protocol):
     """A family module: one checkpoint layout, its scorer and its training.

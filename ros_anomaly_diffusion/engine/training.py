@@ -28,7 +28,7 @@ from ..core.data import Frame, open_dataset
 from ..core.detector import Detector
 from ..core.families.fitting import TrainOptions, jsonable, make_accelerator, shard
 from ..core.metrics import calibrate_threshold
-from ..core.scorer import MomentScaled
+from ..core.scorer import MomentScaled, ScoreOutput
 from ..core.splits import select
 from ..core.variants import family_variants, get_variant
 
@@ -93,18 +93,18 @@ def train(data: str | Path | Sequence, out_dir: str | Path, opts: TrainOptions, 
     return out
 
 
-@torch.no_grad()
-def score_moments(det: Detector, frames: list[Frame], progress: bool = True) -> dict[str, float]:
-    """Mean and standard deviation of a MomentScaled scorer's raw map over the ID pixels of
-    `frames` (all pixels of an unlabelled frame), at the analysis size."""
-    values = []
-    for f in tqdm(frames, desc="ID score moments", disable=not progress):
-        raw = det.scorer.raw_maps(det.to_model([f.rgb()]))[0][0].float().cpu().numpy()
-        label = f.label()
-        keep = np.ones(raw.shape, bool) if label is None else \
-            cv2.resize(label, raw.shape[::-1], interpolation=cv2.INTER_NEAREST) == 0
-        values.append(raw[keep].astype(np.float64))
-    v = np.concatenate(values)
+def id_pixels(score: np.ndarray, frame: Frame) -> np.ndarray:
+    """The values of a map (any size) on the frame's ID pixels (all of them when unlabelled)."""
+    label = frame.label()
+    if label is None:
+        return score.ravel()
+    return score[cv2.resize(label, score.shape[::-1], interpolation=cv2.INTER_NEAREST) == 0]
+
+
+def score_moments(raw_maps: list[torch.Tensor], frames: list[Frame]) -> dict[str, float]:
+    """Mean and standard deviation of a MomentScaled scorer's raw maps (one (1, H, W) per frame,
+    at the analysis size) over the ID pixels of `frames`."""
+    v = np.concatenate([id_pixels(m[0].float().cpu().numpy(), f).astype(np.float64) for m, f in zip(raw_maps, frames)])
     if v.size < 2:
         raise ValueError("no ID pixel in the calibration frames to measure the score's ID moments on")
     return {"mean": float(v.mean()), "std": max(float(v.std()), 1e-6)}
@@ -116,22 +116,28 @@ def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = ""
     (empty: the one the checkpoint was trained for). The frames are scored with the variant's
     parameter file and `overrides` (Settings fields), which should be what the node will run.
     A MomentScaled scorer's (the pixel family's) ID score moments are measured on the same
-    frames first and stored with the thresholds ("score_moments")."""
+    frames' raw maps, which are then scaled with them for the thresholds (one network pass a
+    frame), and stored with the thresholds ("score_moments")."""
     # explicit thresholds: only the scores count here, and the uncalibrated warning is for users
     settings = variant_settings(variant, **dict(dict(checkpoint=str(checkpoint_dir), device=device,
                                                      mask_threshold=0.5, frame_threshold=0.5), **overrides))
     det = Detector(checkpoint_dir, settings)
     variant = det.variant.name
+    bar = dict(desc=f"calibrating {variant}", disable=not progress)
     moments = None
-    if isinstance(det.scorer, MomentScaled):  # first its scale, then the thresholds on the scaled maps
-        moments = det.scorer.moments = score_moments(det, frames, progress)
+    if isinstance(det.scorer, MomentScaled):  # its raw maps give its scale, then the thresholds
+        with torch.no_grad():
+            raw = [det.scorer.raw_maps(det.to_model([f.rgb()]))[0] for f in tqdm(frames, **bar)]
+        moments = det.scorer.moments = score_moments(raw, frames)
+        outputs = (ScoreOutput(det.scorer.scaled(m), None) for m in raw)
+    else:
+        outputs = (det.scorer(det.to_model([f.rgb()])) for f in tqdm(frames, **bar))
     pixel_scores, frame_scores = [], []
-    for f in tqdm(frames, desc=f"calibrating {variant}", disable=not progress):
-        r = det.process(f.rgb())
-        label = f.label()
-        keep = np.ones(r.score.shape, bool) if label is None else label == 0
-        pixel_scores.append(r.score[keep])
-        frame_scores.append(r.frame_score)
+    with torch.no_grad():
+        for f, out in zip(frames, outputs):
+            r = det.post_process([f.rgb()], out)[0]
+            pixel_scores.append(id_pixels(r.score, f))
+            frame_scores.append(r.frame_score)
     result = {"mask_threshold": calibrate_threshold(np.concatenate(pixel_scores), mask_fpr),
               "frame_threshold": calibrate_threshold(np.array(frame_scores), frame_fpr),
               "frames": [f.name for f in frames], "mask_fpr": mask_fpr, "frame_fpr": frame_fpr}

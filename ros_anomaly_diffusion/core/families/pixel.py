@@ -120,11 +120,15 @@ class EditingScorer(torch.nn.Module):
         refs01 = batch01.expand_as(edits01) if refs is None else (refs + 1) / 2
         return torch.stack([self.distance(r, e) for r, e in zip(refs01, edits01)]).mean(0), edits01[0]
 
+    def scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw maps -> maps in [0, 1]: z-scored with the ID moments and `to_unit`, or clamped."""
+        if self.moments is None:
+            return raw.clamp(0, 1)
+        return to_unit((raw - self.moments["mean"]) / self.moments["std"])
+
     def forward(self, batch01: torch.Tensor) -> ScoreOutput:
         raw, edited01 = self.raw_maps(batch01)
-        if self.moments is None:
-            return ScoreOutput(raw.clamp(0, 1), edited01)
-        return ScoreOutput(to_unit((raw - self.moments["mean"]) / self.moments["std"]), edited01)
+        return ScoreOutput(self.scaled(raw), edited01)
 
 
 def load_pixel_denoiser(directory: Path, config: dict, device: torch.device, compute: ComputeSettings):
