@@ -290,3 +290,23 @@ def test_training_memory_does_not_grow_with_the_number_of_frames(tmp_path):
     print(f"peak RSS of training: {peak[20]:.0f} MB on 20 frames, {peak[2000]:.0f} MB on 2000 (the set held "
           f"at 64x80 would add {held:.0f} MB)")
     assert peak[2000] - peak[20] < held
+
+
+def test_calibrating_the_flag_on_too_few_frames_is_said(rugd_sample, tmp_path, caplog):
+    """With n ID frames a threshold cannot flag fewer than about 1 in n + 1 new ID frames: the
+    calibration says so when n < 1 / frame_fpr, and not when the frames suffice."""
+    import logging
+
+    from conftest import make_family_checkpoint
+    from ros_anomaly_diffusion.engine.training import calibrate
+
+    model = make_family_checkpoint(tmp_path / "knn", "knn")
+    frames = [f for f in open_dataset(rugd_sample) if f.is_ood() is False][:2]
+    with caplog.at_level(logging.WARNING):
+        calibrate(model, frames, frame_fpr=0.05, progress=False)
+    assert "from 2 ID frame(s), too few for frame_fpr 0.05 (20 or more)" in caplog.text
+    assert "about 1 in 3 or more" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        calibrate(model, frames, frame_fpr=0.5, progress=False)
+    assert "too few" not in caplog.text

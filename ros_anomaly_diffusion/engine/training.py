@@ -11,6 +11,7 @@ ID frames (for opts.variant and any other variant of the family asked for).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import asdict
@@ -117,7 +118,8 @@ def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = ""
     parameter file and `overrides` (Settings fields), which should be what the node will run.
     A MomentScaled scorer's (the pixel family's) ID score moments are measured on the same
     frames' raw maps, which are then scaled with them for the thresholds (one network pass a
-    frame), and stored with the thresholds ("score_moments")."""
+    frame), and stored with the thresholds ("score_moments"). Fewer than 1 / frame_fpr frames
+    cannot place the flag's threshold at that rate: said in a warning."""
     # explicit thresholds: only the scores count here, and the uncalibrated warning is for users
     settings = variant_settings(variant, **dict(dict(checkpoint=str(checkpoint_dir), device=device,
                                                      mask_threshold=0.5, frame_threshold=0.5), **overrides))
@@ -138,6 +140,11 @@ def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = ""
             r = det.post_process([f.rgb()], out)[0]
             pixel_scores.append(id_pixels(r.score, f))
             frame_scores.append(r.frame_score)
+    if len(frames) * frame_fpr < 1:
+        log.warning("%s: the flag's threshold comes from %d ID frame(s), too few for frame_fpr %g (%d or more): "
+                    "it is near their highest frame score, and about 1 in %d or more unseen ID frames will "
+                    "exceed it; calibrate on more ID frames", variant, len(frames), frame_fpr,
+                    math.ceil(1 / frame_fpr), len(frames) + 1)
     result = {"mask_threshold": calibrate_threshold(np.concatenate(pixel_scores), mask_fpr),
               "frame_threshold": calibrate_threshold(np.array(frame_scores), frame_fpr),
               "frames": [f.name for f in frames], "mask_fpr": mask_fpr, "frame_fpr": frame_fpr}
