@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..config import variant_settings
 from ..core import checkpoint as ckpt
 from ..core.data import Frame, open_dataset
-from ..core.detector import Detector
+from ..core.detector import Detector, validate_frame
 from ..core.families.fitting import TrainOptions, jsonable, make_accelerator, shard
 from ..core.metrics import calibrate_threshold
 from ..core.scorer import MomentScaled, ScoreOutput
@@ -126,21 +126,27 @@ def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = ""
     det = Detector(checkpoint_dir, settings)
     variant = det.variant.name
     bar = dict(desc=f"calibrating {variant}", disable=not progress)
+
+    def model_input(f: Frame) -> torch.Tensor:
+        rgb = f.rgb()
+        validate_frame(rgb)
+        return det.to_model([rgb])
+
     moments = None
     if isinstance(det.scorer, MomentScaled):  # its raw maps give its scale, then the thresholds
         with torch.no_grad():
-            raw = [det.scorer.raw_maps(det.to_model([f.rgb()]))[0] for f in tqdm(frames, **bar)]
+            raw = [det.scorer.raw_maps(model_input(f))[0] for f in tqdm(frames, **bar)]
         moments = det.scorer.moments = score_moments(raw, frames)
         outputs = (ScoreOutput(det.scorer.scaled(m), None) for m in raw)
     else:
-        outputs = (det.scorer(det.to_model([f.rgb()])) for f in tqdm(frames, **bar))
+        outputs = (det.scorer(model_input(f)) for f in tqdm(frames, **bar))
     pixel_scores, frame_scores = [], []
     with torch.no_grad():
         for f, out in zip(frames, outputs):
             r = det.post_process([f.rgb()], out)[0]
             pixel_scores.append(id_pixels(r.score, f))
             frame_scores.append(r.frame_score)
-    if len(frames) * frame_fpr < 1:
+    if 0 < frame_fpr and len(frames) * frame_fpr < 1:
         log.warning("%s: the flag's threshold comes from %d ID frame(s), too few for frame_fpr %g (%d or more): "
                     "it is near their highest frame score, and about 1 in %d or more unseen ID frames will "
                     "exceed it; calibrate on more ID frames", variant, len(frames), frame_fpr,
