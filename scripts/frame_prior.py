@@ -19,6 +19,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from ros_anomaly_diffusion.config import variant_settings
+from ros_anomaly_diffusion.core.analysis import frame_score
 from ros_anomaly_diffusion.core.data import is_ood_label, open_dataset
 from ros_anomaly_diffusion.core.detector import Detector
 
@@ -40,9 +41,9 @@ def main(data: str, out: Path, root: Path) -> None:
             with np.load(names_file.parent / row) as z:
                 own += z["frame_scores"].tolist()
                 for i, name in enumerate(z["names"]):
-                    s = np.sort(z_of_unit(z[f"score_{i}"].astype(np.float64)).ravel())
+                    s = z_of_unit(z[f"score_{i}"].astype(np.float64))
                     y.append(is_ood_label(by_name[str(name)].label()))
-                    top.append(s[-max(100, int(0.005 * s.size)):].mean())  # analysis.frame_score's pixels
+                    top.append(frame_score(s))
                     mean.append(s.mean())
         frame_scores[row] = np.array(own)
         print(f"{row}: frame score {roc_auc_score(y, own):.3f}, z-scored map: top-k mean "

@@ -111,6 +111,7 @@ def score_moments(raw_maps: list[torch.Tensor], frames: list[Frame]) -> dict[str
     return {"mean": float(v.mean()), "std": max(float(v.std()), 1e-6)}
 
 
+@torch.no_grad()
 def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = "", mask_fpr: float = 0.01,
               frame_fpr: float = 0.05, device: str = "cpu", progress: bool = True, **overrides) -> dict:
     """Set the mask and flag thresholds from ID frames; stored in the checkpoint per variant
@@ -127,25 +128,24 @@ def calibrate(checkpoint_dir: str | Path, frames: list[Frame], variant: str = ""
     variant = det.variant.name
     bar = dict(desc=f"calibrating {variant}", disable=not progress)
 
-    def model_input(f: Frame) -> torch.Tensor:
+    def decoded(f: Frame) -> np.ndarray:
         rgb = f.rgb()
         validate_frame(rgb)
-        return det.to_model([rgb])
+        return rgb
 
     moments = None
     if isinstance(det.scorer, MomentScaled):  # its raw maps give its scale, then the thresholds
-        with torch.no_grad():
-            raw = [det.scorer.raw_maps(model_input(f))[0] for f in tqdm(frames, **bar)]
+        raw = [det.scorer.raw_maps(det.to_model([decoded(f)]))[0] for f in tqdm(frames, **bar)]
         moments = det.scorer.moments = score_moments(raw, frames)
-        outputs = (ScoreOutput(det.scorer.scaled(m), None) for m in raw)
+        # decoded again rather than held: a calibration set's full-size frames need not fit in memory
+        scored = ((f.rgb(), ScoreOutput(det.scorer.scaled(m), None)) for f, m in zip(frames, raw))
     else:
-        outputs = (det.scorer(model_input(f)) for f in tqdm(frames, **bar))
+        scored = ((rgb, det.scorer(det.to_model([rgb]))) for rgb in map(decoded, tqdm(frames, **bar)))
     pixel_scores, frame_scores = [], []
-    with torch.no_grad():
-        for f, out in zip(frames, outputs):
-            r = det.post_process([f.rgb()], out)[0]
-            pixel_scores.append(id_pixels(r.score, f))
-            frame_scores.append(r.frame_score)
+    for f, (rgb, out) in zip(frames, scored):
+        r = det.post_process([rgb], out)[0]
+        pixel_scores.append(id_pixels(r.score, f))
+        frame_scores.append(r.frame_score)
     if 0 < frame_fpr and len(frames) * frame_fpr < 1:
         log.warning("%s: the flag's threshold comes from %d ID frame(s), too few for frame_fpr %g (%d or more): "
                     "it is near their highest frame score, and about 1 in %d or more unseen ID frames will "
