@@ -193,12 +193,16 @@ def test_no_backlog_when_the_model_is_slower_than_the_camera(spawn, probe, tiny_
     pub = probe.publisher(Image, "/fast/image")
     probe.wait_for_subscriber(pub)
     send_until_result(probe, pub, masks, random_frame(seed=1), 1)  # warm-up
-    masks.clear()
     rgb = random_frame(seed=2)
     sent, period, t_start = [], 1 / 30, time.time()
     next_t = t_start
+
+    def answered():  # (arrival, stamp) of this phase's frames: a warm-up resend may still answer late
+        out = [(arrival, m.header.stamp.sec + m.header.stamp.nanosec * 1e-9) for arrival, m in masks]
+        return [(a, s) for a, s in out if s > t_start - 1.0]
+
     # 30 Hz for 3 s, and on while fewer than 4 results are through (a loaded machine infers slowly)
-    while time.time() < t_start + 3.0 or (len(masks) < 4 and time.time() < t_start + 60):
+    while time.time() < t_start + 3.0 or (len(answered()) < 4 and time.time() < t_start + 60):
         now = time.time()
         if now >= next_t:
             sec, nsec = int(now), int((now % 1) * 1e9)
@@ -207,7 +211,7 @@ def test_no_backlog_when_the_model_is_slower_than_the_camera(spawn, probe, tiny_
             next_t += period
         probe.spin_for(min(0.005, max(0.0, next_t - time.time())))
     probe.spin_for(1.5)  # the frame in flight
-    results = [(arrival, m.header.stamp.sec + m.header.stamp.nanosec * 1e-9) for arrival, m in masks]
+    results = answered()
     assert len(sent) >= 45  # ~90 at 30 Hz; fewer when this machine is overloaded
     assert 3 <= len(results) <= len(sent) // 3, (len(results), len(sent))
     stamps = [s for _, s in results]
