@@ -116,6 +116,33 @@ def test_ddpm_baseline_guidance_pulls_towards_input(model):
     assert (strong - x).abs().mean() < 0.5 * (weak - x).abs().mean()
 
 
+@pytest.mark.parametrize("reference", ["frame", "noised", "prediction"])
+def test_very_strong_ddpm_guidance_returns_the_input(model, reference):
+    """Guidance far beyond any useful scale stops at its reference at every step (the pull is
+    capped there, not overshot), so the chain ends on the frame: the sampler's last steps are
+    the frame plus noise of sqrt(beta) ~ 0.01."""
+    net, _ = model
+    editor = Editor(net, NoiseSchedule(ScheduleConfig(num_train_timesteps=200)))
+    x = frames(8, n=2)
+    out = editor.ddpm(x, guidance=1e9, seed=1, draws=2, reference=reference)
+    assert out.shape == (2, 2, 3, 16, 20) and float((out - x).abs().mean()) < 0.03
+
+
+@pytest.mark.parametrize("reference", ["noised", "prediction"])
+def test_the_ddpm_reference_only_matters_with_guidance(model, reference):
+    net, _ = model
+    editor = Editor(net, NoiseSchedule(ScheduleConfig(num_train_timesteps=200)))
+    x = frames(9, n=1)
+    run = dict(seed=2, draws=1)
+    assert torch.equal(editor.ddpm(x, guidance=0.0, reference="frame", **run),
+                       editor.ddpm(x, guidance=0.0, reference=reference, **run))
+    frame, other = (editor.ddpm(x, guidance=3e4, reference=r, **run) for r in ("frame", reference))
+    assert float((frame - other).abs().mean()) > 0.01
+    assert torch.equal(other, editor.ddpm(x, guidance=3e4, reference=reference, **run))  # seeded
+    with pytest.raises(ValueError, match="reference must be one of"):
+        editor.ddpm(x, guidance=1.0, reference="clean")
+
+
 def test_ddim_inversion_and_ddpm_share_the_update_rule(model):
     """One update: eta = 0 up the chain is the inversion, eta = 1 down by one step is DDPM's
     posterior mean (the DDPM paper's coefficients on x0 and x_t)."""

@@ -16,7 +16,8 @@ edit/reconstruction pair into one call per step, and counts the network evaluati
   "timestep matching" guidance (method notes, section 1), and the model's own
   reconstruction of the input (the same run with strong guidance).
 * Editor.ddpm: the T-step ancestral baseline, its posterior mean shifted by
-  Sigma * grad log r(mu, x_input) with log r = -s * mean((mu - x_input)^2).
+  Sigma * grad log r(mu, x_input) with log r = -s * mean((mu - x_input)^2), or by the
+  notes' q- and p-transforms of it (`reference`).
 * Editor.denoising_error: E ||eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t)||^2
   per location, the ELBO term at one t; one network call for all K draws.
 * Editor.invert: deterministic DDIM up to t = T-1, the inversion family's map to noise.
@@ -39,6 +40,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
+
+from .settings import DDPM_REFERENCES
 
 log = logging.getLogger(__name__)
 
@@ -230,18 +233,36 @@ class Editor:
         return len(self.timesteps(start_timestep, steps)) * draws * (2 if reconstruction else 1)
 
     @torch.no_grad()
-    def ddpm(self, x: torch.Tensor, *, guidance: float, seed: int = 0, draws: int = 1) -> torch.Tensor:
+    def ddpm(self, x: torch.Tensor, *, guidance: float, seed: int = 0, draws: int = 1,
+             reference: str = "frame") -> torch.Tensor:
         """(draws, B, ...): guided ancestral DDPM from pure noise over all T steps (eta = 1
-        DDIM steps between consecutive timesteps), its mean pulled towards x by `guidance`."""
+        DDIM steps between consecutive timesteps), pulled by `guidance` s along the gradient of
+        log r = -s mean((v - y)^2), scaled by the step's variance. `reference` (the method
+        notes' three forms; docs/results.md measures them):
+        "frame": v the step's mean mu, y the frame x (the paper's baseline);
+        "noised": v = mu, y the frame brought to mu's noise level with the chain's starting
+        noise (the q-transform);
+        "prediction": v the network's clean estimate x0^, y = x (the p-transform; its gradient
+        with respect to x_t is 1/sqrt(abar_t) of x0^'s, so it is far stronger at high noise).
+        Each pull is capped where it reaches y, so very strong guidance returns x."""
+        if reference not in DDPM_REFERENCES:
+            raise ValueError(f"reference must be one of {list(DDPM_REFERENCES)}, got {reference!r}")
         gen = torch.Generator(device=x.device).manual_seed(int(seed))
         inputs = x.repeat(draws, *[1] * (x.ndim - 1))
-        sample = draw_noise(x, seed, draws).expand(draws, *x.shape).flatten(0, 1).clone()
+        start = draw_noise(x, seed, draws).expand(draws, *x.shape).flatten(0, 1)
+        sample = start.clone()
         n = x[0].numel()
         for t in range(self.schedule.T - 1, -1, -1):
-            mean = ddim_step(self.schedule, self._eps(sample, t), t, t - 1, sample, eta=1.0, clip=1.0)
+            eps = self._eps(sample, t)
+            mean = ddim_step(self.schedule, eps, t, t - 1, sample, eta=1.0, clip=1.0)
             sigma = ddim_sigma(self.schedule, t, t - 1, 1.0)
-            # grad of log r = -s * mean((mu - x_input)^2) with respect to mu, scaled by the variance
-            sample = mean - sigma**2 * 2.0 * guidance / n * (mean - inputs)
+            a, a_next = self.schedule.abar(t), self.schedule.abar(t - 1)
+            if reference == "prediction":  # mu holds x0^ with weight sqrt(abar_{t-1}): that much puts x0^ on x
+                x0 = ((sample - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
+                sample = mean - min(a_next**0.5, sigma**2 * 2.0 * guidance / n / a**0.5) * (x0 - inputs)
+            else:
+                y = inputs if reference == "frame" else a_next**0.5 * inputs + (1 - a_next) ** 0.5 * start
+                sample = mean - min(1.0, sigma**2 * 2.0 * guidance / n) * (mean - y)
             if t > 0:
                 sample = sample + sigma * torch.randn(sample.shape, generator=gen, device=x.device, dtype=x.dtype)
         return sample.clamp(-1, 1).reshape(draws, *x.shape)

@@ -18,6 +18,7 @@ from .temporal import FlagFilterConfig
 # on import that it matches; knowing them here lets Settings validate without importing it.
 VARIANT_NAMES = ("ddpm", "ddim", "inversion", "feature_edit", "knn", "dcae")
 WITHOUT_DENOISER = frozenset({"knn"})
+DDPM_REFERENCES = ("frame", "noised", "prediction")  # what the DDPM baseline's guidance compares (Editor.ddpm)
 
 
 def _f(default, description: str, lo=None, hi=None, choices=None, live: bool = False):
@@ -45,6 +46,11 @@ class SamplerSettings:
                        "call per step", 1, 64, live=True)
     ddpm_guidance_scale: float = _f(3000.0, "DDPM baseline guidance s of log r = -s mean((mu - x)^2)",
                                     0.0, 1e7, live=True)
+    ddpm_guidance_reference: str = _f("frame", "what the DDPM baseline's guidance pulls towards the frame: frame "
+                                               "(the step's mean, the paper's), noised (the mean towards the frame "
+                                               "at the mean's noise level, the q-transform) or prediction (the "
+                                               "network's clean estimate, the p-transform)",
+                                      choices=DDPM_REFERENCES, live=True)
     seed: int = _f(0, "noise seed (editing is deterministic given the seed)", 0, 2**31 - 1, live=True)
     inversion_steps: int = _f(3, "DDIM inversion steps S of the inversion variant", 1, 50, live=True)
 

@@ -83,7 +83,8 @@ class EditingScorer(torch.nn.Module):
 
     def configure(self, s: Settings) -> None:
         """Take new live settings (the edit's sampler, DDPM's guidance) for the next frame."""
-        self.edit, self.ddpm_guidance = EditSampler.from_settings(s.sampler), s.sampler.ddpm_guidance_scale
+        self.edit = EditSampler.from_settings(s.sampler)
+        self.ddpm_guidance = dict(guidance=s.sampler.ddpm_guidance_scale, reference=s.sampler.ddpm_guidance_reference)
 
     @property
     def nfe(self) -> int:
@@ -107,7 +108,7 @@ class EditingScorer(torch.nn.Module):
         if self.sampler == "ddim":
             return self.editor.ddim(x, guidance=e.guidance_scale, reconstruction_guidance=e.reconstruction_guidance,
                                     **ddim)
-        edits = self.editor.ddpm(x, guidance=self.ddpm_guidance, seed=e.seed, draws=e.draws)
+        edits = self.editor.ddpm(x, **self.ddpm_guidance, seed=e.seed, draws=e.draws)
         if e.reconstruction_guidance <= 0:
             return edits, None
         return edits, self.editor.ddim(x, guidance=e.reconstruction_guidance, **ddim)[0]
