@@ -256,13 +256,14 @@ class Editor:
             eps = self._eps(sample, t)
             mean = ddim_step(self.schedule, eps, t, t - 1, sample, eta=1.0, clip=1.0)
             sigma = ddim_sigma(self.schedule, t, t - 1, 1.0)
+            pull = sigma**2 * 2.0 * guidance / n  # the gradient's factor, scaled by the step's variance
             a, a_next = self.schedule.abar(t), self.schedule.abar(t - 1)
             if reference == "prediction":  # mu holds x0^ with weight sqrt(abar_{t-1}): that much puts x0^ on x
                 x0 = ((sample - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
-                sample = mean - min(a_next**0.5, sigma**2 * 2.0 * guidance / n / a**0.5) * (x0 - inputs)
+                sample = mean - min(a_next**0.5, pull / a**0.5) * (x0 - inputs)
             else:
                 y = inputs if reference == "frame" else a_next**0.5 * inputs + (1 - a_next) ** 0.5 * start
-                sample = mean - min(1.0, sigma**2 * 2.0 * guidance / n) * (mean - y)
+                sample = mean - min(1.0, pull) * (mean - y)
             if t > 0:
                 sample = sample + sigma * torch.randn(sample.shape, generator=gen, device=x.device, dtype=x.dtype)
         return sample.clamp(-1, 1).reshape(draws, *x.shape)
