@@ -186,3 +186,22 @@ def test_bench_folds_trains_each_fold_without_its_test_frames_and_pools_them(tmp
     assert len(times["pixel"]) == 2 and float(r["train_s"]) == pytest.approx(np.mean(times["pixel"]))
     md = (out / "results.md").read_text()
     assert "ap_fold_std" in md and "fold 1 (4 frames" in md and "Machine:" in md
+
+
+def test_bench_folds_calibrates_on_the_share_of_id_frames_it_is_given(tmp_path):
+    from ros_anomaly_diffusion.core import checkpoint as ckpt
+    from ros_anomaly_diffusion.core.data import open_dataset
+    from ros_anomaly_diffusion.core.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "syn", n_id=8, n_ood=2, size=(64, 80))
+    frames = {f.name: f for f in open_dataset(data)}
+    root = tmp_path / "ckpt"
+    assert cli(["-q", "bench", "--train", "--folds", "2", "--data", str(data), "--checkpoints", str(root),
+                "--out", str(tmp_path / "bench"), "--variants", "knn", "--calib-fraction", "0.6"]) == 0
+    held = {}  # ID frames on the fold's training side -> how many calibrated the thresholds
+    for fold in ("fold0", "fold1"):
+        config = ckpt.load_config(root / fold / "knn")
+        calibrated = config["calibration"]["knn"]["frames"]
+        assert not set(calibrated) & set(config["training"]["frames"])
+        held[len(calibrated) + sum(not frames[n].is_ood() for n in config["training"]["frames"])] = len(calibrated)
+    assert held == {2: 1, 6: 4}  # at least one frame of each kind; the default 0.2 holds out 1 of 6
