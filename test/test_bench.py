@@ -196,8 +196,10 @@ def test_bench_folds_calibrates_on_the_share_of_id_frames_it_is_given(tmp_path):
     data = make_synthetic_dataset(tmp_path / "syn", n_id=8, n_ood=2, size=(64, 80))
     frames = {f.name: f for f in open_dataset(data)}
     root = tmp_path / "ckpt"
-    assert cli(["-q", "bench", "--train", "--folds", "2", "--data", str(data), "--checkpoints", str(root),
-                "--out", str(tmp_path / "bench"), "--variants", "knn", "--calib-fraction", "0.6"]) == 0
+    run = ["-q", "bench", "--train", "--folds", "2", "--data", str(data), "--checkpoints", str(root),
+           "--out", str(tmp_path / "bench"), "--variants", "knn", "--calib-fraction"]
+    assert cli(run + ["0.95"]) != 0 and not root.exists()  # train's range, refused before any training
+    assert cli(run + ["0.6"]) == 0
     held = {}  # ID frames on the fold's training side -> how many calibrated the thresholds
     for fold in ("fold0", "fold1"):
         config = ckpt.load_config(root / fold / "knn")

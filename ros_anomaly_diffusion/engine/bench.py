@@ -38,7 +38,7 @@ def recorded_rows(root: Path) -> list[str]:
 
 def train_all(train_data: str, ckpt_root: Path, rows: list[str], steps: int, device: str,
               frames: str = "id", image_size: tuple[int, int] | None = None, preset: str = "small",
-              seed: int = 0, names: Sequence[str] | None = None, calib_fraction: float = 0.2) -> dict[str, float]:
+              seed: int = 0, names: Sequence[str] | None = None, *, calib_fraction: float) -> dict[str, float]:
     """Train each family that a row needs once on train_data (frames: id = ID frames only; with
     `names`, only those frames), calibrated for every variant of the rows on `calib_fraction` of
     the ID frames held out of its training; returns the seconds each family's `train` (fit and
@@ -95,7 +95,7 @@ def _slug(spec: str) -> str:
 def bench_folds(data: str, ckpt_root: str, rows: list[str], out: str, k: int, seed: int = 0, frames: str = "all",
                 device: str = "cpu", max_frames: int = 0, train_steps: int = 3000, train_frames: str = "all",
                 image_size: tuple[int, int] | None = None, preset: str = "small", timeout_s: float = 3600,
-                calib_fraction: float = 0.2) -> list[dict]:
+                *, calib_fraction: float) -> list[dict]:
     """K-fold cross-validated benchmark: for fold i, every family a row needs is trained and
     calibrated in CKPT_ROOT/fold<i> on the other folds' frames only (train_frames: all = OOD
     pixels masked out of the loss; id = OOD frames left out), then every row runs on fold i's
@@ -129,7 +129,7 @@ def bench_folds(data: str, ckpt_root: str, rows: list[str], out: str, k: int, se
         claim_fold_root(fold_root, test, train_names)
         print(f"fold {i}: training on {len(train_names)} frames, testing on {len(test)}", flush=True)
         for family, s in train_all(data, fold_root, rows, train_steps, device, train_frames, image_size, preset,
-                                   seed, train_names, calib_fraction).items():
+                                   seed, train_names, calib_fraction=calib_fraction).items():
             times.setdefault(family, []).append(s)
         (out_dir / "train_times.json").write_text(json.dumps(
             {"seconds": times, "what": "engine.training.train per family and fold: fit, checkpoint, calibration",
