@@ -117,9 +117,7 @@ def cmd_bench(args) -> None:
     from .engine.bench import bench, bench_folds, recorded_rows, train_all
 
     size = tuple(args.train_size) if args.train_size else None  # None: each family's default
-    # train's default, and a share out of its range refused before any family trains
-    calib_fraction = TrainOptions(**({} if args.calib_fraction is None else
-                                     {"calib_fraction": args.calib_fraction})).calib_fraction
+    TrainOptions(calib_fraction=args.calib_fraction)  # train's range: refused before any family trains
     if not args.variants:
         if args.train or args.folds:
             raise ValueError("--train and --folds need the rows to train: --variants ROW [ROW ...]")
@@ -131,12 +129,12 @@ def cmd_bench(args) -> None:
             raise ValueError("--folds trains on the other folds of --data: it needs --train and no --train-data")
         bench_folds(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.folds, args.seed,
                     args.frames, args.device or "cpu", args.max_frames, args.train_steps, args.train_frames or "all",
-                    size, args.train_preset, calib_fraction=calib_fraction)
+                    size, args.train_preset, calib_fraction=args.calib_fraction)
     else:
         if args.train:
             train_all(str(args.train_data or args.data), args.checkpoints, args.variants, args.train_steps,
                       args.device or "cpu", args.train_frames or "id", size, args.train_preset, args.seed,
-                      calib_fraction=calib_fraction)
+                      calib_fraction=args.calib_fraction)
         bench(str(args.data), str(args.checkpoints), args.variants, str(args.out), args.frames,
               args.device or "cpu", args.max_frames)
     print((args.out / "results.md").read_text())
@@ -199,6 +197,8 @@ def cmd_detect(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core.families.fitting import TrainOptions  # add_train_options imports it too: no extra start-up
+
     parser = argparse.ArgumentParser(prog="ros-anomaly-diffusion", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="--train: the size the models see (as train --image-size; default: each family's)")
     p.add_argument("--train-preset", default="small", help="--train: network width (as train --preset)")
-    p.add_argument("--calib-fraction", type=float, default=None,
+    p.add_argument("--calib-fraction", type=float, default=TrainOptions().calib_fraction,
                    help="--train: share of the ID training frames held out to calibrate the thresholds on "
-                        "(as train --calib-fraction, and its default)")
+                        "(as train --calib-fraction; default: %(default)s)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quantize", help="write a copy of a checkpoint with its denoiser quantized (fp16 or int8)")
